@@ -1,0 +1,137 @@
+//! `cargo xtask`: the project's own scripts. Installs what is missing, builds, tests,
+//! starts a local server and regenerates committed data. CI calls `cargo xtask test`.
+
+mod command;
+mod openapi;
+mod setup;
+mod wheel;
+mod workspace;
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::command::status;
+use crate::workspace::Workspace;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Weir's developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, kubectl and helm (into target/tools/),
+    /// the Python Kubernetes client.
+    Setup,
+    /// Setup, build the weir binary, then `cargo test --workspace` with the tool paths in
+    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD.
+    Test {
+        /// Extra arguments for `cargo test --workspace`, after `--`.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Build weir in release mode and run `weir up`: a single-node server on this machine.
+    Up {
+        /// Where weir keeps its store, certificates and admin kubeconfig.
+        #[arg(long, default_value = "/var/lib/weir")]
+        data_dir: PathBuf,
+        /// HTTPS port of the API server.
+        #[arg(long, default_value_t = 6443)]
+        secure_port: u16,
+        /// More flags for `weir up`, after `--`.
+        #[arg(last = true)]
+        weir_args: Vec<String>,
+    },
+    /// Regenerate control-plane/openapi/definitions.json from Kubernetes' published schemas.
+    GenOpenapi,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let ws = Workspace::locate()?;
+    match cli.task {
+        Task::Setup => setup::run(&ws),
+        Task::Test { cargo_test_args } => test(&ws, &cargo_test_args),
+        Task::Up {
+            data_dir,
+            secure_port,
+            weir_args,
+        } => up(&ws, &data_dir, secure_port, &weir_args),
+        Task::GenOpenapi => openapi::generate(&ws),
+    }
+}
+
+fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
+    setup::run(ws)?;
+
+    status("test: building the weir binary (cargo build -p weir)");
+    command::run(
+        "test: build weir",
+        ws.cargo().args(["build", "-p", "weir"]),
+        "fix the build errors above",
+    )?;
+
+    let weir = ws.target.join("debug").join("weir");
+    let etcd = setup::etcd();
+    status(format!(
+        "test: cargo test --workspace {} (WEIR_BIN={}, WEIR_KUBECTL={}, WEIR_HELM={}, WEIR_ETCD={})",
+        cargo_test_args.join(" "),
+        weir.display(),
+        ws.kubectl().display(),
+        ws.helm().display(),
+        etcd.display(),
+    ));
+    command::run(
+        "test: cargo test --workspace",
+        ws.cargo()
+            .args(["test", "--workspace"])
+            .args(cargo_test_args)
+            .env("WEIR_BIN", &weir)
+            .env("WEIR_KUBECTL", ws.kubectl())
+            .env("WEIR_HELM", ws.helm())
+            .env("WEIR_ETCD", &etcd),
+        "see the failing tests above",
+    )?;
+    status("test: all passed");
+    Ok(())
+}
+
+fn up(
+    ws: &Workspace,
+    data_dir: &std::path::Path,
+    secure_port: u16,
+    weir_args: &[String],
+) -> Result<()> {
+    status("up: building weir in release mode (cargo build --release -p weir)");
+    command::run(
+        "up: build weir",
+        ws.cargo().args(["build", "--release", "-p", "weir"]),
+        "fix the build errors above",
+    )?;
+    let weir = ws.target.join("release").join("weir");
+    status(format!(
+        "up: {} up --data-dir {} --secure-port {secure_port} {}",
+        weir.display(),
+        data_dir.display(),
+        weir_args.join(" ")
+    ));
+    // exec, so Ctrl-C and the exit code belong to weir itself.
+    let err = std::process::Command::new(&weir)
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--secure-port")
+        .arg(secure_port.to_string())
+        .args(weir_args)
+        .exec();
+    Err(err).with_context(|| format!("up: could not start {}", weir.display()))
+}

