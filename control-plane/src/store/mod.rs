@@ -8,6 +8,7 @@ use futures::Stream;
 
 pub mod embedded;
 pub mod etcd;
+pub mod etcd_process;
 
 /// A store revision. Every write bumps it by one; it doubles as the Kubernetes resourceVersion.
 pub type Revision = i64;
@@ -49,7 +50,11 @@ pub enum StoreError {
     NotFound(String),
     /// Compare-and-swap failed: the key's mod_revision is not the expected one.
     #[error("key {key} was modified (expected revision {expected}, found {actual})")]
-    Conflict { key: String, expected: Revision, actual: Revision },
+    Conflict {
+        key: String,
+        expected: Revision,
+        actual: Revision,
+    },
     /// The requested revision has been compacted away.
     #[error("revision {requested} has been compacted (oldest available is {compacted})")]
     Compacted { requested: Revision, compacted: Revision },

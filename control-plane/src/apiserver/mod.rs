@@ -1,0 +1,381 @@
+//! The Kubernetes-compatible API server: TLS and authentication, health and metrics, and the
+//! generic resource registry in `handler`. It is the only component that touches the store.
+
+pub mod allocator;
+pub mod cache;
+pub mod discovery;
+pub mod handler;
+pub mod metrics;
+pub mod patch;
+pub mod pki;
+pub mod protobuf;
+pub mod resources;
+pub mod schema;
+pub mod selectors;
+pub mod status;
+pub mod strategy;
+pub mod table;
+pub mod time;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::{Method, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::store::Store;
+use handler::{ApiServer, MAX_BODY, Request};
+use status::ApiError;
+
+/// `weir server` settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerConfig {
+    /// Where the store, certificates and kubeconfig live.
+    #[arg(long, env = "WEIR_DATA_DIR", default_value = "/var/lib/weir")]
+    pub data_dir: PathBuf,
+    /// HTTPS port of the API server (0 picks a free one).
+    #[arg(long, env = "WEIR_SECURE_PORT", default_value_t = 6443)]
+    pub secure_port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "WEIR_BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub bind_address: std::net::IpAddr,
+    /// `etcd://host:port[,host:port...]` for etcd; default: the embedded store in the data dir.
+    #[arg(long, env = "WEIR_DATASTORE")]
+    pub datastore: Option<String>,
+    /// Seconds between store compactions; each keeps one interval of history for watches.
+    #[arg(long, default_value_t = 300)]
+    pub compaction_interval: u64,
+}
+
+/// Open the store named by the configuration.
+pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>> {
+    match config.datastore.as_deref() {
+        Some(ds) if ds.starts_with("etcd://") => {
+            let endpoints: Vec<String> = ds
+                .trim_start_matches("etcd://")
+                .split(',')
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect();
+            anyhow::ensure!(
+                !endpoints.is_empty(),
+                "--datastore etcd:// needs at least one host:port"
+            );
+            let store = crate::store::etcd::EtcdStore::connect(&endpoints)
+                .await
+                .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+            Ok(Arc::new(store))
+        }
+        Some(other) => anyhow::bail!(
+            "unsupported --datastore {other:?}: use etcd://host:port[,host:port] or leave it out for the embedded store"
+        ),
+        None => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+            let path = config.data_dir.join("store.redb");
+            let store = crate::store::embedded::EmbeddedStore::open(&path)
+                .with_context(|| format!("opening the embedded store {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+struct Shared {
+    api: Arc<ApiServer>,
+    metrics: metrics::Metrics,
+    admin_token: String,
+}
+
+/// Run the API server until Ctrl-C or SIGTERM.
+pub async fn run(config: ServerConfig) -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "creating data dir {} (use --data-dir to choose another)",
+            config.data_dir.display()
+        )
+    })?;
+    let pki = pki::Pki::load_or_create(&config.data_dir)?;
+    let store = open_store(&config).await?;
+    let cache = cache::WatchCache::start(store.clone())
+        .await
+        .context("filling the watch cache from the store")?;
+    let schemas = schema::Schemas::builtin();
+    let api = Arc::new(ApiServer {
+        store: store.clone(),
+        cache,
+        allocator: allocator::Allocator::new(store.clone()),
+        discovery: discovery::Discovery::build(schemas, handler::SERVER_VERSION),
+        schemas,
+    });
+
+    let listener = TcpListener::bind(SocketAddr::new(config.bind_address, config.secure_port))
+        .await
+        .with_context(|| {
+            format!(
+                "binding {}:{} (is another server using the port? pick one with --secure-port)",
+                config.bind_address, config.secure_port
+            )
+        })?;
+    let port = listener.local_addr()?.port();
+    bootstrap(&api, config.bind_address, port).await?;
+    match api.allocator.repair().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(released = n, "released allocations left by an interrupted write"),
+        Err(e) => tracing::warn!(error = %e, "allocation repair failed"),
+    }
+    tokio::spawn(compactor(
+        store.clone(),
+        Duration::from_secs(config.compaction_interval.max(1)),
+    ));
+
+    let host = if config.bind_address.is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        config.bind_address.to_string()
+    };
+    let url = if host.contains(':') {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    };
+    let kubeconfig = config.data_dir.join("admin.kubeconfig");
+    pki.write_admin_kubeconfig(&kubeconfig, &url)?;
+    tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
+    println!(
+        "weir: API server at {url}\nweir: admin kubeconfig: {}\n  export KUBECONFIG={}",
+        kubeconfig.display(),
+        kubeconfig.display()
+    );
+
+    let tls = Arc::new(tls_config(&pki)?);
+    let shared = Arc::new(Shared {
+        api,
+        metrics: metrics::Metrics::new(),
+        admin_token: pki.admin_token.clone(),
+    });
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        };
+        let acceptor = acceptor.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let client_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(serve(shared, client_cert, req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+    tracing::info!("API server stopping");
+    Ok(())
+}
+
+fn tls_config(pki: &pki::Pki) -> Result<rustls::ServerConfig> {
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut pki.server_cert_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key: PrivateKeyDer<'static> =
+        rustls_pemfile::private_key(&mut pki.server_key_pem.as_bytes())?.context("no key in pki/apiserver.key")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pki.ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    // Client certificates are checked against the cluster CA when offered; bearer tokens are
+    // the other way in, so a certificate is optional at the TLS layer.
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn is_public(path: &str) -> bool {
+    matches!(path, "/healthz" | "/livez" | "/readyz" | "/version")
+        || path.starts_with("/healthz/")
+        || path.starts_with("/livez/")
+        || path.starts_with("/readyz/")
+}
+
+fn authenticated(shared: &Shared, client_cert: bool, headers: &http::HeaderMap) -> bool {
+    if client_cert {
+        return true;
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    token.is_some_and(|t| constant_time_eq(t.as_bytes(), shared.admin_token.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn serve(shared: Arc<Shared>, client_cert: bool, req: http::Request<hyper::body::Incoming>) -> Response {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let (path, query) = handler::split_path_and_query(&parts.uri);
+    let (verb, resource) = metrics::classify(&parts.method, &path, &query);
+    let response = if !is_public(&path) && !authenticated(&shared, client_cert, &parts.headers) {
+        ApiError::unauthorized().into_response()
+    } else {
+        match path.as_str() {
+            "/healthz" | "/livez" => (StatusCode::OK, "ok").into_response(),
+            "/readyz" => match shared.api.store.current_revision().await {
+                Ok(_) => (StatusCode::OK, "ok").into_response(),
+                Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response(),
+            },
+            "/metrics" => shared.metrics.render(),
+            _ => {
+                let too_big = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .is_some_and(|n| n > MAX_BODY);
+                let body = if too_big {
+                    Err(ApiError::too_large())
+                } else {
+                    match Limited::new(body, MAX_BODY).collect().await {
+                        Ok(b) => Ok(b.to_bytes()),
+                        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large()),
+                        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+                    }
+                };
+                match body {
+                    Err(e) => e.into_response(),
+                    Ok(body) => {
+                        let request = Request {
+                            method: parts.method.clone(),
+                            path: path.clone(),
+                            query,
+                            headers: parts.headers,
+                            body,
+                            user: if client_cert {
+                                "admin".into()
+                            } else {
+                                "admin-token".into()
+                            },
+                        };
+                        shared.api.clone().handle(request).await
+                    }
+                }
+            }
+        }
+    };
+    let code = response.status().as_u16();
+    shared.metrics.observe(&verb, &resource, code, started.elapsed());
+    tracing::debug!(method = %parts.method, path, code, elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    response.map(Body::new)
+}
+
+/// First-start objects: the four system namespaces and the `kubernetes` Service.
+async fn bootstrap(api: &Arc<ApiServer>, bind: std::net::IpAddr, port: u16) -> Result<()> {
+    let create = |path: &str, body: serde_json::Value| {
+        let api = api.clone();
+        let path = path.to_string();
+        async move {
+            let req = Request {
+                method: Method::POST,
+                path: path.clone(),
+                query: Default::default(),
+                headers: {
+                    let mut h = http::HeaderMap::new();
+                    h.insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
+                    h.insert(header::USER_AGENT, "weir-apiserver".parse().expect("static"));
+                    h
+                },
+                body: serde_json::to_vec(&body).unwrap_or_default().into(),
+                user: "system:apiserver".into(),
+            };
+            let resp = api.handle(req).await;
+            let code = resp.status();
+            if code.is_success() || code == StatusCode::CONFLICT {
+                Ok(())
+            } else {
+                let bytes = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                Err(anyhow::anyhow!(
+                    "bootstrap {path}: {code}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            }
+        }
+    };
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        create("/api/v1/namespaces", json!({"metadata": {"name": ns}})).await?;
+    }
+    create(
+        "/api/v1/namespaces/default/services",
+        json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+               "spec": {"clusterIP": allocator::KUBERNETES_SERVICE_IP, "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}}),
+    )
+    .await?;
+    let ip = if bind.is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        bind.to_string()
+    };
+    create(
+        "/api/v1/namespaces/default/endpoints",
+        json!({"metadata": {"name": "kubernetes", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+               "subsets": [{"addresses": [{"ip": ip}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]}),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Compact the store every `interval`, keeping one interval of history for watches.
+async fn compactor(store: Arc<dyn Store>, interval: Duration) {
+    let mut previous: Option<i64> = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Some(rev) = previous
+            && let Err(e) = store.compact(rev).await
+        {
+            tracing::warn!(revision = rev, error = %e, "compaction failed");
+        }
+        previous = store.current_revision().await.ok();
+    }
+}

@@ -1,0 +1,177 @@
+//! The cluster's certificates and credentials: a CA made on first start, the serving
+//! certificate, the admin client certificate and bearer token, and the admin kubeconfig.
+//! Everything lives under `<data-dir>/pki` and is reused on restart.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+
+pub struct Pki {
+    pub ca_pem: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    pub admin_cert_pem: String,
+    pub admin_key_pem: String,
+    pub admin_token: String,
+    pub dir: PathBuf,
+}
+
+const VALIDITY_DAYS: i64 = 3650;
+
+impl Pki {
+    /// Load the PKI from `data_dir/pki`, creating whatever is missing.
+    pub fn load_or_create(data_dir: &Path) -> Result<Pki> {
+        let dir = data_dir.join("pki");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        restrict(&dir, 0o700)?;
+
+        let (ca_pem, ca_key_pem) = match (read(&dir.join("ca.crt")), read(&dir.join("ca.key"))) {
+            (Some(c), Some(k)) => (c, k),
+            _ => {
+                let key = KeyPair::generate()?;
+                let mut params = CertificateParams::new(Vec::<String>::new())?;
+                params.distinguished_name.push(DnType::CommonName, "weir-ca");
+                params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                params.key_usages = vec![
+                    KeyUsagePurpose::KeyCertSign,
+                    KeyUsagePurpose::CrlSign,
+                    KeyUsagePurpose::DigitalSignature,
+                ];
+                validity(&mut params);
+                let cert = params.self_signed(&key)?;
+                write(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
+                write(&dir.join("ca.crt"), &cert.pem(), 0o644)?;
+                (cert.pem(), key.serialize_pem())
+            }
+        };
+        let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing pki/ca.key")?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("parsing pki/ca.crt")?;
+
+        let (server_cert_pem, server_key_pem) = leaf(&dir, "apiserver", &issuer, |params| {
+            params.distinguished_name.push(DnType::CommonName, "weir-apiserver");
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let mut names = vec![
+                "localhost".to_string(),
+                "kubernetes".into(),
+                "kubernetes.default".into(),
+                "kubernetes.default.svc".into(),
+                "kubernetes.default.svc.cluster.local".into(),
+            ];
+            if let Ok(host) = fs::read_to_string("/proc/sys/kernel/hostname") {
+                names.push(host.trim().to_string());
+            }
+            params.subject_alt_names = names
+                .into_iter()
+                .filter_map(|n| n.try_into().ok().map(SanType::DnsName))
+                .chain(
+                    ["127.0.0.1", "::1", "10.96.0.1"]
+                        .iter()
+                        .map(|ip| SanType::IpAddress(ip.parse().unwrap())),
+                )
+                .collect();
+        })?;
+        let (admin_cert_pem, admin_key_pem) = leaf(&dir, "admin", &issuer, |params| {
+            params.distinguished_name.push(DnType::CommonName, "admin");
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, "system:masters");
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        })?;
+
+        let token_path = data_dir.join("admin.token");
+        let admin_token = match read(&token_path) {
+            Some(t) if !t.trim().is_empty() => t.trim().to_string(),
+            _ => {
+                let bytes: [u8; 32] = rand::random();
+                let token = bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                write(&token_path, &format!("{token}\n"), 0o600)?;
+                token
+            }
+        };
+        Ok(Pki {
+            ca_pem,
+            server_cert_pem,
+            server_key_pem,
+            admin_cert_pem,
+            admin_key_pem,
+            admin_token,
+            dir,
+        })
+    }
+
+    /// SHA-256 of the CA certificate (DER), as join tokens pin it.
+    pub fn ca_hash(&self) -> String {
+        use sha2::Digest;
+        let der = rustls_pemfile::certs(&mut self.ca_pem.as_bytes())
+            .next()
+            .and_then(|c| c.ok());
+        let digest = sha2::Sha256::digest(der.as_deref().unwrap_or_default());
+        format!(
+            "sha256:{}",
+            digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    }
+
+    /// Write `<data-dir>/admin.kubeconfig` pointing at `server_url`.
+    pub fn write_admin_kubeconfig(&self, path: &Path, server_url: &str) -> Result<()> {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: weir\n  cluster:\n    server: {server_url}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: weir\n  context:\n    cluster: weir\n    user: admin\n    namespace: default\ncurrent-context: weir\n",
+            b64(&self.ca_pem),
+            b64(&self.admin_cert_pem),
+            b64(&self.admin_key_pem),
+        );
+        // Write then rename, so a reader never sees a half-written kubeconfig.
+        let tmp = path.with_extension("kubeconfig.tmp");
+        write(&tmp, &config, 0o600)?;
+        fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+fn leaf(
+    dir: &Path,
+    name: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    configure: impl FnOnce(&mut CertificateParams),
+) -> Result<(String, String)> {
+    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    if let (Some(c), Some(k)) = (read(&crt), read(&key)) {
+        return Ok((c, k));
+    }
+    let key_pair = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    validity(&mut params);
+    configure(&mut params);
+    let cert = params.signed_by(&key_pair, issuer)?;
+    write(&key, &key_pair.serialize_pem(), 0o600)?;
+    write(&crt, &cert.pem(), 0o644)?;
+    Ok((cert.pem(), key_pair.serialize_pem()))
+}
+
+fn validity(params: &mut CertificateParams) {
+    let start = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let end = start + std::time::Duration::from_secs(VALIDITY_DAYS as u64 * 86400);
+    params.not_before = start.into();
+    params.not_after = end.into();
+}
+
+fn read(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok()
+}
+
+fn write(path: &Path, contents: &str, mode: u32) -> Result<()> {
+    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    restrict(path, mode)
+}
+
+fn restrict(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
+}
