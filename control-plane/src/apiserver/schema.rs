@@ -206,7 +206,7 @@ mod tests {
         let def = schemas.kind_definition("", "v1", "ConfigMap").unwrap().to_string();
         let mut cm = json!({"metadata": {"name": "a", "bogus": 1}, "data": {"k": "v"}, "extra": true});
         let report = schemas.prune_and_check(&def, &mut cm);
-        assert_eq!(report.unknown, vec!["metadata.bogus".to_string(), "extra".to_string()]);
+        assert_eq!(report.unknown, vec!["extra".to_string(), "metadata.bogus".to_string()]);
         assert!(cm.get("extra").is_none());
         assert!(report.mistyped.is_empty());
     }
