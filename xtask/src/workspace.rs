@@ -50,6 +50,11 @@ impl Workspace {
         self.tools().join("helm")
     }
 
+    /// The Python of the tools venv, with the Kubernetes client installed.
+    pub fn python(&self) -> PathBuf {
+        self.tools().join("python/bin/python3")
+    }
+
     /// A `cargo` command run from the workspace root.
     pub fn cargo(&self) -> Command {
         let mut cmd = Command::new(cargo());
