@@ -40,8 +40,7 @@ const EXTRA_ROOTS: &[&str] = &[
 pub fn generate(ws: &Workspace) -> Result<()> {
     let src = fetch_source(ws)?;
     let defs_path = ws.root.join(DEFINITIONS);
-    let defs_text =
-        std::fs::read_to_string(&defs_path).with_context(|| format!("reading {}", defs_path.display()))?;
+    let defs_text = std::fs::read_to_string(&defs_path).with_context(|| format!("reading {}", defs_path.display()))?;
     let defs: Value = serde_json::from_str(&defs_text).with_context(|| format!("parsing {DEFINITIONS}"))?;
     let defs = defs
         .as_object()
@@ -54,8 +53,8 @@ pub fn generate(ws: &Workspace) -> Result<()> {
     let mut messages = BTreeMap::new();
     for (path, module) in &files {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        for message in parse_module(&text, module, &names)
-            .with_context(|| format!("gen-protobuf: parsing {}", path.display()))?
+        for message in
+            parse_module(&text, module, &names).with_context(|| format!("gen-protobuf: parsing {}", path.display()))?
         {
             messages.insert(message.name.clone(), message);
         }
@@ -72,7 +71,10 @@ pub fn generate(ws: &Workspace) -> Result<()> {
     text.push('\n');
     let path = ws.root.join(OUTPUT);
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-    status(format!("gen-protobuf: wrote {OUTPUT}: {count} messages, {} bytes", text.len()));
+    status(format!(
+        "gen-protobuf: wrote {OUTPUT}: {count} messages, {} bytes",
+        text.len()
+    ));
     Ok(())
 }
 
@@ -83,7 +85,10 @@ fn fetch_source(ws: &Workspace) -> Result<PathBuf> {
     let dir = tools.join(format!("{K8S_PB}-{K8S_PB_VERSION}"));
     let src = dir.join("src");
     if src.is_dir() {
-        status(format!("gen-protobuf: {K8S_PB} {K8S_PB_VERSION}: cached at {}", dir.display()));
+        status(format!(
+            "gen-protobuf: {K8S_PB} {K8S_PB_VERSION}: cached at {}",
+            dir.display()
+        ));
         return Ok(src);
     }
     std::fs::create_dir_all(&tools).with_context(|| format!("creating {}", tools.display()))?;
@@ -97,7 +102,8 @@ fn fetch_source(ws: &Workspace) -> Result<PathBuf> {
             .arg(
                 "import sys, urllib.request\n\
                  req = urllib.request.Request(sys.argv[1], headers={'User-Agent': 'weir-xtask'})\n\
-                 data = urllib.request.urlopen(req, timeout=120).read()\n\
+                 try:\n    data = urllib.request.urlopen(req, timeout=120).read()\n\
+                 except OSError as e:\n    sys.exit(f'{sys.argv[1]}: {e}')\n\
                  open(sys.argv[2], 'wb').write(data)",
             )
             .arg(&url)
@@ -124,7 +130,8 @@ fn fetch_source(ws: &Workspace) -> Result<PathBuf> {
                  data = open(sys.argv[1], 'rb').read()\n\
                  got = hashlib.sha256(data).hexdigest()\n\
                  if got != sys.argv[3]:\n    sys.exit(f'sha256 mismatch: got {got}, want {sys.argv[3]}')\n\
-                 tarfile.open(sys.argv[1], 'r:gz').extractall(sys.argv[2], filter='data')",
+                 safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}\n\
+                 tarfile.open(sys.argv[1], 'r:gz').extractall(sys.argv[2], **safe)",
             )
             .arg(&archive)
             .arg(&tools)
@@ -311,7 +318,11 @@ fn parse_field(attr: &str, declaration: &str, module: &[String], names: &Definit
             b if b.starts_with("bytes") => "bytes",
             other => bail!("unsupported field kind {other}"),
         };
-        let type_name = if kind == "message" { message_type()? } else { String::new() };
+        let type_name = if kind == "message" {
+            message_type()?
+        } else {
+            String::new()
+        };
         (kind, type_name)
     };
     Ok(Field {
@@ -330,7 +341,11 @@ fn innermost_type(ty: &str) -> Option<&str> {
         let Some(open) = ty.find('<') else {
             return Some(ty.trim());
         };
-        let inner = ty[open + 1..].trim_end().strip_suffix('>')?.trim().trim_end_matches(',');
+        let inner = ty[open + 1..]
+            .trim_end()
+            .strip_suffix('>')?
+            .trim()
+            .trim_end_matches(',');
         ty = if ty[..open].ends_with("Map") {
             // Split `K, V` at the top-level comma.
             let mut depth = 0;
@@ -369,7 +384,7 @@ fn resolve(path: &str, module: &[String], names: &DefinitionNames) -> String {
 }
 
 /// The output table: every message reachable from a definition in definitions.json (and the
-/// `EXTRA_ROOTS`), each `{tag: [json, kind, type, repeated, required]}`, keys sorted.
+/// `EXTRA_ROOTS`), each `{tag: [json, kind, type, repeated, omitZero]}`, keys sorted.
 fn table(messages: &BTreeMap<String, Message>, defs: &Map<String, Value>) -> Result<Value> {
     let mut queue: VecDeque<String> = messages
         .keys()
@@ -417,17 +432,28 @@ fn table(messages: &BTreeMap<String, Message>, defs: &Map<String, Value>) -> Res
                     guessed.push(format!("{name}.{json_name}"));
                 }
             }
-            let refers = field.kind == "message" || (field.kind == "map" && !matches!(field.type_name.as_str(), "string" | "bytes"));
+            let refers = field.kind == "message"
+                || (field.kind == "map" && !matches!(field.type_name.as_str(), "string" | "bytes"));
             if refers {
                 if !messages.contains_key(&field.type_name) {
-                    bail!("gen-protobuf: {name}.{json_name} refers to unknown message {}", field.type_name);
+                    bail!(
+                        "gen-protobuf: {name}.{json_name} refers to unknown message {}",
+                        field.type_name
+                    );
                 }
                 queue.push_back(field.type_name.clone());
             }
-            let is_required = required.contains(json_name.as_str());
+            let description = properties
+                .and_then(|p| p.get(&json_name))
+                .and_then(|p| p.get("description"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let omit_zero = !field.repeated
+                && !required.contains(json_name.as_str())
+                && omits_zero(&name, &json_name, field.kind, description);
             entry.insert(
                 field.tag.to_string(),
-                json!([json_name, kind, field.type_name, field.repeated, is_required]),
+                json!([json_name, kind, field.type_name, field.repeated, omit_zero]),
             );
         }
         out.insert(name, Value::Object(entry));
@@ -443,6 +469,59 @@ fn table(messages: &BTreeMap<String, Message>, defs: &Map<String, Value>) -> Res
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(Value::Object(sorted.into_iter().collect()))
 }
+
+/// Go writes every non-pointer field to protobuf, zero or not, but its JSON drops them when
+/// they are zero (`omitempty`); a pointer field is on the wire only when set, and then its zero
+/// counts (`replicas: 0`). The proto has no pointer information, so an optional field's zero
+/// is dropped only when that is known to be harmless:
+/// - strings and bytes (pointer strings are rare and an empty one would hide defaults);
+/// - numbers and booleans documented to default to zero or false;
+/// - the counters of `...Status` messages, and `VALUE_FIELDS`, known Go value fields whose
+///   zero means unset.
+fn omits_zero(message: &str, json_name: &str, kind: &str, description: &str) -> bool {
+    match kind {
+        "string" | "bytes" => true,
+        "int32" | "int64" | "bool" | "double" => {
+            let description = description.to_ascii_lowercase();
+            ZERO_DEFAULTS.iter().any(|p| description.contains(p))
+                || message.ends_with("Status")
+                || VALUE_FIELDS.contains(&format!("{message}.{json_name}").as_str())
+        }
+        _ => false,
+    }
+}
+
+const ZERO_DEFAULTS: &[&str] = &[
+    "defaults to false",
+    "default to false",
+    "default is false",
+    "default false",
+    "defaults to 0",
+    "default to 0",
+    "default is 0",
+    "defaults to zero",
+];
+
+/// Non-pointer `omitempty` numbers and booleans (k8s.io/api types.go) whose zero means unset
+/// and whose description does not say so.
+const VALUE_FIELDS: &[&str] = &[
+    "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta.generation",
+    "io.k8s.api.core.v1.ServicePort.nodePort",
+    "io.k8s.api.core.v1.ServiceSpec.healthCheckNodePort",
+    "io.k8s.api.core.v1.ServiceSpec.publishNotReadyAddresses",
+    "io.k8s.api.core.v1.ContainerPort.hostPort",
+    "io.k8s.api.core.v1.Probe.initialDelaySeconds",
+    "io.k8s.api.core.v1.Probe.timeoutSeconds",
+    "io.k8s.api.core.v1.Probe.periodSeconds",
+    "io.k8s.api.core.v1.Probe.successThreshold",
+    "io.k8s.api.core.v1.Probe.failureThreshold",
+    "io.k8s.api.apps.v1.DeploymentSpec.paused",
+    "io.k8s.api.core.v1.NodeSpec.unschedulable",
+    "io.k8s.api.core.v1.Event.count",
+    "io.k8s.api.core.v1.PodCondition.observedGeneration",
+    "io.k8s.api.networking.v1.ServiceBackendPort.number",
+    "io.k8s.apimachinery.pkg.apis.meta.v1.Condition.observedGeneration",
+];
 
 /// A Go embedded struct (`json:",inline"`, e.g. `Volume.VolumeSource`) is a message field in
 /// protobuf but its fields sit directly in the parent's JSON: every one of them is a property
@@ -503,7 +582,10 @@ mod tests {
             "io.k8s.api.core.v1.HTTPGetAction"
         );
         assert_eq!(
-            names.name(&module("apiextensions_apiserver/pkg/apis/apiextensions/v1"), "JsonSchemaProps"),
+            names.name(
+                &module("apiextensions_apiserver/pkg/apis/apiextensions/v1"),
+                "JsonSchemaProps"
+            ),
             "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.JsonSchemaProps"
         );
     }
@@ -541,7 +623,10 @@ impl crate::Resource for Pod {
         assert_eq!(f.len(), 6);
         assert_eq!(f[0].kind, "message");
         assert_eq!(f[0].type_name, "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta");
-        assert_eq!((f[1].type_name.as_str(), f[1].repeated), ("io.k8s.api.core.v1.Container", true));
+        assert_eq!(
+            (f[1].type_name.as_str(), f[1].repeated),
+            ("io.k8s.api.core.v1.Container", true)
+        );
         assert_eq!((f[2].rust_name.as_str(), f[2].kind), ("type", "string"));
         assert_eq!(
             (f[3].kind, f[3].type_name.as_str()),

@@ -169,7 +169,8 @@ impl Allocator {
                     }
                     continue;
                 }
-                match p.get("nodePort").and_then(Value::as_i64) {
+                // 0 means "not set", as in Kubernetes.
+                match p.get("nodePort").and_then(Value::as_i64).filter(|np| *np != 0) {
                     Some(np) if old_ports.contains(&np) => {}
                     Some(np) => {
                         if !self.claim(&format!("{PORT_CLAIMS}{np}"), owner, claims).await? {

@@ -263,20 +263,12 @@ fn default_workload(kind: &str, obj: &mut Value) {
     default(spec, "revisionHistoryLimit", json!(10));
     match kind {
         "Deployment" => {
-            default(
-                spec,
-                "strategy",
-                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
-            );
+            default_update_strategy(spec, "strategy", json!({"maxUnavailable": "25%", "maxSurge": "25%"}));
             default(spec, "progressDeadlineSeconds", json!(600));
         }
         "StatefulSet" => {
             default(spec, "podManagementPolicy", json!("OrderedReady"));
-            default(
-                spec,
-                "updateStrategy",
-                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
-            );
+            default_update_strategy(spec, "updateStrategy", json!({"partition": 0}));
             default(
                 spec,
                 "persistentVolumeClaimRetentionPolicy",
@@ -299,11 +291,7 @@ fn default_workload(kind: &str, obj: &mut Value) {
             }
         }
         "DaemonSet" => {
-            default(
-                spec,
-                "updateStrategy",
-                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
-            );
+            default_update_strategy(spec, "updateStrategy", json!({"maxUnavailable": 1, "maxSurge": 0}));
         }
         _ => {}
     }
@@ -318,6 +306,28 @@ fn default_workload(kind: &str, obj: &mut Value) {
     }
     let status = ensure_object(obj, "status");
     let _ = status;
+}
+
+/// `type` defaults to RollingUpdate, and a RollingUpdate strategy gets each missing
+/// parameter of `rolling` (an explicit `strategy: {}` is defaulted too, as in Kubernetes).
+fn default_update_strategy(spec: &mut Map<String, Value>, field: &str, rolling: Value) {
+    let strategy = spec.entry(field).or_insert_with(|| json!({}));
+    if !strategy.is_object() {
+        *strategy = json!({});
+    }
+    let strategy = strategy.as_object_mut().expect("just made an object");
+    default(strategy, "type", json!("RollingUpdate"));
+    if strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
+        let params = strategy.entry("rollingUpdate").or_insert_with(|| json!({}));
+        if !params.is_object() {
+            *params = json!({});
+        }
+        if let (Some(params), Some(defaults)) = (params.as_object_mut(), rolling.as_object()) {
+            for (k, v) in defaults {
+                default(params, k, v.clone());
+            }
+        }
+    }
 }
 
 fn default_service(obj: &mut Value) {
@@ -582,7 +592,7 @@ fn validate_service(obj: &Value, causes: &mut Causes) {
         } else if !name.is_empty() && !names.insert(name.to_string()) {
             causes.push(FieldCause::duplicate(format!("spec.ports[{i}].name"), name));
         }
-        if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
+        if let Some(np) = p.get("nodePort").and_then(Value::as_i64).filter(|np| *np != 0) {
             if ty == "ClusterIP" || ty == "ExternalName" {
                 causes.push(FieldCause::forbidden(
                     format!("spec.ports[{i}].nodePort"),
@@ -973,7 +983,7 @@ pub fn keep_on_update(r: &Resource, old: &Value, new: &mut Value) {
             && let Some(ports) = new.pointer_mut("/spec/ports").and_then(Value::as_array_mut)
         {
             for p in ports.iter_mut() {
-                if p.get("nodePort").is_some() {
+                if p.get("nodePort").and_then(Value::as_i64).is_some_and(|n| n != 0) {
                     continue;
                 }
                 let same = old_ports.iter().find(|o| {
@@ -1047,6 +1057,20 @@ mod tests {
         apply_defaults(r, &mut s);
         assert_eq!(s["data"]["a"], "aGk=");
         assert!(s.get("stringData").is_none());
+    }
+
+    #[test]
+    fn empty_deployment_strategy_gets_rolling_update_defaults() {
+        let r = find("apps", "v1", "deployments").unwrap();
+        let mut d = json!({"spec": {"strategy": {}, "template": {"spec": {"containers": []}}}});
+        apply_defaults(r, &mut d);
+        assert_eq!(
+            d["spec"]["strategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
+        );
+        let mut recreate = json!({"spec": {"strategy": {"type": "Recreate"}}});
+        apply_defaults(r, &mut recreate);
+        assert!(recreate["spec"]["strategy"].get("rollingUpdate").is_none());
     }
 
     #[test]
