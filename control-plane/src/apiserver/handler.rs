@@ -22,7 +22,7 @@ use super::schema::Schemas;
 use super::selectors::{FieldSelector, LabelSelector};
 use super::status::{ApiError, FieldCause, success_status};
 use super::table::{IncludeObject, table};
-use super::{patch, protobuf, strategy, time};
+use super::{convert, patch, protobuf, strategy, time};
 use crate::store::{KeyValue, Revision, Store, StoreError};
 
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -283,7 +283,7 @@ impl ApiServer {
             .get(&key)
             .await?
             .ok_or_else(|| ApiError::not_found(t.resource.group, t.resource.plural, name))?;
-        decode_kv(&kv)
+        Ok(convert::from_storage(t.resource, decode_kv(&kv)?))
     }
 
     // ---------- list & watch ----------
@@ -331,6 +331,7 @@ impl ApiServer {
             let (entries, rev) = self.cache.list(&prefix, start_after.as_deref()).await;
             revision = rev;
             for (key, obj) in entries {
+                let obj = present(r, obj);
                 if !matches(&obj) {
                     continue;
                 }
@@ -350,7 +351,7 @@ impl ApiServer {
             revision = rev;
             let after = start_after.clone().unwrap_or_default();
             for kv in kvs.into_iter().filter(|kv| kv.key > after) {
-                let obj = decode_kv(&kv)?;
+                let obj = convert::from_storage(r, decode_kv(&kv)?);
                 if !matches(&obj) {
                     continue;
                 }
@@ -463,7 +464,8 @@ impl ApiServer {
             let mut encode = encode;
             let mut last_rv = sub.revision;
             for obj in &sub.initial {
-                if matches(obj) && tx.send(Ok(encode("ADDED", obj))).await.is_err() {
+                let obj = present(r, obj.clone());
+                if matches(&obj) && tx.send(Ok(encode("ADDED", &obj))).await.is_err() {
                     return;
                 }
             }
@@ -510,8 +512,9 @@ impl ApiServer {
                 last_rv = event.revision;
                 // An object entering or leaving the selection is ADDED or DELETED for this
                 // watcher, as Kubernetes does.
-                let now = matches(&event.object);
-                let before = event.prev.as_deref().is_some_and(&matches);
+                let object = present(r, event.object.clone());
+                let now = matches(&object);
+                let before = event.prev.clone().is_some_and(|p| matches(&present(r, p)));
                 let kind = match (event.kind, before, now) {
                     (WatchType::Modified, false, true) => "ADDED",
                     (WatchType::Modified, true, false) => "DELETED",
@@ -519,7 +522,7 @@ impl ApiServer {
                     (_, _, false) => continue,
                     (kind, _, true) => kind.as_str(),
                 };
-                if tx.send(Ok(encode(kind, &event.object))).await.is_err() {
+                if tx.send(Ok(encode(kind, &object))).await.is_err() {
                     return;
                 }
             }
@@ -714,7 +717,10 @@ impl ApiServer {
         }
         match self
             .store
-            .create(&key, serde_json::to_vec(&obj).unwrap_or_default())
+            .create(
+                &key,
+                serde_json::to_vec(&convert::to_storage(r, obj.clone())).unwrap_or_default(),
+            )
             .await
         {
             Ok(rev) => {
@@ -931,7 +937,7 @@ impl ApiServer {
             {
                 return Err(ApiError::conflict(r.group, r.plural, name));
             }
-            let current = decode_kv(&kv)?;
+            let current = convert::from_storage(r, decode_kv(&kv)?);
             let mut new = mutate(&current)?;
             if !new.is_object() {
                 return Err(ApiError::bad_request("the patched object is not a JSON object"));
@@ -993,7 +999,11 @@ impl ApiServer {
             }
             match self
                 .store
-                .update(&key, serde_json::to_vec(&new).unwrap_or_default(), kv.mod_revision)
+                .update(
+                    &key,
+                    serde_json::to_vec(&convert::to_storage(r, new.clone())).unwrap_or_default(),
+                    kv.mod_revision,
+                )
                 .await
             {
                 Ok(rev) => {
@@ -1104,7 +1114,7 @@ impl ApiServer {
                 return Err(ApiError::conflict(r.group, r.plural, name));
             }
             if dry_run {
-                return Ok(json_response(StatusCode::OK, &current));
+                return Ok(json_response(StatusCode::OK, &convert::from_storage(r, current)));
             }
             let has_finalizers = current
                 .pointer("/metadata/finalizers")
@@ -1118,7 +1128,7 @@ impl ApiServer {
                     .pointer("/metadata/deletionTimestamp")
                     .is_some_and(|v| !v.is_null())
                 {
-                    return Ok(json_response(StatusCode::ACCEPTED, &current));
+                    return Ok(json_response(StatusCode::ACCEPTED, &convert::from_storage(r, current)));
                 }
                 let mut marked = current.clone();
                 strip_rv(&mut marked);
@@ -1131,7 +1141,7 @@ impl ApiServer {
                 {
                     Ok(rev) => {
                         set_resource_version(&mut marked, rev);
-                        return Ok(json_response(StatusCode::ACCEPTED, &marked));
+                        return Ok(json_response(StatusCode::ACCEPTED, &convert::from_storage(r, marked)));
                     }
                     Err(StoreError::Conflict { .. }) => continue,
                     Err(e) => return Err(e.into()),
@@ -1142,7 +1152,7 @@ impl ApiServer {
                     if r.kind == "Service" && r.group.is_empty() {
                         self.allocator.release_unused(&current, None, &key).await;
                     }
-                    let mut gone = current;
+                    let mut gone = convert::from_storage(r, current);
                     set_resource_version(&mut gone, rev);
                     return Ok(json_response(StatusCode::OK, &gone));
                 }
@@ -1329,6 +1339,15 @@ fn check_type_meta(r: &Resource, obj: &Value) -> Result<()> {
 fn strip_rv(obj: &mut Value) {
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
+    }
+}
+
+/// A cached (storage-form) object as `r` presents it; no copy unless `r` converts.
+fn present(r: &Resource, obj: Arc<Value>) -> Arc<Value> {
+    if convert::needs_conversion(r) {
+        Arc::new(convert::from_storage(r, obj.as_ref().clone()))
+    } else {
+        obj
     }
 }
 

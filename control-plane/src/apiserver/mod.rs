@@ -3,6 +3,7 @@
 
 pub mod allocator;
 pub mod cache;
+pub mod convert;
 pub mod discovery;
 pub mod handler;
 pub mod metrics;

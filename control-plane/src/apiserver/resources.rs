@@ -48,9 +48,12 @@ impl Resource {
     }
 
     /// The storage key prefix: `/registry/<group-qualified plural>/`. Core and apps resources use
-    /// the bare plural, as Kubernetes does; others are qualified so names never collide
-    /// (core Event vs events.k8s.io Event share one storage in Kubernetes, but we keep them apart).
+    /// the bare plural, as Kubernetes does; others are qualified so names never collide. Kinds
+    /// stored as another kind (see `convert`) share that kind's prefix.
     pub fn key_prefix(&self) -> String {
+        if self.group == "events.k8s.io" {
+            return "/registry/events/".to_string();
+        }
         if self.group.is_empty() || self.group == "apps" {
             format!("/registry/{}/", self.plural)
         } else {
@@ -316,11 +319,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_of_different_groups_never_share_a_prefix() {
+    fn both_event_apis_share_one_storage_and_others_never_collide() {
         let core = find_kind("", "v1", "Event").unwrap();
         let events = find_kind("events.k8s.io", "v1", "Event").unwrap();
-        assert!(!events.key(Some("a"), "b").starts_with(&core.key_prefix()));
-        assert!(!core.key(Some("a"), "b").starts_with(&events.key_prefix()));
+        assert_eq!(events.key(Some("a"), "b"), core.key(Some("a"), "b"));
+        let prefixes: Vec<String> = RESOURCES
+            .iter()
+            .filter(|r| r.group != "events.k8s.io")
+            .map(|r| r.key_prefix())
+            .collect();
+        for (i, a) in prefixes.iter().enumerate() {
+            for b in &prefixes[i + 1..] {
+                assert!(!a.starts_with(b.as_str()) && !b.starts_with(a.as_str()), "{a} vs {b}");
+            }
+        }
     }
 
     #[test]
@@ -329,7 +341,7 @@ mod tests {
             let key = r.key(Some("ns1"), "obj");
             let (found, ns, name) = from_key(&key).unwrap();
             assert_eq!(found.kind, r.kind);
-            assert_eq!(found.group, r.group);
+            assert_eq!(found.key_prefix(), r.key_prefix());
             assert_eq!(name, "obj");
             assert_eq!(ns.is_some(), r.namespaced);
         }
