@@ -462,7 +462,8 @@ impl ApiServer {
         let api_version = r.api_version();
         tokio::spawn(async move {
             let mut encode = encode;
-            let mut last_rv = sub.revision;
+            // Replayed events are newer than the requested revision; live ones newer than the snapshot.
+            let mut last_rv = after.unwrap_or(sub.revision);
             for obj in &sub.initial {
                 let obj = present(r, obj.clone());
                 if matches(&obj) && tx.send(Ok(encode("ADDED", &obj))).await.is_err() {

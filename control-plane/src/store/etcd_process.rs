@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 
-/// Where the Debian package `etcd-server` installs etcd; `WEIR_ETCD_BINARY` overrides it.
+/// Where the Debian package `etcd-server` installs etcd; `WEIR_ETCD` overrides it.
 pub const ETCD_BINARY: &str = "/usr/bin/etcd";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,7 +30,7 @@ pub struct EtcdProcess {
 impl EtcdProcess {
     /// Starts etcd and waits until it answers `/health`.
     pub fn start() -> anyhow::Result<Self> {
-        let binary = std::env::var_os("WEIR_ETCD_BINARY").map_or_else(|| PathBuf::from(ETCD_BINARY), PathBuf::from);
+        let binary = std::env::var_os("WEIR_ETCD").map_or_else(|| PathBuf::from(ETCD_BINARY), PathBuf::from);
         if !binary.is_file() {
             bail!(
                 "etcd binary not found at {}: run `cargo xtask setup` to install it (Debian package etcd-server)",
