@@ -152,6 +152,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     };
     let kubeconfig = config.data_dir.join("admin.kubeconfig");
     pki.write_admin_kubeconfig(&kubeconfig, &url)?;
+    tokio::spawn(start_controllers(kubeconfig.clone()));
     tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
     println!(
         "weir: API server at {url}\nweir: admin kubeconfig: {}\n  export KUBECONFIG={}",
@@ -365,6 +366,26 @@ async fn bootstrap(api: &Arc<ApiServer>, bind: std::net::IpAddr, port: u16) -> R
     )
     .await?;
     Ok(())
+}
+
+/// Start the controllers in-process; they reach the API like any other client, through the
+/// admin kubeconfig just written (the listener is bound, so their requests queue until served).
+async fn start_controllers(kubeconfig: PathBuf) {
+    loop {
+        match controller_client(&kubeconfig).await {
+            Ok(client) => return crate::controllers::run(client),
+            Err(e) => {
+                tracing::warn!(error = %e, "building the controllers' client failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn controller_client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// Compact the store every `interval`, keeping one interval of history for watches.

@@ -1,0 +1,54 @@
+//! Weir's control loops, run in-process by `weir server`: default ServiceAccounts, namespace
+//! lifecycle, the garbage collector and EndpointSlices. They reach the API only through kube-rs,
+//! exactly as they would against Kubernetes, and never touch the store.
+
+pub mod serviceaccount;
+
+use std::future::Future;
+use std::time::Duration;
+
+use kube::Client;
+
+/// What can go wrong in a control loop; every variant is retried by its loop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("watch failed: {0}")]
+    Watch(#[from] kube::runtime::watcher::Error),
+    #[error("object without {0}")]
+    MissingField(&'static str),
+    #[error("{0} ended unexpectedly")]
+    Ended(&'static str),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Starts every controller; each is restarted (after a pause) when it fails or panics, so a
+/// broken controller never takes the API server down.
+pub fn run(client: Client) {
+    spawn_supervised("serviceaccount", move || serviceaccount::run(client.clone()));
+}
+
+fn spawn_supervised<F, Fut>(name: &'static str, start: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(start()).await {
+                Ok(Ok(())) => tracing::warn!(controller = name, "controller stopped; restarting"),
+                Ok(Err(e)) => tracing::warn!(controller = name, error = %e, "controller failed; restarting"),
+                Err(e) => tracing::error!(controller = name, error = %e, "controller panicked; restarting"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// Whether a kube error is the API's `code` (404 NotFound, 409 Conflict...).
+pub(crate) fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
