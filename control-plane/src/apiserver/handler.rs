@@ -251,7 +251,9 @@ impl ApiServer {
                 Ok(json_response(StatusCode::OK, &obj))
             }
             (&Method::PUT, Some(_), sub) if sub != Some(Subresource::Binding) => self.update(&t, &req).await,
-            (&Method::PATCH, Some(_), sub) if sub != Some(Subresource::Binding) => self.patch(&t, &req).await,
+            (&Method::PATCH, Some(_), sub) if !matches!(sub, Some(Subresource::Binding | Subresource::Finalize)) => {
+                self.patch(&t, &req).await
+            }
             (&Method::DELETE, Some(name), None) => self.delete(&t, name, &req).await,
             (&Method::POST, Some(name), Some(Subresource::Binding)) => self.bind(&t, name, &req).await,
             _ => Err(ApiError::method_not_allowed(format!(
@@ -776,11 +778,20 @@ impl ApiServer {
             .and_then(Value::as_str)
             .map(String::from);
         let status_only = t.sub == Some(Subresource::Status);
+        let finalize = t.sub == Some(Subresource::Finalize);
         let obj = self
             .write(t, &name, req, precondition.as_deref(), |cur| {
                 if status_only {
                     let mut new = cur.clone();
                     new["status"] = body.get("status").cloned().unwrap_or(Value::Null);
+                    Ok(new)
+                } else if finalize {
+                    let mut new = cur.clone();
+                    new["spec"]["finalizers"] = body
+                        .pointer("/spec/finalizers")
+                        .filter(|f| !f.is_null())
+                        .cloned()
+                        .unwrap_or(json!([]));
                     Ok(new)
                 } else {
                     Ok(body.clone())
@@ -963,12 +974,13 @@ impl ApiServer {
             {
                 new = patch::record_update(self.schemas, def, &current, &new, &manager);
             }
-            // Finalizers gone on an object being deleted: the delete completes now.
+            // Finalizers gone on an object being deleted: the delete completes now. A Namespace
+            // also waits for its spec.finalizers (the namespace controller's).
             let finalizers_done = new.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null())
-                && new
-                    .pointer("/metadata/finalizers")
-                    .and_then(Value::as_array)
-                    .is_none_or(|f| f.is_empty());
+                && string_list(new.pointer("/metadata/finalizers")).is_empty()
+                && (r.kind != "Namespace"
+                    || !r.group.is_empty()
+                    || string_list(new.pointer("/spec/finalizers")).is_empty());
             let mut cur_cmp = current.clone();
             strip_rv(&mut cur_cmp);
             strip_rv(&mut new);
@@ -1096,6 +1108,7 @@ impl ApiServer {
                 .get("dryRun")
                 .and_then(Value::as_array)
                 .is_some_and(|d| d.iter().any(|x| x == "All"));
+        let policy = propagation_policy(&req.query, &opts)?;
         let key = r.key(t.namespace.as_deref(), name);
         for _ in 0..64 {
             let kv = self
@@ -1117,24 +1130,30 @@ impl ApiServer {
             if dry_run {
                 return Ok(json_response(StatusCode::OK, &convert::from_storage(r, current)));
             }
-            let has_finalizers = current
-                .pointer("/metadata/finalizers")
-                .and_then(Value::as_array)
-                .is_some_and(|f| !f.is_empty());
             if r.kind == "Namespace" && r.group.is_empty() {
-                return self.delete_namespace(t, name, current, kv).await;
+                match self.delete_namespace(t, name, current, kv).await? {
+                    Some(resp) => return Ok(resp),
+                    None => continue,
+                }
             }
-            if has_finalizers {
-                if current
-                    .pointer("/metadata/deletionTimestamp")
-                    .is_some_and(|v| !v.is_null())
-                {
+            let deleting = current
+                .pointer("/metadata/deletionTimestamp")
+                .is_some_and(|v| !v.is_null());
+            let existing = string_list(current.pointer("/metadata/finalizers"));
+            let finalizers = deletion_finalizers(&existing, policy);
+            if !finalizers.is_empty() {
+                if deleting && finalizers == existing {
                     return Ok(json_response(StatusCode::ACCEPTED, &convert::from_storage(r, current)));
                 }
+                // Finalizers left (the caller's, or the collector's for foreground and orphan
+                // propagation): mark the object and let their owners finish the deletion.
                 let mut marked = current.clone();
                 strip_rv(&mut marked);
-                marked["metadata"]["deletionTimestamp"] = json!(time::now_rfc3339());
-                marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                if !deleting {
+                    marked["metadata"]["deletionTimestamp"] = json!(time::now_rfc3339());
+                    marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                }
+                marked["metadata"]["finalizers"] = json!(finalizers);
                 match self
                     .store
                     .update(&key, serde_json::to_vec(&marked).unwrap_or_default(), kv.mod_revision)
@@ -1165,39 +1184,40 @@ impl ApiServer {
         Err(ApiError::conflict(r.group, r.plural, name))
     }
 
-    /// Namespace deletion: mark it Terminating, remove everything in it, then the namespace.
-    async fn delete_namespace(&self, t: &Target, name: &str, current: Value, kv: KeyValue) -> Result<Response> {
+    /// Namespace deletion, the Kubernetes way: mark it Terminating and leave the emptying to the
+    /// namespace controller, which clears `spec.finalizers` through `finalize` when done; a
+    /// namespace without finalizers goes at once. `None`: the store moved on, try again.
+    async fn delete_namespace(&self, t: &Target, name: &str, current: Value, kv: KeyValue) -> Result<Option<Response>> {
+        if current
+            .pointer("/metadata/deletionTimestamp")
+            .is_some_and(|v| !v.is_null())
+        {
+            return Ok(Some(json_response(StatusCode::OK, &current)));
+        }
         let key = t.resource.key(None, name);
         let mut marked = current.clone();
         strip_rv(&mut marked);
-        if marked.pointer("/metadata/deletionTimestamp").is_none_or(Value::is_null) {
-            marked["metadata"]["deletionTimestamp"] = json!(time::now_rfc3339());
-            marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-        }
+        marked["metadata"]["deletionTimestamp"] = json!(time::now_rfc3339());
+        marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
         marked["status"]["phase"] = json!("Terminating");
-        let rev = self
-            .store
-            .update(&key, serde_json::to_vec(&marked).unwrap_or_default(), kv.mod_revision)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict { .. } => ApiError::conflict("", "namespaces", name),
-                other => other.into(),
-            })?;
-        set_resource_version(&mut marked, rev);
-        for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
-            let (items, _) = self.store.list(&r.list_prefix(Some(name)), None).await?;
-            for item in items {
-                if self.store.delete(&item.key, None).await.is_ok() && r.kind == "Service" && r.group.is_empty() {
-                    let svc: Value = serde_json::from_slice(&item.value).unwrap_or(Value::Null);
-                    self.allocator.release_unused(&svc, None, &item.key).await;
-                }
+        let unfinalized = string_list(current.pointer("/spec/finalizers")).is_empty()
+            && string_list(current.pointer("/metadata/finalizers")).is_empty();
+        let result = if unfinalized {
+            self.store.delete(&key, Some(kv.mod_revision)).await.map(|(rev, _)| rev)
+        } else {
+            self.store
+                .update(&key, serde_json::to_vec(&marked).unwrap_or_default(), kv.mod_revision)
+                .await
+        };
+        match result {
+            Ok(rev) => {
+                set_resource_version(&mut marked, rev);
+                Ok(Some(json_response(StatusCode::OK, &marked)))
             }
+            Err(StoreError::Conflict { .. }) => Ok(None),
+            Err(StoreError::NotFound(_)) => Err(ApiError::not_found("", "namespaces", name)),
+            Err(e) => Err(e.into()),
         }
-        let gone = self.store.get(&key).await?;
-        if let Some(kv) = gone {
-            self.store.delete(&key, Some(kv.mod_revision)).await.ok();
-        }
-        Ok(json_response(StatusCode::OK, &marked))
     }
 
     async fn delete_collection(&self, t: &Target, req: &Request) -> Result<Response> {
@@ -1335,6 +1355,82 @@ fn check_type_meta(r: &Resource, obj: &Value) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// DeleteOptions.propagationPolicy, from the body or the query (`orphanDependents` is the
+/// deprecated spelling of Orphan/Background).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Propagation {
+    Background,
+    Foreground,
+    Orphan,
+}
+
+fn propagation_policy(query: &Query, opts: &Value) -> Result<Option<Propagation>> {
+    let named = opts
+        .get("propagationPolicy")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .or_else(|| query.get("propagationPolicy").cloned());
+    if let Some(p) = named.filter(|p| !p.is_empty()) {
+        return match p.as_str() {
+            "Background" => Ok(Some(Propagation::Background)),
+            "Foreground" => Ok(Some(Propagation::Foreground)),
+            "Orphan" => Ok(Some(Propagation::Orphan)),
+            other => Err(ApiError::invalid(
+                "meta.k8s.io",
+                "DeleteOptions",
+                "",
+                vec![FieldCause::not_supported(
+                    "propagationPolicy",
+                    other,
+                    &["Foreground", "Background", "Orphan"],
+                )],
+            )),
+        };
+    }
+    let orphan = opts
+        .get("orphanDependents")
+        .and_then(Value::as_bool)
+        .or_else(|| query.get("orphanDependents").map(|v| v == "true"));
+    Ok(orphan.map(|o| {
+        if o {
+            Propagation::Orphan
+        } else {
+            Propagation::Background
+        }
+    }))
+}
+
+/// The finalizers an object keeps when deleted with `policy`: the garbage collector's
+/// `foregroundDeletion` or `orphan` replace each other; Background drops both.
+fn deletion_finalizers(existing: &[String], policy: Option<Propagation>) -> Vec<String> {
+    let (drop, add) = match policy {
+        None => return existing.to_vec(),
+        Some(Propagation::Background) => (&[FOREGROUND_FINALIZER, ORPHAN_FINALIZER][..], None),
+        Some(Propagation::Foreground) => (&[ORPHAN_FINALIZER][..], Some(FOREGROUND_FINALIZER)),
+        Some(Propagation::Orphan) => (&[FOREGROUND_FINALIZER][..], Some(ORPHAN_FINALIZER)),
+    };
+    let mut out: Vec<String> = existing
+        .iter()
+        .filter(|f| !drop.contains(&f.as_str()))
+        .cloned()
+        .collect();
+    if let Some(add) = add
+        && !out.iter().any(|f| f == add)
+    {
+        out.push(add.to_string());
+    }
+    out
+}
+
+pub const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+pub const ORPHAN_FINALIZER: &str = "orphan";
+
+fn string_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+        .unwrap_or_default()
 }
 
 fn strip_rv(obj: &mut Value) {

@@ -7,6 +7,8 @@ pub enum Subresource {
     Status,
     Scale,
     Binding,
+    /// `namespaces/{name}/finalize`: writes only `spec.finalizers` of a Namespace.
+    Finalize,
 }
 
 impl Subresource {
@@ -15,6 +17,7 @@ impl Subresource {
             Subresource::Status => "status",
             Subresource::Scale => "scale",
             Subresource::Binding => "binding",
+            Subresource::Finalize => "finalize",
         }
     }
 }
@@ -124,7 +127,7 @@ pub static RESOURCES: &[Resource] = &[
         false,
         ["ns"],
         [],
-        [Status]
+        [Status, Finalize]
     ),
     resource!("", "v1", "Pod", "pods", "pod", true, ["po"], ["all"], [Status, Binding]),
     resource!(

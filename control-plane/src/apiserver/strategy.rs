@@ -956,6 +956,17 @@ pub fn keep_on_update(r: &Resource, old: &Value, new: &mut Value) {
             None => obj.remove("status"),
         };
     }
+    if r.kind == "Namespace" && r.group.is_empty() {
+        // spec.finalizers change only through the finalize subresource.
+        match old.pointer("/spec/finalizers") {
+            Some(f) => new["spec"]["finalizers"] = f.clone(),
+            None => {
+                if let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) {
+                    spec.remove("finalizers");
+                }
+            }
+        }
+    }
     if r.kind == "Service" {
         // An update that leaves out allocated values keeps them, as Kubernetes does.
         if new

@@ -2,6 +2,7 @@
 //! lifecycle, the garbage collector and EndpointSlices. They reach the API only through kube-rs,
 //! exactly as they would against Kubernetes, and never touch the store.
 
+pub mod namespace;
 pub mod serviceaccount;
 
 use std::future::Future;
@@ -28,7 +29,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Starts every controller; each is restarted (after a pause) when it fails or panics, so a
 /// broken controller never takes the API server down.
 pub fn run(client: Client) {
-    spawn_supervised("serviceaccount", move || serviceaccount::run(client.clone()));
+    spawn_supervised("serviceaccount", {
+        let client = client.clone();
+        move || serviceaccount::run(client.clone())
+    });
+    spawn_supervised("namespace", move || namespace::run(client.clone()));
 }
 
 fn spawn_supervised<F, Fut>(name: &'static str, start: F)
