@@ -2,6 +2,7 @@
 //! lifecycle, the garbage collector and EndpointSlices. They reach the API only through kube-rs,
 //! exactly as they would against Kubernetes, and never touch the store.
 
+pub mod endpointslice;
 pub mod garbagecollector;
 pub mod namespace;
 pub mod serviceaccount;
@@ -38,7 +39,11 @@ pub fn run(client: Client) {
         let client = client.clone();
         move || namespace::run(client.clone())
     });
-    spawn_supervised("garbagecollector", move || garbagecollector::run(client.clone()));
+    spawn_supervised("garbagecollector", {
+        let client = client.clone();
+        move || garbagecollector::run(client.clone())
+    });
+    spawn_supervised("endpointslice", move || endpointslice::run(client.clone()));
 }
 
 fn spawn_supervised<F, Fut>(name: &'static str, start: F)
