@@ -1617,6 +1617,43 @@ mod tests {
     }
 
     #[test]
+    fn propagation_policy_comes_from_the_body_or_the_query() {
+        let none = Query::new();
+        assert_eq!(propagation_policy(&none, &json!({})).unwrap(), None);
+        assert_eq!(
+            propagation_policy(&none, &json!({"propagationPolicy": "Foreground"})).unwrap(),
+            Some(Propagation::Foreground)
+        );
+        let query: Query = [("propagationPolicy".to_string(), "Orphan".to_string())].into();
+        assert_eq!(
+            propagation_policy(&query, &json!({})).unwrap(),
+            Some(Propagation::Orphan)
+        );
+        assert_eq!(
+            propagation_policy(&none, &json!({"orphanDependents": false})).unwrap(),
+            Some(Propagation::Background)
+        );
+        assert!(propagation_policy(&none, &json!({"propagationPolicy": "Sideways"})).is_err());
+    }
+
+    #[test]
+    fn deletion_finalizers_follow_the_propagation_policy() {
+        let own = vec!["example.com/hold".to_string()];
+        assert_eq!(deletion_finalizers(&own, None), own);
+        assert_eq!(
+            deletion_finalizers(&own, Some(Propagation::Foreground)),
+            ["example.com/hold", FOREGROUND_FINALIZER]
+        );
+        let orphaning = vec![ORPHAN_FINALIZER.to_string()];
+        assert_eq!(
+            deletion_finalizers(&orphaning, Some(Propagation::Foreground)),
+            [FOREGROUND_FINALIZER]
+        );
+        assert!(deletion_finalizers(&orphaning, Some(Propagation::Background)).is_empty());
+        assert_eq!(deletion_finalizers(&[], Some(Propagation::Orphan)), [ORPHAN_FINALIZER]);
+    }
+
+    #[test]
     fn continue_tokens_round_trip() {
         let token = encode_continue(42, "/registry/configmaps/default/a");
         assert_eq!(

@@ -18,8 +18,6 @@ use kube::Client;
 pub enum Error {
     #[error("kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
-    #[error("watch failed: {0}")]
-    Watch(#[from] kube::runtime::watcher::Error),
     #[error("object without {0}")]
     MissingField(&'static str),
     #[error("{0} ended unexpectedly")]
