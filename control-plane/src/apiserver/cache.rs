@@ -16,6 +16,30 @@ use crate::store::{EventKind, Revision, Store, StoreError};
 const HISTORY: usize = 50_000;
 const ROOT: &str = "/registry/";
 
+/// A cached object and its JSON encoding (resourceVersion included), made once per write so
+/// lists and watches copy bytes instead of serializing every object each time.
+#[derive(Debug)]
+pub struct Cached {
+    pub value: Value,
+    pub json: Vec<u8>,
+}
+
+impl Cached {
+    pub fn new(value: Value) -> Cached {
+        let json = serde_json::to_vec(&value).unwrap_or_default();
+        Cached { value, json }
+    }
+}
+
+impl std::ops::Deref for Cached {
+    type Target = Value;
+    fn deref(&self) -> &Value {
+        &self.value
+    }
+}
+
+pub type Object = Arc<Cached>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchType {
     Added,
@@ -38,15 +62,15 @@ pub struct CacheEvent {
     pub kind: WatchType,
     pub key: String,
     /// The object with its resourceVersion set (for deletes: the last state, at the delete revision).
-    pub object: Arc<Value>,
+    pub object: Object,
     /// The previous state, for modifications (to tell when an object leaves a selection).
-    pub prev: Option<Arc<Value>>,
+    pub prev: Option<Object>,
     pub revision: Revision,
 }
 
 #[derive(Default)]
 struct State {
-    objects: BTreeMap<String, Arc<Value>>,
+    objects: BTreeMap<String, Object>,
     history: VecDeque<Arc<CacheEvent>>,
     /// Events with revision > this are all in `history` (or none happened).
     window_start: Revision,
@@ -61,7 +85,7 @@ pub struct WatchCache {
 
 /// A snapshot of matching objects, taken atomically with a subscription to later events.
 pub struct Subscription {
-    pub initial: Vec<Arc<Value>>,
+    pub initial: Vec<Object>,
     /// Events already past the requested revision (replayed before the live ones).
     pub replay: Vec<Arc<CacheEvent>>,
     pub live: broadcast::Receiver<Arc<CacheEvent>>,
@@ -219,12 +243,12 @@ impl WatchCache {
         Ok(self.revision())
     }
 
-    pub async fn get(&self, key: &str) -> Option<Arc<Value>> {
+    pub async fn get(&self, key: &str) -> Option<Object> {
         self.state.read().await.objects.get(key).cloned()
     }
 
     /// Objects under `prefix` with keys after `start_after`, with the cache revision.
-    pub async fn list(&self, prefix: &str, start_after: Option<&str>) -> (Vec<(String, Arc<Value>)>, Revision) {
+    pub async fn list(&self, prefix: &str, start_after: Option<&str>) -> (Vec<(String, Object)>, Revision) {
         let state = self.state.read().await;
         let range = match start_after {
             Some(after) => state
@@ -281,7 +305,7 @@ impl WatchCache {
     }
 }
 
-fn decode(bytes: &[u8], revision: Revision) -> Option<Value> {
+fn decode(bytes: &[u8], revision: Revision) -> Option<Cached> {
     if bytes.first() != Some(&b'{') {
         // Not an API object (e.g. an allocation claim): not served, not an error.
         return None;
@@ -289,7 +313,7 @@ fn decode(bytes: &[u8], revision: Revision) -> Option<Value> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(mut obj) => {
             set_resource_version(&mut obj, revision);
-            Some(obj)
+            Some(Cached::new(obj))
         }
         Err(e) => {
             tracing::error!(error = %e, "undecodable object in the store; skipped");
@@ -298,10 +322,10 @@ fn decode(bytes: &[u8], revision: Revision) -> Option<Value> {
     }
 }
 
-fn with_rv(obj: &Value, revision: Revision) -> Arc<Value> {
+fn with_rv(obj: &Value, revision: Revision) -> Object {
     let mut obj = obj.clone();
     set_resource_version(&mut obj, revision);
-    Arc::new(obj)
+    Arc::new(Cached::new(obj))
 }
 
 pub fn set_resource_version(obj: &mut Value, revision: Revision) {

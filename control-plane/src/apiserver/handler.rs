@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
 
 use super::allocator::Allocator;
-use super::cache::{CacheEvent, WatchCache, WatchType, set_resource_version};
+use super::cache::{CacheEvent, Cached, Object, WatchCache, WatchType, set_resource_version};
 use super::discovery::{AGGREGATED_CONTENT_TYPE, Discovery};
 use super::resources::{self, Resource, Subresource};
 use super::schema::Schemas;
@@ -321,7 +321,7 @@ impl ApiServer {
             }
         }
 
-        let mut items: Vec<Arc<Value>> = Vec::new();
+        let mut items: Vec<Object> = Vec::new();
         let mut next_key: Option<String> = None;
         let revision;
         let matches = |obj: &Value| labels.matches(obj) && fields.matches(obj);
@@ -361,7 +361,7 @@ impl ApiServer {
                     next_key = Some(kv.key);
                     break;
                 }
-                items.push(Arc::new(obj));
+                items.push(Arc::new(Cached::new(obj)));
             }
         }
         let revision = pinned.unwrap_or(revision);
@@ -373,20 +373,26 @@ impl ApiServer {
         }
         if wants_table(&req.headers) {
             let include = include_object(&req.query);
-            let refs: Vec<&Value> = items.iter().map(|a| a.as_ref()).collect();
+            let refs: Vec<&Value> = items.iter().map(|a| &a.value).collect();
             return Ok(table_response(
                 StatusCode::OK,
                 &table(r, &refs, include, meta, true, time::now_unix()),
             ));
         }
-        // Serialized straight from the cached objects: a list of 10,000 pods is never copied.
-        let list = ListBody {
-            kind: format!("{}List", r.kind),
-            api_version: r.api_version(),
-            metadata: meta,
-            items: items.iter().map(|a| a.as_ref()).collect(),
-        };
-        let body = serde_json::to_vec(&list).map_err(|e| ApiError::internal(e.to_string()))?;
+        // Each cached object carries its JSON: the list is spliced from those bytes, so a list of
+        // 10,000 pods costs a copy, not 10,000 serializations.
+        let head = json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": meta});
+        let head = serde_json::to_vec(&head).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut body = Vec::with_capacity(head.len() + 16 + items.iter().map(|o| o.json.len() + 1).sum::<usize>());
+        body.extend_from_slice(&head[..head.len() - 1]);
+        body.extend_from_slice(b",\"items\":[");
+        for (i, obj) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&obj.json);
+        }
+        body.extend_from_slice(b"]}");
         Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response())
     }
 
@@ -430,23 +436,28 @@ impl ApiServer {
 
         let encode = {
             let mut first = true;
-            move |kind: &str, obj: &Value| -> Bytes {
-                let object = if as_table && kind != "BOOKMARK" && kind != "ERROR" {
+            move |kind: &str, obj: &Cached| -> Bytes {
+                if as_table && kind != "BOOKMARK" && kind != "ERROR" {
                     let t = table(
                         r,
-                        &[obj],
+                        &[&obj.value],
                         include,
                         json!({"resourceVersion": rv_of(obj)}),
                         first,
                         time::now_unix(),
                     );
                     first = false;
-                    t
-                } else {
-                    obj.clone()
-                };
-                let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
-                line.push(b'\n');
+                    let mut line = serde_json::to_vec(&json!({"type": kind, "object": t})).unwrap_or_default();
+                    line.push(b'\n');
+                    return Bytes::from(line);
+                }
+                // The object's JSON was made once in the cache; every watcher reuses it.
+                let mut line = Vec::with_capacity(obj.json.len() + 32);
+                line.extend_from_slice(b"{\"type\":\"");
+                line.extend_from_slice(kind.as_bytes());
+                line.extend_from_slice(b"\",\"object\":");
+                line.extend_from_slice(&obj.json);
+                line.extend_from_slice(b"}\n");
                 Bytes::from(line)
             }
         };
@@ -474,7 +485,7 @@ impl ApiServer {
             }
             if send_initial && bookmarks {
                 let bm = json!({"kind": kind_name, "apiVersion": api_version, "metadata": {"resourceVersion": last_rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}});
-                if tx.send(Ok(encode("BOOKMARK", &bm))).await.is_err() {
+                if tx.send(Ok(encode("BOOKMARK", &Cached::new(bm)))).await.is_err() {
                     return;
                 }
             }
@@ -494,7 +505,7 @@ impl ApiServer {
                         _ = ticker.tick() => {
                             if bookmarks {
                                 let bm = json!({"kind": kind_name, "apiVersion": api_version, "metadata": {"resourceVersion": last_rv.to_string()}});
-                                if tx.send(Ok(encode("BOOKMARK", &bm))).await.is_err() { return; }
+                                if tx.send(Ok(encode("BOOKMARK", &Cached::new(bm)))).await.is_err() { return; }
                             }
                             continue;
                         }
@@ -503,7 +514,7 @@ impl ApiServer {
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) | Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                                 // Too slow to keep up: end the watch so the client re-lists.
                                 let status = ApiError::gone("watch fell behind; relist").to_status();
-                                let _ = tx.send(Ok(encode("ERROR", &status))).await;
+                                let _ = tx.send(Ok(encode("ERROR", &Cached::new(status)))).await;
                                 return;
                             }
                         },
@@ -1241,7 +1252,7 @@ impl ApiServer {
                 sub: None,
             };
             match self.delete(&target, name, req).await {
-                Ok(_) => deleted.push(obj.as_ref().clone()),
+                Ok(_) => deleted.push(obj.value.clone()),
                 Err(e) if e.code == StatusCode::NOT_FOUND => {}
                 Err(e) => return Err(e),
             }
@@ -1296,15 +1307,6 @@ impl ApiError {
         self.message = message;
         self
     }
-}
-
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ListBody<'a> {
-    kind: String,
-    api_version: String,
-    metadata: Value,
-    items: Vec<&'a Value>,
 }
 
 fn patch_error(e: patch::PatchError) -> ApiError {
@@ -1440,9 +1442,9 @@ fn strip_rv(obj: &mut Value) {
 }
 
 /// A cached (storage-form) object as `r` presents it; no copy unless `r` converts.
-fn present(r: &Resource, obj: Arc<Value>) -> Arc<Value> {
+fn present(r: &Resource, obj: Object) -> Object {
     if convert::needs_conversion(r) {
-        Arc::new(convert::from_storage(r, obj.as_ref().clone()))
+        Arc::new(Cached::new(convert::from_storage(r, obj.value.clone())))
     } else {
         obj
     }
