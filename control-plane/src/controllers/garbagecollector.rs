@@ -5,7 +5,7 @@
 //! loop only ever removes them.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -164,6 +164,9 @@ pub fn plan(nodes: &[GraphNode]) -> Vec<GcAction> {
     actions.into_iter().map(|(_, a)| a).collect()
 }
 
+/// API requests in flight at once; actions start in plan order (blocking dependents first).
+const CONCURRENCY: usize = 32;
+
 /// Resources the collector follows: all but Events, which are many and own nothing.
 fn followed() -> impl Iterator<Item = (usize, &'static Resource)> {
     RESOURCES.iter().enumerate().filter(|(_, r)| r.kind != "Event")
@@ -191,10 +194,22 @@ fn api_for(client: &Client, r: &Resource, namespace: Option<&str>) -> Api<Dynami
     }
 }
 
+/// Owner uids confirmed gone by a live read during one pass (an owner of many dependents is
+/// read once).
+type Confirmed = Mutex<HashSet<String>>;
+
 /// Whether any of `owners` (of an object in `namespace`) still exists, read live: the caches
 /// may not have seen an owner created a moment ago.
-async fn any_present(client: &Client, namespace: Option<&str>, owners: &[OwnerReference]) -> Result<bool> {
+async fn any_present(
+    client: &Client,
+    namespace: Option<&str>,
+    owners: &[OwnerReference],
+    confirmed: &Confirmed,
+) -> Result<bool> {
     for o in owners {
+        if confirmed.lock().expect("confirmed lock").contains(&o.uid) {
+            continue;
+        }
         let Some(r) = owner_resource(o) else {
             return Ok(true);
         };
@@ -203,6 +218,7 @@ async fn any_present(client: &Client, namespace: Option<&str>, owners: &[OwnerRe
         {
             return Ok(true);
         }
+        confirmed.lock().expect("confirmed lock").insert(o.uid.clone());
     }
     Ok(false)
 }
@@ -225,14 +241,14 @@ async fn edit(client: &Client, object: &ObjectId, edit: impl FnOnce(&mut Dynamic
     }
 }
 
-async fn execute(client: &Client, action: GcAction) -> Result<()> {
+async fn execute(client: &Client, action: GcAction, confirmed: &Confirmed) -> Result<()> {
     match action {
         GcAction::Delete {
             object,
             foreground,
             verify_absent,
         } => {
-            if any_present(client, object.namespace.as_deref(), &verify_absent).await? {
+            if any_present(client, object.namespace.as_deref(), &verify_absent, confirmed).await? {
                 return Ok(());
             }
             let params = DeleteParams {
@@ -262,7 +278,7 @@ async fn execute(client: &Client, action: GcAction) -> Result<()> {
             uids,
             verify_absent,
         } => {
-            if any_present(client, object.namespace.as_deref(), &verify_absent).await? {
+            if any_present(client, object.namespace.as_deref(), &verify_absent, confirmed).await? {
                 return Ok(());
             }
             edit(client, &object, |obj| {
@@ -338,17 +354,17 @@ pub async fn run(client: Client) -> Result<()> {
         }
         tracing::info!("garbage collector synced");
         loop {
-            let actions = plan(&snapshot(&stores));
-            let mut seen = HashSet::new();
-            for action in actions {
-                let key = format!("{action:?}");
-                if !seen.insert(key) {
-                    continue;
-                }
-                if let Err(e) = execute(&client, action).await {
-                    tracing::warn!(error = %e, "garbage collection step failed; retrying");
-                }
-            }
+            let confirmed = Confirmed::default();
+            futures::stream::iter(plan(&snapshot(&stores)))
+                .for_each_concurrent(CONCURRENCY, |action| {
+                    let (client, confirmed) = (&client, &confirmed);
+                    async move {
+                        if let Err(e) = execute(client, action, confirmed).await {
+                            tracing::warn!(error = %e, "garbage collection step failed; retrying");
+                        }
+                    }
+                })
+                .await;
             // Changes come in bursts: wait for one, then let the burst settle briefly. A
             // periodic pass retries whatever failed.
             let _ = tokio::time::timeout(Duration::from_secs(5), changed.notified()).await;
