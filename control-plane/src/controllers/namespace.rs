@@ -15,6 +15,9 @@ use kube::{Client, ResourceExt};
 use super::{Error, Result, is_status};
 use crate::apiserver::resources::{RESOURCES, Resource};
 
+/// Deletes in flight at once while emptying a namespace.
+const CONCURRENCY: usize = 32;
+
 /// The finalizer the API server puts in every namespace's `spec.finalizers`.
 pub const FINALIZER: &str = "kubernetes";
 
@@ -73,26 +76,30 @@ async fn delete_content(client: &Client, ns: &str) -> Result<(usize, usize)> {
     for r in namespaced_resources() {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &api_resource(r));
         let list = api.list(&ListParams::default()).await?;
-        for obj in list.items {
-            found += 1;
-            if obj.metadata.deletion_timestamp.is_some() {
-                pending += 1;
-                continue;
-            }
-            match api.delete(&obj.name_any(), &DeleteParams::background()).await {
-                // Kubernetes answers with the object either way; only a marked one lingers.
-                Ok(either)
-                    if either
-                        .as_ref()
-                        .left()
-                        .is_some_and(|o| o.metadata.deletion_timestamp.is_some()) =>
-                {
-                    pending += 1
+        found += list.items.len();
+        let results: Vec<Result<bool>> = futures::stream::iter(list.items)
+            .map(|obj| {
+                let api = api.clone();
+                async move {
+                    if obj.metadata.deletion_timestamp.is_some() {
+                        return Ok(true);
+                    }
+                    match api.delete(&obj.name_any(), &DeleteParams::background()).await {
+                        // Kubernetes answers with the object either way; only a marked one lingers.
+                        Ok(either) => Ok(either
+                            .as_ref()
+                            .left()
+                            .is_some_and(|o| o.metadata.deletion_timestamp.is_some())),
+                        Err(e) if is_status(&e, 404) => Ok(false),
+                        Err(e) => Err(e.into()),
+                    }
                 }
-                Ok(_) => {}
-                Err(e) if is_status(&e, 404) => {}
-                Err(e) => return Err(e.into()),
-            }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for lingering in results {
+            pending += usize::from(lingering?);
         }
     }
     Ok((found, pending))
