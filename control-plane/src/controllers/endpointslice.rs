@@ -357,6 +357,7 @@ type ServiceKey = (String, String);
 struct Ctx {
     client: Client,
     nodes: Store<Node>,
+    services: Store<Service>,
     /// Pods each Service listed last time, so a Pod that stops matching still wakes it.
     members: Arc<Mutex<HashMap<ServiceKey, HashSet<String>>>>,
 }
@@ -388,10 +389,12 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action> {
             .and_then(|n| n.labels().get(ZONE_LABEL).cloned())
     };
     let want = desired(&svc, &pods, &zone_of).expect("a selector was checked");
-    ctx.members
-        .lock()
-        .expect("members lock")
-        .insert(key, pods.iter().map(|p| p.name_any()).collect());
+    {
+        let mut members = ctx.members.lock().expect("members lock");
+        members.insert(key, pods.iter().map(|p| p.name_any()).collect());
+        // Deleted Services are never reconciled again: forget them here.
+        members.retain(|(ns, name), _| ctx.services.get(&ObjectRef::new(name).within(ns)).is_some());
+    }
 
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = slices
@@ -452,7 +455,13 @@ pub async fn run(client: Client) -> Result<()> {
     let members: Arc<Mutex<HashMap<ServiceKey, HashSet<String>>>> = Arc::default();
     let controller = Controller::new(Api::<Service>::all(client.clone()), watcher::Config::default());
     let services = controller.store();
-    let pod_members = members.clone();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        nodes,
+        services: services.clone(),
+        members: members.clone(),
+    });
+    let pod_members = members;
     controller
         .owns(
             Api::<EndpointSlice>::all(client.clone()),
@@ -481,7 +490,7 @@ pub async fn run(client: Client) -> Result<()> {
             },
         )
         .reconcile_all_on(zone_changes)
-        .run(reconcile, error_policy, Arc::new(Ctx { client, nodes, members }))
+        .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
     Err(Error::Ended("the endpointslice controller"))
