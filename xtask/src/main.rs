@@ -19,11 +19,7 @@ use crate::command::status;
 use crate::workspace::Workspace;
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    bin_name = "cargo xtask",
-    about = "Weir's developer tasks"
-)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Weir's developer tasks")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -121,12 +117,7 @@ fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn up(
-    ws: &Workspace,
-    data_dir: &std::path::Path,
-    secure_port: u16,
-    weir_args: &[String],
-) -> Result<()> {
+fn up(ws: &Workspace, data_dir: &std::path::Path, secure_port: u16, weir_args: &[String]) -> Result<()> {
     status("up: building weir in release mode (cargo build --release -p weir)");
     command::run(
         "up: build weir",
