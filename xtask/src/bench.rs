@@ -1,6 +1,6 @@
 //! `cargo xtask bench <area>`: builds in release mode, runs the benchmark binary of the area
 //! against every peer that runs here, and writes `target/bench/<area>.{json,md,png}`.
-//! The plot is drawn by matplotlib, pip-installed into `target/tools/bench-python/` on first use.
+//! The plot is drawn by matplotlib from a venv under `target/tools/`, created on first use.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +23,7 @@ const MATPLOTLIB: &str = "matplotlib==3.10.8";
 
 /// Draws `<area>.json`'s `metrics` rows (one panel each; a bar per store; the target as a
 /// dashed line) into a PNG. matplotlib ships its own DejaVu fonts, so no system fonts needed.
-const PLOT: &str = r#"
+const PLOT: &str = r##"
 import json, math, sys
 import matplotlib
 matplotlib.use("Agg")
@@ -43,12 +43,13 @@ for ax, m in zip(axes.flat, metrics):
     heights = [v if v is not None else 0 for v in values]
     bars = ax.bar(stores, heights, color=colors[: len(stores)])
     for bar, v in zip(bars, values):
-        text = "failed" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:,.1f}")
+        text = "failed" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}")
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=9)
     if m.get("target") is not None:
-        ax.axhline(m["target"], color="red", linestyle="--", linewidth=1, label=f"target {m['target_text']}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.axhline(m["target"], color="red", linestyle="--", linewidth=1)
+        ax.annotate(f"target {m['target_text']}", xy=(0.99, m["target"]), xycoords=("axes fraction", "data"),
+                    ha="right", va="bottom", color="red", fontsize=8)
     title = m["label"]
     if len(title) > 45:
         cut = title.rfind(" ", 0, 45)
@@ -64,7 +65,7 @@ fig.suptitle(f"Weir API server benchmark ({report.get('cpus', '?')} CPUs, HTTPS 
              f"{p.get('concurrency', '?')} requests in flight)", fontsize=11)
 fig.tight_layout()
 fig.savefig(dest, dpi=110)
-"#;
+"##;
 
 pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
     match area {
@@ -134,50 +135,50 @@ fn api(ws: &Workspace, args: &[String]) -> Result<()> {
 
 /// Renders `json` into `png` with the PLOT script.
 fn plot(ws: &Workspace, json: &Path, png: &Path) -> Result<()> {
-    let site = plot_packages(ws)?;
+    let python = plot_python(ws)?;
     command::run(
         "bench: plot",
-        Command::new("python3")
-            .arg("-c")
-            .arg(PLOT)
-            .arg(json)
-            .arg(png)
-            .env("PYTHONPATH", &site),
-        "the numbers are in the JSON and Markdown files; delete target/tools/bench-python/ and run again",
+        Command::new(&python).arg("-c").arg(PLOT).arg(json).arg(png),
+        "the numbers are in the JSON and Markdown files; delete target/tools/bench-venv/ and run again",
     )
 }
 
-/// `target/tools/bench-python`, a pip `--target` dir with matplotlib, installed on first use.
-/// A target dir instead of a venv: Debian 12 needs the extra python3-venv package for venvs,
-/// and pip's PEP 668 guard does not apply to `--target`.
-fn plot_packages(ws: &Workspace) -> Result<PathBuf> {
-    let site = ws.tools().join("bench-python");
-    let import = || {
-        command::succeeds(
-            Command::new("python3")
-                .args(["-c", "import matplotlib"])
-                .env("PYTHONPATH", &site),
-        )
-    };
+/// The python of `target/tools/bench-venv/`, a venv with matplotlib, created on first use
+/// (its own venv, so the plotting packages never mix with the test tools).
+fn plot_python(ws: &Workspace) -> Result<PathBuf> {
+    let venv = ws.tools().join("bench-venv");
+    let python = venv.join("bin").join("python");
+    let import = || command::succeeds(Command::new(&python).args(["-c", "import matplotlib"]));
     if import() {
-        status(format!("bench: matplotlib: present in {}", site.display()));
-        return Ok(site);
+        status(format!("bench: matplotlib: present in {}", venv.display()));
+        return Ok(python);
     }
-    status(format!("bench: matplotlib: pip install {MATPLOTLIB} into {}", site.display()));
-    let _ = std::fs::remove_dir_all(&site);
-    std::fs::create_dir_all(&site).with_context(|| format!("creating {}", site.display()))?;
+    status(format!(
+        "bench: matplotlib: venv + pip install {MATPLOTLIB} into {}",
+        venv.display()
+    ));
+    std::fs::create_dir_all(ws.tools()).with_context(|| format!("creating {}", ws.tools().display()))?;
+    command::run(
+        "bench: plot venv",
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .stdin(std::process::Stdio::null()),
+        "install Debian's python3-venv (`cargo xtask setup` does it as root)",
+    )?;
     command::run(
         "bench: install matplotlib",
-        Command::new("python3")
+        Command::new(&python)
             .args(["-m", "pip", "install", "--no-input", "--progress-bar", "off"])
-            .args(["--disable-pip-version-check", "--only-binary=:all:", "--target"])
-            .arg(&site)
-            .arg(MATPLOTLIB)
+            .args(["--disable-pip-version-check", "--only-binary=:all:", MATPLOTLIB])
             .stdin(std::process::Stdio::null()),
-        "check that pypi.org is reachable and python3 -m pip works (`cargo xtask setup` installs python3-pip)",
+        "check that pypi.org is reachable",
     )?;
     if !import() {
-        bail!("bench: matplotlib installed into {} but cannot be imported", site.display());
+        bail!(
+            "bench: matplotlib installed into {} but cannot be imported",
+            venv.display()
+        );
     }
-    Ok(site)
+    Ok(python)
 }

@@ -12,18 +12,14 @@ mod workspace;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::command::status;
 use crate::workspace::Workspace;
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    bin_name = "cargo xtask",
-    about = "Weir's developer tasks"
-)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Weir's developer tasks")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -105,8 +101,8 @@ fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
         ws.helm().display(),
         etcd.display(),
     ));
-    command::run(
-        "test: cargo test --workspace",
+    let mut tally = Tally::default();
+    let ok = tally.run(
         ws.cargo()
             .args(["test", "--workspace"])
             .args(cargo_test_args)
@@ -115,18 +111,68 @@ fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
             .env("WEIR_HELM", ws.helm())
             .env("WEIR_PYTHON", ws.python())
             .env("WEIR_ETCD", &etcd),
-        "see the failing tests above",
     )?;
+    if !ok {
+        tally.print();
+        bail!("test: cargo test --workspace failed: see the failing tests above");
+    }
     status("test: all passed");
+    tally.print();
     Ok(())
 }
 
-fn up(
-    ws: &Workspace,
-    data_dir: &std::path::Path,
-    secure_port: u16,
-    weir_args: &[String],
-) -> Result<()> {
+/// Test counts summed over every test binary, printed as one closing line
+/// (`summary: N passed, N failed, N skipped`) so the whole run reads as one result, not as its
+/// last binary's (often the doc-tests, with nothing in them).
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    /// Run a libtest command, echoing its output and counting its `test result:` lines.
+    /// Returns whether the command succeeded.
+    fn run(&mut self, cmd: &mut std::process::Command) -> Result<bool> {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("test: starting cargo test")?;
+        let stdout = child.stdout.take().context("test: cargo test stdout")?;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.context("test: reading cargo test output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim()
+                                .trim_start_matches("ok. ")
+                                .trim_start_matches("FAILED. ")
+                                .strip_suffix(word)
+                        })
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                self.passed += count(" passed");
+                self.failed += count(" failed");
+                self.ignored += count(" ignored");
+            }
+        }
+        Ok(child.wait().context("test: waiting for cargo test")?.success())
+    }
+
+    fn print(&self) {
+        println!(
+            "summary: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        );
+    }
+}
+
+fn up(ws: &Workspace, data_dir: &std::path::Path, secure_port: u16, weir_args: &[String]) -> Result<()> {
     status("up: building weir in release mode (cargo build --release -p weir)");
     command::run(
         "up: build weir",

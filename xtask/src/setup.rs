@@ -102,18 +102,11 @@ fn debian_packages() -> Result<()> {
         .collect();
     let all: Vec<&str> = DEBIAN_PACKAGES.iter().map(|p| p.name).collect();
     if missing.is_empty() {
-        status(format!(
-            "setup: debian packages: present ({})",
-            all.join(" ")
-        ));
+        status(format!("setup: debian packages: present ({})", all.join(" ")));
         return Ok(());
     }
-    status(format!(
-        "setup: debian packages: installing {}",
-        missing.join(" ")
-    ));
-    let fix =
-        "run as root (or with passwordless sudo) on Debian 12 with the Debian mirrors reachable";
+    status(format!("setup: debian packages: installing {}", missing.join(" ")));
+    let fix = "run as root (or with passwordless sudo) on Debian 12 with the Debian mirrors reachable";
     let apt = |args: &[&str]| -> Result<()> {
         let mut cmd = if is_root() {
             Command::new("apt-get")
@@ -195,23 +188,40 @@ fn python_client(ws: &Workspace) -> Result<()> {
         status("setup: python kubernetes client: present");
         return Ok(());
     }
-    status(format!("setup: python kubernetes client: venv + pip install {PYTHON_CLIENT}"));
+    status(format!(
+        "setup: python kubernetes client: venv + pip install {PYTHON_CLIENT}"
+    ));
     let venv = ws.tools().join("python");
     command::run(
         "setup: python venv",
-        Command::new("python3").arg("-m").arg("venv").arg(&venv).stdin(std::process::Stdio::null()),
+        Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .stdin(std::process::Stdio::null()),
         "install Debian's python3-venv (cargo xtask setup does it as root)",
     )?;
     command::run(
         "setup: python kubernetes client",
         Command::new(&python)
-            .args(["-m", "pip", "install", "--no-input", "--progress-bar", "off", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--no-input",
+                "--progress-bar",
+                "off",
+                "--disable-pip-version-check",
+            ])
             .arg(PYTHON_CLIENT)
             .stdin(std::process::Stdio::null()),
         "check that pypi.org is reachable and python3 -m pip works",
     )?;
     if !import_ok() {
-        bail!("setup: python kubernetes client: installed but `{} -c 'import kubernetes'` still fails", python.display());
+        bail!(
+            "setup: python kubernetes client: installed but `{} -c 'import kubernetes'` still fails",
+            python.display()
+        );
     }
     status("setup: python kubernetes client: installed");
     Ok(())

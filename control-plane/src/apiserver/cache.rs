@@ -13,7 +13,7 @@ use tokio::sync::{RwLock, broadcast, watch};
 use crate::store::{EventKind, Revision, Store, StoreError};
 
 /// How many recent events a watch can resume from.
-const HISTORY: usize = 50_000;
+const HISTORY: usize = 10_000;
 const ROOT: &str = "/registry/";
 
 /// A cached object and its JSON encoding (resourceVersion included), made once per write so

@@ -592,6 +592,18 @@ impl ApiServer {
         }
     }
 
+    /// An object in storage form with its mod revision, from the watch cache or the store.
+    async fn read(&self, key: &str, from_cache: bool) -> Result<Option<(Value, Revision)>> {
+        if from_cache && let Some(obj) = self.cache.get(key).await {
+            let rev = rv_of(&obj).parse().unwrap_or(0);
+            return Ok(Some((obj.value.clone(), rev)));
+        }
+        match self.store.get(key).await? {
+            Some(kv) => Ok(Some((decode_kv(&kv)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
     async fn check_namespace(&self, t: &Target) -> Result<()> {
         let Some(ns) = t.namespace.as_deref() else {
             return Ok(());
@@ -599,10 +611,11 @@ impl ApiServer {
         let key = resources::find("", "v1", "namespaces")
             .expect("namespaces exist")
             .key(None, ns);
-        match self.store.get(&key).await? {
+        // The watch cache answers (as Kubernetes' informer does); a miss asks the store, so a
+        // namespace created a moment ago is never reported missing.
+        match self.read(&key, true).await? {
             None => Err(ApiError::not_found("", "namespaces", ns)),
-            Some(kv) => {
-                let obj = decode_kv(&kv)?;
+            Some((obj, _)) => {
                 if obj.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
                     let mut e = ApiError::new(
                         StatusCode::FORBIDDEN,
@@ -949,18 +962,26 @@ impl ApiServer {
         let key = r.key(t.namespace.as_deref(), name);
         let dry_run = req.query.get("dryRun").is_some_and(|d| d == "All");
         let manager = field_manager(req);
+        // The first attempt reads the watch cache; the compare-and-swap catches a stale read, and
+        // every retry (or a precondition that the cache cannot confirm) reads the store.
+        let mut from_cache = true;
         for _ in 0..64 {
-            let kv = self
-                .store
-                .get(&key)
+            let (stored, mod_revision) = self
+                .read(&key, from_cache)
                 .await?
                 .ok_or_else(|| ApiError::not_found(r.group, r.plural, name))?;
             if let Some(p) = precondition.filter(|p| !p.is_empty())
-                && p != kv.mod_revision.to_string()
+                && p != mod_revision.to_string()
             {
+                if from_cache {
+                    from_cache = false;
+                    continue;
+                }
                 return Err(ApiError::conflict(r.group, r.plural, name));
             }
-            let current = convert::from_storage(r, decode_kv(&kv)?);
+            let used_cache = std::mem::replace(&mut from_cache, false);
+            let kv_revision = mod_revision;
+            let current = convert::from_storage(r, stored);
             let mut new = mutate(&current)?;
             if !new.is_object() {
                 return Err(ApiError::bad_request("the patched object is not a JSON object"));
@@ -996,10 +1017,14 @@ impl ApiServer {
             strip_rv(&mut cur_cmp);
             strip_rv(&mut new);
             if new == cur_cmp && !finalizers_done {
+                if used_cache {
+                    // "Nothing to change" must hold against the store, not a cache that may lag.
+                    continue;
+                }
                 return Ok(current);
             }
             if dry_run {
-                set_resource_version(&mut new, kv.mod_revision);
+                set_resource_version(&mut new, kv_revision);
                 return Ok(new);
             }
             let claims = if r.kind == "Service" && r.group.is_empty() {
@@ -1008,7 +1033,7 @@ impl ApiServer {
                 None
             };
             if finalizers_done {
-                return match self.store.delete(&key, Some(kv.mod_revision)).await {
+                return match self.store.delete(&key, Some(kv_revision)).await {
                     Ok((rev, _)) => {
                         if r.kind == "Service" {
                             self.allocator.release_unused(&current, None, &key).await;
@@ -1026,7 +1051,7 @@ impl ApiServer {
                 .update(
                     &key,
                     serde_json::to_vec(&convert::to_storage(r, new.clone())).unwrap_or_default(),
-                    kv.mod_revision,
+                    kv_revision,
                 )
                 .await
             {
