@@ -305,16 +305,25 @@ async fn execute(client: &Client, action: GcAction, confirmed: &Confirmed) -> Re
     }
 }
 
+/// The objects `plan` needs: those with owners, those being deleted, and those others name as
+/// their owner. Everything else can neither act nor be acted upon, so it is left out.
 fn snapshot(stores: &[(usize, Store<DynamicObject>)]) -> Vec<GraphNode> {
-    stores
+    let all: Vec<(usize, Arc<DynamicObject>)> = stores
         .iter()
-        .flat_map(|(i, store)| {
-            store
-                .state()
-                .into_iter()
-                .filter_map(|o| node_of(*i, &o))
-                .collect::<Vec<_>>()
+        .flat_map(|(i, store)| store.state().into_iter().map(move |o| (*i, o)))
+        .collect();
+    let referenced: HashSet<&str> = all
+        .iter()
+        .flat_map(|(_, o)| o.metadata.owner_references.iter().flatten())
+        .map(|r| r.uid.as_str())
+        .collect();
+    all.iter()
+        .filter(|(_, o)| {
+            o.metadata.owner_references.as_ref().is_some_and(|r| !r.is_empty())
+                || o.metadata.deletion_timestamp.is_some()
+                || o.metadata.uid.as_deref().is_some_and(|u| referenced.contains(u))
         })
+        .filter_map(|(i, o)| node_of(*i, o))
         .collect()
 }
 
