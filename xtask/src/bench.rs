@@ -23,7 +23,7 @@ const MATPLOTLIB: &str = "matplotlib==3.10.8";
 
 /// Draws `<area>.json`'s `metrics` rows (one panel each; a bar per store; the target as a
 /// dashed line) into a PNG. matplotlib ships its own DejaVu fonts, so no system fonts needed.
-const PLOT: &str = r#"
+const PLOT: &str = r##"
 import json, math, sys
 import matplotlib
 matplotlib.use("Agg")
@@ -64,7 +64,7 @@ fig.suptitle(f"Weir API server benchmark ({report.get('cpus', '?')} CPUs, HTTPS 
              f"{p.get('concurrency', '?')} requests in flight)", fontsize=11)
 fig.tight_layout()
 fig.savefig(dest, dpi=110)
-"#;
+"##;
 
 pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
     match area {
