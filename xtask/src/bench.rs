@@ -163,7 +163,10 @@ fn plot_packages(ws: &Workspace) -> Result<PathBuf> {
         status(format!("bench: matplotlib: present in {}", site.display()));
         return Ok(site);
     }
-    status(format!("bench: matplotlib: pip install {MATPLOTLIB} into {}", site.display()));
+    status(format!(
+        "bench: matplotlib: pip install {MATPLOTLIB} into {}",
+        site.display()
+    ));
     let _ = std::fs::remove_dir_all(&site);
     std::fs::create_dir_all(&site).with_context(|| format!("creating {}", site.display()))?;
     command::run(
@@ -177,7 +180,10 @@ fn plot_packages(ws: &Workspace) -> Result<PathBuf> {
         "check that pypi.org is reachable and python3 -m pip works (`cargo xtask setup` installs python3-pip)",
     )?;
     if !import() {
-        bail!("bench: matplotlib installed into {} but cannot be imported", site.display());
+        bail!(
+            "bench: matplotlib installed into {} but cannot be imported",
+            site.display()
+        );
     }
     Ok(site)
 }

@@ -52,11 +52,7 @@ pub fn succeeds(cmd: &mut Command) -> bool {
 
 /// The stdout of a probe that may fail; `None` when it does not run or exits non-zero.
 pub fn probe_output(cmd: &mut Command) -> Option<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
+    let out = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())

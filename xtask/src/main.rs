@@ -12,18 +12,14 @@ mod workspace;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::command::status;
 use crate::workspace::Workspace;
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    bin_name = "cargo xtask",
-    about = "Weir's developer tasks"
-)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Weir's developer tasks")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -31,11 +27,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, kubectl and helm (into target/tools/),
-    /// the Python Kubernetes client.
+    /// Install what is missing: Debian packages, the eBPF toolchain (rust-src for nightly,
+    /// LLVM 22, bpf-linker), kubectl and helm (into target/tools/), the Python Kubernetes client.
     Setup,
+    /// Build the eBPF programs alone (nightly, bpfel-unknown-none) into
+    /// target/ebpf/bpfel-unknown-none/release/weir-ebpf. The agent's build.rs does the same.
+    BuildEbpf,
     /// Setup, build the weir binary, then `cargo test --workspace` with the tool paths in
-    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD.
+    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD, then the privileged datapath tests
+    /// (as root, one at a time).
     Test {
         /// Extra arguments for `cargo test --workspace`, after `--`.
         #[arg(last = true)]
@@ -73,6 +73,7 @@ fn main() -> Result<()> {
     let ws = Workspace::locate()?;
     match cli.task {
         Task::Setup => setup::run(&ws),
+        Task::BuildEbpf => build_ebpf(&ws),
         Task::Test { cargo_test_args } => test(&ws, &cargo_test_args),
         Task::Up {
             data_dir,
@@ -105,7 +106,7 @@ fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
         ws.helm().display(),
         etcd.display(),
     ));
-    command::run(
+    let workspace = command::run(
         "test: cargo test --workspace",
         ws.cargo()
             .args(["test", "--workspace"])
@@ -116,17 +117,61 @@ fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
             .env("WEIR_PYTHON", ws.python())
             .env("WEIR_ETCD", &etcd),
         "see the failing tests above",
+    );
+    let privileged = privileged_tests(ws);
+    match (workspace, privileged) {
+        (Ok(()), Ok(())) => {
+            status("test: all passed");
+            Ok(())
+        }
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(workspace), Err(privileged)) => bail!("{workspace:#}\nand {privileged:#}"),
+    }
+}
+
+/// Tests that load eBPF programs and make cgroups: root only, one at a time (they share
+/// kernel state), marked `#[ignore]` so the workspace run above leaves them out.
+fn privileged_tests(ws: &Workspace) -> Result<()> {
+    if !setup::is_root() {
+        status("test: privileged datapath tests: SKIPPED (not root; run `cargo xtask test` as root)");
+        return Ok(());
+    }
+    status("test: privileged datapath tests (cargo test -p weir-agent --test datapath -- --ignored --test-threads=1)");
+    command::run(
+        "test: privileged datapath tests",
+        ws.cargo()
+            .args(["test", "-p", "weir-agent", "--test", "datapath", "--"])
+            .args(["--ignored", "--test-threads=1"]),
+        "see the failing tests above",
+    )
+}
+
+fn build_ebpf(ws: &Workspace) -> Result<()> {
+    let target_dir = ws.target.join("ebpf");
+    status(format!(
+        "build-ebpf: cargo +{} build --release --target bpfel-unknown-none -Z build-std=core (in ebpf/)",
+        setup::EBPF_TOOLCHAIN
+    ));
+    // The same flags aya-build passes from agent/build.rs, so both objects are alike.
+    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    command::run(
+        "build-ebpf",
+        std::process::Command::new("rustup")
+            .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "build", "--release"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
+            .arg(&target_dir)
+            .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .current_dir(ws.root.join("ebpf")),
+        "run `cargo xtask setup` (nightly rust-src and bpf-linker) and fix the errors above",
     )?;
-    status("test: all passed");
+    let object = target_dir.join("bpfel-unknown-none/release/weir-ebpf");
+    status(format!("build-ebpf: {}", object.display()));
     Ok(())
 }
 
-fn up(
-    ws: &Workspace,
-    data_dir: &std::path::Path,
-    secure_port: u16,
-    weir_args: &[String],
-) -> Result<()> {
+fn up(ws: &Workspace, data_dir: &std::path::Path, secure_port: u16, weir_args: &[String]) -> Result<()> {
     status("up: building weir in release mode (cargo build --release -p weir)");
     command::run(
         "up: build weir",

@@ -13,8 +13,7 @@ use crate::workspace::Workspace;
 
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
-const SCHEMA_MEMBER: &str =
-    "kubernetes_validate/kubernetes-json-schema/v1.37.0-local/_definitions.json";
+const SCHEMA_MEMBER: &str = "kubernetes_validate/kubernetes-json-schema/v1.37.0-local/_definitions.json";
 const SOURCE_REF_PREFIX: &str = "#/$defs/";
 const REF_PREFIX: &str = "#/definitions/";
 const OUTPUT: &str = "control-plane/openapi/definitions.json";
@@ -74,8 +73,7 @@ pub fn generate(ws: &Workspace) -> Result<()> {
         "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))",
         &[wheel.as_path(), std::path::Path::new(SCHEMA_MEMBER)],
     )?;
-    let source: Value =
-        serde_json::from_str(&raw).context("gen-openapi: parsing _definitions.json")?;
+    let source: Value = serde_json::from_str(&raw).context("gen-openapi: parsing _definitions.json")?;
     let source = source
         .get("$defs")
         .and_then(Value::as_object)
@@ -117,13 +115,8 @@ fn definitions(source: &Map<String, Value>) -> Result<Value> {
     }
     for (name, schema) in &done {
         let text = schema.to_string();
-        if ["\"oneOf\"", "\"anyOf\"", "\"allOf\""]
-            .iter()
-            .any(|k| text.contains(k))
-        {
-            status(format!(
-                "gen-openapi: note: {name} keeps a oneOf/anyOf/allOf"
-            ));
+        if ["\"oneOf\"", "\"anyOf\"", "\"allOf\""].iter().any(|k| text.contains(k)) {
+            status(format!("gen-openapi: note: {name} keeps a oneOf/anyOf/allOf"));
         }
     }
     Ok(sorted(Value::Object(done)))
@@ -135,9 +128,7 @@ fn roots(source: &Map<String, Value>) -> Result<Vec<String>> {
         for kind in *kinds {
             let name = format!("{prefix}.{kind}");
             if !source.contains_key(&name) {
-                bail!(
-                    "gen-openapi: {name} is not in {KUBERNETES_VALIDATE} {KUBERNETES_VALIDATE_VERSION}"
-                );
+                bail!("gen-openapi: {name} is not in {KUBERNETES_VALIDATE} {KUBERNETES_VALIDATE_VERSION}");
             }
             let list = format!("{name}List");
             if source.contains_key(&list) {
@@ -151,9 +142,7 @@ fn roots(source: &Map<String, Value>) -> Result<Vec<String>> {
         if source.contains_key(&name) {
             roots.push(name);
         } else {
-            status(format!(
-                "gen-openapi: note: {name} is not in the source; skipped"
-            ));
+            status(format!("gen-openapi: note: {name} is not in the source; skipped"));
         }
     }
     Ok(roots)
@@ -199,9 +188,7 @@ fn convert(schema: &Value) -> Result<Value> {
             }
             "items" | "additionalProperties" | "not" => convert(value)?,
             "oneOf" | "anyOf" | "allOf" => match value {
-                Value::Array(branches) => {
-                    Value::Array(branches.iter().map(convert).collect::<Result<_>>()?)
-                }
+                Value::Array(branches) => Value::Array(branches.iter().map(convert).collect::<Result<_>>()?),
                 _ => value.clone(),
             },
             _ => value.clone(),
@@ -306,8 +293,7 @@ mod tests {
 
     #[test]
     fn refs_point_at_definitions() {
-        let out =
-            convert(&json!({"items": {"$ref": "#/$defs/io.k8s.api.core.v1.Container"}})).unwrap();
+        let out = convert(&json!({"items": {"$ref": "#/$defs/io.k8s.api.core.v1.Container"}})).unwrap();
         assert_eq!(
             out["items"]["$ref"],
             json!("#/definitions/io.k8s.api.core.v1.Container")
@@ -324,10 +310,7 @@ mod tests {
         .unwrap();
         assert_eq!(out["properties"]["apiVersion"], json!({"type": "string"}));
         assert_eq!(out["properties"]["kind"], json!({"type": "string"}));
-        assert_eq!(
-            out["properties"]["phase"]["enum"],
-            json!(["Pending", "Running"])
-        );
+        assert_eq!(out["properties"]["phase"]["enum"], json!(["Pending", "Running"]));
     }
 
     #[test]
@@ -370,10 +353,7 @@ mod tests {
             "io.k8s.api.core.v1.Pod".into(),
             json!({"properties": {"spec": {"$ref": "#/$defs/io.k8s.api.core.v1.PodSpec"}}}),
         );
-        source.insert(
-            "io.k8s.api.core.v1.PodSpec".into(),
-            json!({"type": "object"}),
-        );
+        source.insert("io.k8s.api.core.v1.PodSpec".into(), json!({"type": "object"}));
         source.insert("io.k8s.api.batch.v1.Job".into(), json!({"type": "object"}));
         let out = definitions(&source).unwrap();
         assert!(out.get("io.k8s.api.core.v1.PodSpec").is_some());

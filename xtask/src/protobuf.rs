@@ -40,8 +40,7 @@ const EXTRA_ROOTS: &[&str] = &[
 pub fn generate(ws: &Workspace) -> Result<()> {
     let src = fetch_source(ws)?;
     let defs_path = ws.root.join(DEFINITIONS);
-    let defs_text =
-        std::fs::read_to_string(&defs_path).with_context(|| format!("reading {}", defs_path.display()))?;
+    let defs_text = std::fs::read_to_string(&defs_path).with_context(|| format!("reading {}", defs_path.display()))?;
     let defs: Value = serde_json::from_str(&defs_text).with_context(|| format!("parsing {DEFINITIONS}"))?;
     let defs = defs
         .as_object()
@@ -54,8 +53,8 @@ pub fn generate(ws: &Workspace) -> Result<()> {
     let mut messages = BTreeMap::new();
     for (path, module) in &files {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        for message in parse_module(&text, module, &names)
-            .with_context(|| format!("gen-protobuf: parsing {}", path.display()))?
+        for message in
+            parse_module(&text, module, &names).with_context(|| format!("gen-protobuf: parsing {}", path.display()))?
         {
             messages.insert(message.name.clone(), message);
         }
@@ -72,7 +71,10 @@ pub fn generate(ws: &Workspace) -> Result<()> {
     text.push('\n');
     let path = ws.root.join(OUTPUT);
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-    status(format!("gen-protobuf: wrote {OUTPUT}: {count} messages, {} bytes", text.len()));
+    status(format!(
+        "gen-protobuf: wrote {OUTPUT}: {count} messages, {} bytes",
+        text.len()
+    ));
     Ok(())
 }
 
@@ -83,7 +85,10 @@ fn fetch_source(ws: &Workspace) -> Result<PathBuf> {
     let dir = tools.join(format!("{K8S_PB}-{K8S_PB_VERSION}"));
     let src = dir.join("src");
     if src.is_dir() {
-        status(format!("gen-protobuf: {K8S_PB} {K8S_PB_VERSION}: cached at {}", dir.display()));
+        status(format!(
+            "gen-protobuf: {K8S_PB} {K8S_PB_VERSION}: cached at {}",
+            dir.display()
+        ));
         return Ok(src);
     }
     std::fs::create_dir_all(&tools).with_context(|| format!("creating {}", tools.display()))?;
@@ -311,7 +316,11 @@ fn parse_field(attr: &str, declaration: &str, module: &[String], names: &Definit
             b if b.starts_with("bytes") => "bytes",
             other => bail!("unsupported field kind {other}"),
         };
-        let type_name = if kind == "message" { message_type()? } else { String::new() };
+        let type_name = if kind == "message" {
+            message_type()?
+        } else {
+            String::new()
+        };
         (kind, type_name)
     };
     Ok(Field {
@@ -330,7 +339,11 @@ fn innermost_type(ty: &str) -> Option<&str> {
         let Some(open) = ty.find('<') else {
             return Some(ty.trim());
         };
-        let inner = ty[open + 1..].trim_end().strip_suffix('>')?.trim().trim_end_matches(',');
+        let inner = ty[open + 1..]
+            .trim_end()
+            .strip_suffix('>')?
+            .trim()
+            .trim_end_matches(',');
         ty = if ty[..open].ends_with("Map") {
             // Split `K, V` at the top-level comma.
             let mut depth = 0;
@@ -417,10 +430,14 @@ fn table(messages: &BTreeMap<String, Message>, defs: &Map<String, Value>) -> Res
                     guessed.push(format!("{name}.{json_name}"));
                 }
             }
-            let refers = field.kind == "message" || (field.kind == "map" && !matches!(field.type_name.as_str(), "string" | "bytes"));
+            let refers = field.kind == "message"
+                || (field.kind == "map" && !matches!(field.type_name.as_str(), "string" | "bytes"));
             if refers {
                 if !messages.contains_key(&field.type_name) {
-                    bail!("gen-protobuf: {name}.{json_name} refers to unknown message {}", field.type_name);
+                    bail!(
+                        "gen-protobuf: {name}.{json_name} refers to unknown message {}",
+                        field.type_name
+                    );
                 }
                 queue.push_back(field.type_name.clone());
             }
@@ -503,7 +520,10 @@ mod tests {
             "io.k8s.api.core.v1.HTTPGetAction"
         );
         assert_eq!(
-            names.name(&module("apiextensions_apiserver/pkg/apis/apiextensions/v1"), "JsonSchemaProps"),
+            names.name(
+                &module("apiextensions_apiserver/pkg/apis/apiextensions/v1"),
+                "JsonSchemaProps"
+            ),
             "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.JsonSchemaProps"
         );
     }
@@ -541,7 +561,10 @@ impl crate::Resource for Pod {
         assert_eq!(f.len(), 6);
         assert_eq!(f[0].kind, "message");
         assert_eq!(f[0].type_name, "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta");
-        assert_eq!((f[1].type_name.as_str(), f[1].repeated), ("io.k8s.api.core.v1.Container", true));
+        assert_eq!(
+            (f[1].type_name.as_str(), f[1].repeated),
+            ("io.k8s.api.core.v1.Container", true)
+        );
         assert_eq!((f[2].rust_name.as_str(), f[2].kind), ("type", "string"));
         assert_eq!(
             (f[3].kind, f[3].type_name.as_str()),

@@ -14,10 +14,7 @@ use crate::workspace::Workspace;
 pub fn fetch(ws: &Workspace, dist: &str, version: &str) -> Result<PathBuf> {
     let dir = ws.tools().join("wheels");
     if let Some(cached) = cached(&dir, dist, version) {
-        status(format!(
-            "wheel {dist}=={version}: cached at {}",
-            cached.display()
-        ));
+        status(format!("wheel {dist}=={version}: cached at {}", cached.display()));
         return Ok(cached);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -29,12 +26,7 @@ pub fn fetch(ws: &Workspace, dist: &str, version: &str) -> Result<PathBuf> {
         &format!("download {dist}=={version}"),
         Command::new("python3")
             .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-            .args([
-                "--no-input",
-                "--progress-bar",
-                "off",
-                "--disable-pip-version-check",
-            ])
+            .args(["--no-input", "--progress-bar", "off", "--disable-pip-version-check"])
             .arg("-d")
             .arg(&dir)
             .arg(format!("{dist}=={version}")),
@@ -61,14 +53,11 @@ pub fn python(step: &str, script: &str, args: &[&Path]) -> Result<String> {
 fn cached(dir: &Path, dist: &str, version: &str) -> Option<PathBuf> {
     let prefix = format!("{}-{version}-", normalise(dist));
     let entries = std::fs::read_dir(dir).ok()?;
-    entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.to_ascii_lowercase().starts_with(&prefix) && n.ends_with(".whl"))
-        })
+    entries.filter_map(|e| e.ok()).map(|e| e.path()).find(|path| {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.to_ascii_lowercase().starts_with(&prefix) && n.ends_with(".whl"))
+    })
 }
 
 fn normalise(name: &str) -> String {

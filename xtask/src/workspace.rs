@@ -28,8 +28,7 @@ impl Workspace {
                 .current_dir(&root),
             "check that `cargo metadata` works in the workspace",
         )?;
-        let metadata: serde_json::Value =
-            serde_json::from_str(&metadata).context("parsing `cargo metadata` output")?;
+        let metadata: serde_json::Value = serde_json::from_str(&metadata).context("parsing `cargo metadata` output")?;
         let target = metadata["target_directory"]
             .as_str()
             .map(PathBuf::from)
