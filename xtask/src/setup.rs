@@ -99,6 +99,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub fn run(ws: &Workspace) -> Result<()> {
     debian_packages()?;
     ebpf_toolchain()?;
+    bpffs()?;
     kubectl_and_helm(ws)?;
     python_client(ws)?;
     status("setup: done");
@@ -209,6 +210,35 @@ fn ebpf_toolchain() -> Result<()> {
     status(format!("setup: {version}: installed"));
     Ok(())
 }
+
+/// The datapath pins its maps and links on the BPF filesystem; some hosts boot without it.
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("setup: bpffs: reading /proc/self/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&BPFFS) && fields.get(2) == Some(&"bpf")
+    });
+    if mounted {
+        status(format!("setup: bpffs at {BPFFS}: mounted"));
+        return Ok(());
+    }
+    if !is_root() {
+        status(format!(
+            "setup: bpffs at {BPFFS}: not mounted and not root; the privileged datapath tests will be skipped"
+        ));
+        return Ok(());
+    }
+    status(format!("setup: bpffs at {BPFFS}: mount -t bpf bpf {BPFFS}"));
+    command::run(
+        "setup: bpffs",
+        Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]),
+        "the kernel needs CONFIG_BPF_SYSCALL; in a container, run it privileged",
+    )?;
+    status(format!("setup: bpffs at {BPFFS}: mounted"));
+    Ok(())
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
 
 /// `bpf-linker 0.13.0` when it is on PATH and runs (it loads libLLVM, so running it is the test).
 fn bpf_linker_version() -> Option<String> {
