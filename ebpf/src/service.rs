@@ -43,7 +43,7 @@ fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
         scope: SCOPE_EXTERNAL,
         pad: [0; 2],
     };
-    let Some(frontend) = SERVICES4.get_ptr(&key) else {
+    let Some(frontend) = SERVICES4.get_ptr(key) else {
         return Selection::NotAService;
     };
     // SAFETY: a map value pointer from a successful lookup; copied out at once.
@@ -55,12 +55,12 @@ fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
     key.slot = (random % count) as u16 + 1;
-    let Some(slot) = SERVICES4.get_ptr(&key) else {
+    let Some(slot) = SERVICES4.get_ptr(key) else {
         return Selection::NoBackend;
     };
     // SAFETY: as above.
     let backend_id = unsafe { (*slot).backend_id };
-    let Some(backend) = BACKENDS4.get_ptr(&backend_id) else {
+    let Some(backend) = BACKENDS4.get_ptr(backend_id) else {
         return Selection::NoBackend;
     };
     Selection::Backend {
@@ -109,7 +109,7 @@ pub fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     // UDP replies cannot be recognised without this entry; a TCP socket only loses the
     // service address in getpeername, which is no reason to fail its connect.
-    if SOCK_REV_NAT4.insert(&key, &value, 0).is_err() && proto == PROTO_UDP {
+    if SOCK_REV_NAT4.insert(key, value, 0).is_err() && proto == PROTO_UDP {
         return Err(ENOMEM);
     }
 
@@ -135,17 +135,17 @@ pub fn translate_reverse(ctx: &SockAddrContext) {
             pad: [0; 2],
         }
     };
-    let Some(entry) = SOCK_REV_NAT4.get_ptr(&key) else {
+    let Some(entry) = SOCK_REV_NAT4.get_ptr(key) else {
         return;
     };
     // SAFETY: a map value pointer from a successful lookup; copied out at once.
     let entry = unsafe { *entry };
-    let current = REV_NAT4.get_ptr(&entry.rev_nat_id);
+    let current = REV_NAT4.get_ptr(entry.rev_nat_id);
     // SAFETY: as above.
     let still_valid =
         current.is_some_and(|rev| unsafe { (*rev).address == entry.address && (*rev).port == entry.port });
     if !still_valid {
-        let _ = SOCK_REV_NAT4.remove(&key);
+        let _ = SOCK_REV_NAT4.remove(key);
         return;
     }
     // SAFETY: these fields are writable in recvmsg4 and getpeername4.

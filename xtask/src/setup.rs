@@ -163,8 +163,36 @@ fn debian_packages() -> Result<()> {
 
 /// nightly with rust-src (`-Z build-std=core` for bpfel-unknown-none) and bpf-linker on PATH.
 fn ebpf_toolchain() -> Result<()> {
-    let rustup_fix = "install rustup and the nightly toolchain (`rustup toolchain install nightly`); \
-                      RUSTUP_AUTO_INSTALL=0 means nothing installs itself";
+    let rustup_fix =
+        "install rustup with a stable toolchain; RUSTUP_AUTO_INSTALL=0 here, so xtask installs nightly itself";
+    let toolchains = command::output(
+        "setup: rust toolchains",
+        Command::new("rustup").args(["toolchain", "list"]),
+        rustup_fix,
+    )?;
+    if !toolchains
+        .lines()
+        .any(|line| line.starts_with(&format!("{EBPF_TOOLCHAIN}-")))
+    {
+        status(format!(
+            "setup: {EBPF_TOOLCHAIN} toolchain: rustup toolchain install {EBPF_TOOLCHAIN} --profile minimal"
+        ));
+        command::run(
+            "setup: nightly toolchain",
+            Command::new("rustup")
+                .args([
+                    "toolchain",
+                    "install",
+                    EBPF_TOOLCHAIN,
+                    "--profile",
+                    "minimal",
+                    "--component",
+                    "rust-src",
+                ])
+                .stdin(std::process::Stdio::null()),
+            rustup_fix,
+        )?;
+    }
     let installed = command::output(
         "setup: rust-src",
         Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]),

@@ -120,8 +120,10 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Attaches the socket-LB programs to `config.cgroup_path` and pins programs' links and
-    /// maps, or, when this version's pins exist, reopens them (the datapath outlives the agent).
+    /// Attaches the socket-LB programs to `config.cgroup_path` and pins their links and the
+    /// maps, or, when this version's pins exist, reopens them (the datapath outlives the
+    /// agent). Pinned links are reused as they are, wherever they were attached: to move
+    /// the datapath to another cgroup, [`Datapath::uninstall`] first.
     pub fn load(config: &Config) -> Result<Datapath, Error> {
         preflight(config)?;
         let pin_dir = config.pin_dir();
