@@ -475,6 +475,7 @@ pub async fn create_namespace(client: &reqwest::Client, server: &TestServer, nam
 pub struct WatchEvents {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    keep_bookmarks: bool,
 }
 
 impl WatchEvents {
@@ -482,10 +483,18 @@ impl WatchEvents {
         WatchEvents {
             response,
             buffer: Vec::new(),
+            keep_bookmarks: false,
         }
     }
 
-    /// The next event (`{"type": .., "object": ..}`), skipping BOOKMARKs; an error when the
+    /// Also return BOOKMARK events from `next`.
+    pub fn with_bookmarks(mut self) -> WatchEvents {
+        self.keep_bookmarks = true;
+        self
+    }
+
+    /// The next event (`{"type": .., "object": ..}`), skipping BOOKMARKs unless `with_bookmarks`;
+    /// an error when the
     /// stream ends or nothing arrives within `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Result<serde_json::Value> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -498,7 +507,7 @@ impl WatchEvents {
                 }
                 let event: serde_json::Value =
                     serde_json::from_str(&line).with_context(|| format!("watch event is not JSON: {line}"))?;
-                if event["type"] != "BOOKMARK" {
+                if self.keep_bookmarks || event["type"] != "BOOKMARK" {
                     return Ok(event);
                 }
             }

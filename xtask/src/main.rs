@@ -27,11 +27,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, kubectl and helm (into target/tools/),
-    /// the Python Kubernetes client.
+    /// Install what is missing: Debian packages, the eBPF toolchain (rust-src for nightly,
+    /// LLVM 22, bpf-linker), kubectl and helm (into target/tools/), the Python Kubernetes client.
     Setup,
+    /// Build the eBPF programs alone (nightly, bpfel-unknown-none) into
+    /// target/ebpf/bpfel-unknown-none/release/weir-ebpf. The agent's build.rs does the same.
+    BuildEbpf,
     /// Setup, build the weir binary, then `cargo test --workspace` with the tool paths in
-    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD.
+    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD, then the privileged datapath tests
+    /// (as root, one at a time).
     Test {
         /// Extra arguments for `cargo test --workspace`, after `--`.
         #[arg(last = true)]
@@ -69,6 +73,7 @@ fn main() -> Result<()> {
     let ws = Workspace::locate()?;
     match cli.task {
         Task::Setup => setup::run(&ws),
+        Task::BuildEbpf => build_ebpf(&ws),
         Task::Test { cargo_test_args } => test(&ws, &cargo_test_args),
         Task::Up {
             data_dir,
@@ -102,7 +107,7 @@ fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
         etcd.display(),
     ));
     let mut tally = Tally::default();
-    let ok = tally.run(
+    let workspace_ok = tally.run(
         ws.cargo()
             .args(["test", "--workspace"])
             .args(cargo_test_args)
@@ -112,9 +117,10 @@ fn test(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
             .env("WEIR_PYTHON", ws.python())
             .env("WEIR_ETCD", &etcd),
     )?;
-    if !ok {
+    let privileged_ok = privileged_tests(ws, &mut tally)?;
+    if !(workspace_ok && privileged_ok) {
         tally.print();
-        bail!("test: cargo test --workspace failed: see the failing tests above");
+        bail!("test: some tests failed: see the failing tests above");
     }
     status("test: all passed");
     tally.print();
@@ -170,6 +176,46 @@ impl Tally {
             self.passed, self.failed, self.ignored
         );
     }
+}
+
+/// Tests that load eBPF programs and make cgroups: root only, one at a time (they share
+/// kernel state), marked `#[ignore]` so the workspace run above leaves them out.
+fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
+    if !setup::is_root() {
+        status("test: privileged datapath tests: SKIPPED (not root; run `cargo xtask test` as root)");
+        return Ok(true);
+    }
+    status("test: privileged datapath tests (cargo test -p weir-agent --test datapath -- --ignored --test-threads=1)");
+    tally.run(
+        ws.cargo()
+            .args(["test", "-p", "weir-agent", "--test", "datapath", "--"])
+            .args(["--ignored", "--test-threads=1"]),
+    )
+}
+
+fn build_ebpf(ws: &Workspace) -> Result<()> {
+    let target_dir = ws.target.join("ebpf");
+    status(format!(
+        "build-ebpf: cargo +{} build --release --target bpfel-unknown-none -Z build-std=core (in ebpf/)",
+        setup::EBPF_TOOLCHAIN
+    ));
+    // The same flags aya-build passes from agent/build.rs, so both objects are alike.
+    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    command::run(
+        "build-ebpf",
+        std::process::Command::new("rustup")
+            .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "build", "--release"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
+            .arg(&target_dir)
+            .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .current_dir(ws.root.join("ebpf")),
+        "run `cargo xtask setup` (nightly rust-src and bpf-linker) and fix the errors above",
+    )?;
+    let object = target_dir.join("bpfel-unknown-none/release/weir-ebpf");
+    status(format!("build-ebpf: {}", object.display()));
+    Ok(())
 }
 
 fn up(ws: &Workspace, data_dir: &std::path::Path, secure_port: u16, weir_args: &[String]) -> Result<()> {

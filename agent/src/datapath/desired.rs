@@ -1,0 +1,360 @@
+//! From Kubernetes objects to datapath contents: which ClusterIP:port goes to which
+//! endpoints. A pure function of the Services and EndpointSlices the agent has cached;
+//! it knows nothing of maps.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+
+use super::model::{Backend, BackendState, DesiredState, Protocol, ServiceKey};
+
+/// The label tying an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Every IPv4 ClusterIP port of `services`, with the endpoints of `slices` that serve it.
+///
+/// Endpoint conditions as kube-proxy reads them: `ready` and `serving` default to true,
+/// `terminating` to false. Ready endpoints are active backends; terminating ones that
+/// still serve are terminating backends (used only when nothing is active); the rest are
+/// left out. A service port with no endpoints stays, with no backends, so connections to
+/// it are refused rather than sent to the ClusterIP itself. Headless and ExternalName
+/// services, IPv6 and SCTP are skipped.
+pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
+    let mut desired = DesiredState::default();
+    for service in services {
+        let Some(spec) = &service.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let addresses = cluster_ipv4s(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref());
+        if addresses.is_empty() {
+            continue;
+        }
+        let own_slices: Vec<&EndpointSlice> = slices
+            .iter()
+            .filter(|slice| slice.address_type == "IPv4" && belongs_to(slice, service))
+            .collect();
+        for port in spec.ports.iter().flatten() {
+            let Some(protocol) = protocol(port.protocol.as_deref()) else {
+                continue;
+            };
+            let Ok(service_port) = u16::try_from(port.port) else {
+                continue;
+            };
+            let backends = backends_for(port, protocol, &own_slices);
+            for address in &addresses {
+                let key = ServiceKey {
+                    address: *address,
+                    port: service_port,
+                    protocol,
+                };
+                desired.services.insert(key, backends.clone());
+            }
+        }
+    }
+    desired
+}
+
+fn cluster_ipv4s(cluster_ip: Option<&str>, cluster_ips: Option<&[String]>) -> Vec<Ipv4Addr> {
+    let mut addresses: Vec<Ipv4Addr> = cluster_ips
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .chain(cluster_ip)
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+fn belongs_to(slice: &EndpointSlice, service: &Service) -> bool {
+    slice.metadata.namespace == service.metadata.namespace
+        && service.metadata.name.is_some()
+        && slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+            == service.metadata.name.as_ref()
+}
+
+fn protocol(protocol: Option<&str>) -> Option<Protocol> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// The endpoints of the slices' port with the service port's name and protocol. Slices
+/// carry target ports already resolved to numbers, so named target ports need nothing more.
+fn backends_for(port: &ServicePort, protocol: Protocol, slices: &[&EndpointSlice]) -> Vec<Backend> {
+    let name = port.name.as_deref().unwrap_or("");
+    let mut backends: BTreeMap<(Ipv4Addr, u16), BackendState> = BTreeMap::new();
+    for slice in slices {
+        let Some(target_port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| {
+                p.name.as_deref().unwrap_or("") == name && self::protocol(p.protocol.as_deref()) == Some(protocol)
+            })
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter().flatten() {
+            let Some(state) = endpoint_state(endpoint) else {
+                continue;
+            };
+            let Some(address) = endpoint.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+                continue;
+            };
+            backends
+                .entry((address, target_port))
+                .and_modify(|s| *s = (*s).min(state))
+                .or_insert(state);
+        }
+    }
+    backends
+        .into_iter()
+        .map(|((address, port), state)| Backend { address, port, state })
+        .collect()
+}
+
+fn endpoint_state(endpoint: &Endpoint) -> Option<BackendState> {
+    let conditions = endpoint.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    if terminating {
+        serving.then_some(BackendState::Terminating)
+    } else {
+        ready.then_some(BackendState::Active)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::ServiceSpec;
+    use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn service(name: &str, cluster_ip: &str, ports: &[(Option<&str>, i32, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some("default".to_owned()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(cluster_ip.to_owned()),
+                cluster_ips: Some(vec![cluster_ip.to_owned()]),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(name, port, protocol)| ServicePort {
+                            name: name.map(str::to_owned),
+                            port: *port,
+                            protocol: Some((*protocol).to_owned()),
+                            ..ServicePort::default()
+                        })
+                        .collect(),
+                ),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// `(address, ready, serving, terminating)`; `None` leaves the condition unset.
+    type EndpointSpec<'a> = (&'a str, Option<bool>, Option<bool>, Option<bool>);
+
+    fn slice(service: &str, ports: &[(Option<&str>, i32, &str)], endpoints: &[EndpointSpec<'_>]) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{service}-abcde")),
+                namespace: Some("default".to_owned()),
+                labels: Some([(SERVICE_NAME_LABEL.to_owned(), service.to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".to_owned(),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, port, protocol)| EndpointPort {
+                        name: name.map(str::to_owned),
+                        port: Some(*port),
+                        protocol: Some((*protocol).to_owned()),
+                        ..EndpointPort::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: Some(
+                endpoints
+                    .iter()
+                    .map(|(address, ready, serving, terminating)| Endpoint {
+                        addresses: vec![(*address).to_owned()],
+                        conditions: Some(EndpointConditions {
+                            ready: *ready,
+                            serving: *serving,
+                            terminating: *terminating,
+                        }),
+                        ..Endpoint::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn key(address: &str, port: u16, protocol: Protocol) -> ServiceKey {
+        ServiceKey {
+            address: address.parse().unwrap(),
+            port,
+            protocol,
+        }
+    }
+
+    fn ip(address: &str) -> Ipv4Addr {
+        address.parse().unwrap()
+    }
+
+    #[test]
+    fn cluster_ip_port_goes_to_ready_endpoints_on_the_target_port() {
+        let services = [service("web", "10.96.0.20", &[(None, 80, "TCP")])];
+        let slices = [slice(
+            "web",
+            &[(None, 8080, "TCP")],
+            &[
+                ("10.244.1.2", Some(true), Some(true), Some(false)),
+                ("10.244.1.3", None, None, None),
+            ],
+        )];
+        let desired = desired_state(&services, &slices);
+        assert_eq!(
+            desired.services,
+            [(
+                key("10.96.0.20", 80, Protocol::Tcp),
+                vec![
+                    Backend::active(ip("10.244.1.2"), 8080),
+                    Backend::active(ip("10.244.1.3"), 8080)
+                ]
+            )]
+            .into()
+        );
+    }
+
+    #[test]
+    fn named_service_ports_take_the_slice_port_of_the_same_name() {
+        let services = [service(
+            "app",
+            "10.96.0.21",
+            &[(Some("http"), 80, "TCP"), (Some("dns"), 53, "UDP")],
+        )];
+        let slices = [slice(
+            "app",
+            &[(Some("dns"), 5353, "UDP"), (Some("http"), 8080, "TCP")],
+            &[("10.244.1.2", Some(true), None, None)],
+        )];
+        let desired = desired_state(&services, &slices);
+        assert_eq!(
+            desired.services[&key("10.96.0.21", 80, Protocol::Tcp)],
+            vec![Backend::active(ip("10.244.1.2"), 8080)]
+        );
+        assert_eq!(
+            desired.services[&key("10.96.0.21", 53, Protocol::Udp)],
+            vec![Backend::active(ip("10.244.1.2"), 5353)]
+        );
+    }
+
+    #[test]
+    fn terminating_endpoints_that_serve_become_terminating_backends() {
+        let services = [service("web", "10.96.0.22", &[(None, 80, "TCP")])];
+        let slices = [slice(
+            "web",
+            &[(None, 8080, "TCP")],
+            &[
+                ("10.244.1.2", Some(true), Some(true), Some(false)),
+                ("10.244.1.3", Some(false), Some(true), Some(true)),
+                ("10.244.1.4", Some(false), Some(false), Some(true)),
+                ("10.244.1.5", Some(false), Some(false), Some(false)),
+            ],
+        )];
+        let desired = desired_state(&services, &slices);
+        assert_eq!(
+            desired.services[&key("10.96.0.22", 80, Protocol::Tcp)],
+            vec![
+                Backend::active(ip("10.244.1.2"), 8080),
+                Backend::terminating(ip("10.244.1.3"), 8080)
+            ]
+        );
+    }
+
+    #[test]
+    fn service_without_endpoints_is_kept_with_no_backends() {
+        let services = [service("empty", "10.96.0.23", &[(None, 80, "TCP")])];
+        let desired = desired_state(&services, &[]);
+        assert_eq!(desired.services[&key("10.96.0.23", 80, Protocol::Tcp)], vec![]);
+    }
+
+    #[test]
+    fn headless_external_name_and_sctp_are_skipped() {
+        let mut external = service("ext", "", &[(None, 80, "TCP")]);
+        external.spec.as_mut().unwrap().type_ = Some("ExternalName".to_owned());
+        let services = [
+            service("headless", "None", &[(None, 80, "TCP")]),
+            external,
+            service("sctp", "10.96.0.24", &[(None, 9, "SCTP")]),
+            service("v6", "fd00::1", &[(None, 80, "TCP")]),
+        ];
+        assert_eq!(desired_state(&services, &[]), DesiredState::default());
+    }
+
+    #[test]
+    fn slices_of_other_services_namespaces_and_families_are_ignored() {
+        let services = [service("web", "10.96.0.25", &[(None, 80, "TCP")])];
+        let mut other_namespace = slice("web", &[(None, 8080, "TCP")], &[("10.244.9.1", None, None, None)]);
+        other_namespace.metadata.namespace = Some("kube-system".to_owned());
+        let mut ipv6 = slice("web", &[(None, 8080, "TCP")], &[("fd00::5", None, None, None)]);
+        ipv6.address_type = "IPv6".to_owned();
+        let slices = [
+            slice("api", &[(None, 8080, "TCP")], &[("10.244.9.2", None, None, None)]),
+            other_namespace,
+            ipv6,
+            slice("web", &[(None, 8080, "TCP")], &[("10.244.1.2", None, None, None)]),
+        ];
+        let desired = desired_state(&services, &slices);
+        assert_eq!(
+            desired.services[&key("10.96.0.25", 80, Protocol::Tcp)],
+            vec![Backend::active(ip("10.244.1.2"), 8080)]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_in_two_slices_counts_once_and_ready_wins() {
+        let services = [service("web", "10.96.0.26", &[(None, 80, "TCP")])];
+        let slices = [
+            slice(
+                "web",
+                &[(None, 8080, "TCP")],
+                &[("10.244.1.2", Some(false), Some(true), Some(true))],
+            ),
+            slice(
+                "web",
+                &[(None, 8080, "TCP")],
+                &[("10.244.1.2", Some(true), Some(true), Some(false))],
+            ),
+        ];
+        let desired = desired_state(&services, &slices);
+        assert_eq!(
+            desired.services[&key("10.96.0.26", 80, Protocol::Tcp)],
+            vec![Backend::active(ip("10.244.1.2"), 8080)]
+        );
+    }
+}

@@ -1,0 +1,398 @@
+//! The userspace side of the eBPF service datapath: loads and attaches the socket-LB
+//! programs from `ebpf/`, pins them, and keeps the service maps equal to the services
+//! and endpoints of the cluster. It owns the pins under `<pin root>/<version>/`; it never
+//! touches programs or maps it did not pin there.
+//!
+//! Everything is pinned, so translation goes on while no agent runs; a new
+//! [`Datapath::load`] reopens the pins and [`Datapath::reconcile`] writes only differences.
+
+mod desired;
+mod index;
+mod model;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::pin::PinError;
+use aya::programs::links::{FdLink, LinkError};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
+use aya::{EbpfError, EbpfLoader};
+use tracing::{debug, info};
+use weir_ebpf_common::{
+    BACKENDS4, Backend4Value, DATAPATH_VERSION, REV_NAT4, RevNat4Value, SERVICES4, SOCK_PROGRAMS, Service4Key,
+    Service4Value,
+};
+
+pub use desired::desired_state;
+pub use index::IdsExhausted;
+pub use model::{Backend, BackendState, DesiredState, Protocol, ServiceKey};
+
+use index::{Index, Write};
+
+/// The kernel programs, built by build.rs from `ebpf/`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
+
+/// Where the pins of the node's datapath live by default.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/weir";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The cgroup v2 directory whose processes get socket-LB: the node's v2 root in
+    /// production (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
+    pub cgroup_path: PathBuf,
+    /// Pins go to `<pin_root>/<DATAPATH_VERSION>/`; must be on a bpffs.
+    pub pin_root: PathBuf,
+}
+
+impl Config {
+    /// The directory holding this version's pinned maps and links.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pin_root.join(DATAPATH_VERSION)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); run the agent as root")]
+    NotRoot,
+    #[error(
+        "{path} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` or choose a pin root under it"
+    )]
+    NoBpfFs { path: PathBuf },
+    #[error(
+        "{path} is not a cgroup v2 directory ({reason}); find the v2 hierarchy with `mount -t cgroup2` \
+         (hybrid hosts have it at /sys/fs/cgroup/unified) or mount it with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
+    NoCgroup2 { path: PathBuf, reason: String },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] Box<EbpfError>),
+    #[error("the eBPF object has no program {0}; agent and ebpf/ are out of step")]
+    MissingProgram(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("link of program {name}: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    IdsExhausted(#[from] IdsExhausted),
+}
+
+/// The loaded (or reopened) datapath: typed handles on the pinned service maps and a
+/// mirror of their contents. Dropping it leaves the datapath running.
+pub struct Datapath {
+    services: BpfHashMap<MapData, Service4Key, Service4Value>,
+    backends: BpfHashMap<MapData, u32, Backend4Value>,
+    rev_nat: BpfHashMap<MapData, u16, RevNat4Value>,
+    index: Index,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Attaches the socket-LB programs to `config.cgroup_path` and pins their links and the
+    /// maps, or, when this version's pins exist, reopens them (the datapath outlives the
+    /// agent). Pinned links are reused as they are, wherever they were attached: to move
+    /// the datapath to another cgroup, [`Datapath::uninstall`] first.
+    pub fn load(config: &Config) -> Result<Datapath, Error> {
+        preflight(config)?;
+        let pin_dir = config.pin_dir();
+        std::fs::create_dir_all(&pin_dir).map_err(|source| Error::Io {
+            what: "creating the pin directory",
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let missing: Vec<&'static str> = SOCK_PROGRAMS
+            .into_iter()
+            .filter(|name| !link_pin(&pin_dir, name).exists())
+            .collect();
+        if missing.is_empty() {
+            info!(pin_dir = %pin_dir.display(), "datapath: reopening pinned programs and maps");
+        } else {
+            attach(config, &pin_dir, &missing)?;
+        }
+        let mut datapath = Datapath {
+            services: open_map(&pin_dir, SERVICES4)?,
+            backends: open_map(&pin_dir, BACKENDS4)?,
+            rev_nat: open_map(&pin_dir, REV_NAT4)?,
+            index: Index::default(),
+            pin_dir,
+        };
+        datapath.resync()?;
+        Ok(datapath)
+    }
+
+    /// Detaches the programs and removes this version's pins (maps go with their last
+    /// user). For tests and `weir agent --uninstall`; a running node never needs it.
+    pub fn uninstall(config: &Config) -> Result<(), Error> {
+        let pin_dir = config.pin_dir();
+        let entries = match std::fs::read_dir(&pin_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(Error::Io {
+                    what: "reading the pin directory",
+                    path: pin_dir,
+                    source,
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| Error::Io {
+                what: "removing pin",
+                path,
+                source,
+            })?;
+        }
+        for dir in [&pin_dir, &config.pin_root] {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => {}
+                // The root may hold other versions' pins; only this version's dir must go.
+                Err(e) if dir == &config.pin_root && e.kind() == io::ErrorKind::DirectoryNotEmpty => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        what: "removing the pin directory",
+                        path: dir.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Makes `key` balance over `backends`, writing only what differs from the maps.
+    /// Returns the number of map writes.
+    pub fn upsert_service(&mut self, key: ServiceKey, backends: Vec<Backend>) -> Result<usize, Error> {
+        let writes = self.index.plan_upsert(key, &backends);
+        let writes = self.or_resync(writes.map_err(Error::from))?;
+        debug!(service = %key, backends = backends.len(), writes = writes.len(), "datapath: upsert service");
+        self.apply(writes)
+    }
+
+    /// Removes `key`; connections to it are no longer translated. Returns the map writes.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<usize, Error> {
+        let writes = self.index.plan_remove(key);
+        debug!(service = %key, writes = writes.len(), "datapath: remove service");
+        self.apply(writes)
+    }
+
+    /// Brings the maps to `desired`: services that should not exist go, the others are
+    /// upserted, leftovers of an interrupted agent are cleaned up. Returns the map writes;
+    /// 0 when the maps already matched.
+    pub fn reconcile(&mut self, desired: &DesiredState) -> Result<usize, Error> {
+        let stale: Vec<ServiceKey> = self
+            .index
+            .services()
+            .filter(|key| !desired.services.contains_key(key))
+            .copied()
+            .collect();
+        let mut writes = 0;
+        for key in &stale {
+            writes += self.remove_service(key)?;
+        }
+        for (key, backends) in &desired.services {
+            writes += self.upsert_service(*key, backends.clone())?;
+        }
+        let cleanup = self.index.plan_cleanup();
+        writes += self.apply(cleanup)?;
+        info!(
+            services = desired.services.len(),
+            removed = stale.len(),
+            writes,
+            "datapath: reconciled"
+        );
+        Ok(writes)
+    }
+
+    /// The services the maps hold.
+    pub fn services(&self) -> Vec<ServiceKey> {
+        let mut keys: Vec<ServiceKey> = self.index.services().copied().collect();
+        keys.sort();
+        keys
+    }
+
+    /// The backends of `key` as the maps hold them: selectable ones first.
+    pub fn backends(&self, key: &ServiceKey) -> Option<Vec<Backend>> {
+        self.index.backends_of(key)
+    }
+
+    /// Re-reads the maps into the mirror: after load, and after a failed write left the
+    /// two apart.
+    fn resync(&mut self) -> Result<(), Error> {
+        let services = collect(&self.services, SERVICES4)?;
+        let backends = collect(&self.backends, BACKENDS4)?;
+        let rev_nats = collect(&self.rev_nat, REV_NAT4)?;
+        self.index = Index::restore(services, backends, rev_nats);
+        Ok(())
+    }
+
+    fn or_resync<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
+        if result.is_err() {
+            self.resync()?;
+        }
+        result
+    }
+
+    fn apply(&mut self, writes: Vec<Write>) -> Result<usize, Error> {
+        let count = writes.len();
+        for write in writes {
+            let result = self.apply_one(write);
+            self.or_resync(result)?;
+        }
+        Ok(count)
+    }
+
+    fn apply_one(&mut self, write: Write) -> Result<(), Error> {
+        let map_err = |name| move |source| Error::Map { name, source };
+        match write {
+            Write::Backend(id, value) => self.backends.insert(id, value, 0).map_err(map_err(BACKENDS4)),
+            Write::RevNat(id, value) => self.rev_nat.insert(id, value, 0).map_err(map_err(REV_NAT4)),
+            Write::Slot(key, value) => self.services.insert(key, value, 0).map_err(map_err(SERVICES4)),
+            Write::RemoveSlot(key) => ignore_missing(self.services.remove(&key)).map_err(map_err(SERVICES4)),
+            Write::RemoveRevNat(id) => ignore_missing(self.rev_nat.remove(&id)).map_err(map_err(REV_NAT4)),
+            Write::RemoveBackend(id) => ignore_missing(self.backends.remove(&id)).map_err(map_err(BACKENDS4)),
+        }
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
+    pin_dir.join(format!("link_{program}"))
+}
+
+/// Loads the object with its maps pinned in `pin_dir` (reusing maps already pinned
+/// there), attaches the `missing` programs to the cgroup and pins their links.
+fn attach(config: &Config, pin_dir: &Path, missing: &[&'static str]) -> Result<(), Error> {
+    info!(cgroup = %config.cgroup_path.display(), pin_dir = %pin_dir.display(), programs = ?missing,
+        "datapath: loading and attaching socket-LB programs");
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(OBJECT)
+        .map_err(|e| Error::Load(Box::new(e)))?;
+    let cgroup = File::open(&config.cgroup_path).map_err(|source| Error::Io {
+        what: "opening cgroup",
+        path: config.cgroup_path.clone(),
+        source,
+    })?;
+    for &name in missing {
+        let program_err = |source| Error::Program { name, source };
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(program_err)?;
+        program.load().map_err(program_err)?;
+        let link_id = program.attach(&cgroup, CgroupAttachMode::Single).map_err(program_err)?;
+        let link = program.take_link(link_id).map_err(program_err)?;
+        let link: FdLink = link.try_into().map_err(|source| Error::Link { name, source })?;
+        let path = link_pin(pin_dir, name);
+        link.pin(&path).map_err(|source| Error::Pin { path, source })?;
+    }
+    Ok(())
+}
+
+fn open_map<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &'static str) -> Result<BpfHashMap<MapData, K, V>, Error> {
+    let map_err = |source| Error::Map { name, source };
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
+    BpfHashMap::try_from(Map::HashMap(data)).map_err(map_err)
+}
+
+fn collect<K: aya::Pod, V: aya::Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, Error> {
+    map.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| Error::Map { name, source })
+}
+
+/// Says what is wrong with the host, and how to fix it, before the kernel says EPERM.
+fn preflight(config: &Config) -> Result<(), Error> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    let existing = config
+        .pin_root
+        .ancestors()
+        .find(|dir| dir.exists())
+        .unwrap_or(Path::new("/"));
+    if fs_type(existing) != Some(BPF_FS_MAGIC) {
+        return Err(Error::NoBpfFs {
+            path: config.pin_root.clone(),
+        });
+    }
+    let cgroup = &config.cgroup_path;
+    if !cgroup.is_dir() {
+        return Err(Error::NoCgroup2 {
+            path: cgroup.clone(),
+            reason: "no such directory".to_owned(),
+        });
+    }
+    match fs_type(cgroup) {
+        Some(CGROUP2_SUPER_MAGIC) => Ok(()),
+        Some(other) => Err(Error::NoCgroup2 {
+            path: cgroup.clone(),
+            reason: format!("filesystem type {other:#x}, e.g. a cgroup v1 hierarchy"),
+        }),
+        None => Err(Error::NoCgroup2 {
+            path: cgroup.clone(),
+            reason: "statfs failed".to_owned(),
+        }),
+    }
+}
+
+fn fs_type(path: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `path` is a valid C string and `stat` a properly sized out-parameter.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast, reason = "f_type is i64 on x86_64 but not everywhere")]
+    Some(stat.f_type as i64)
+}

@@ -1,0 +1,96 @@
+//! What the datapath is asked to do, in plain terms: services (an IPv4 address, a port and
+//! a protocol) and their backends. No map layouts and no ids here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use weir_ebpf_common::{PROTO_TCP, PROTO_UDP};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub(crate) fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+
+    pub(crate) fn from_number(number: u8) -> Option<Protocol> {
+        match number {
+            PROTO_TCP => Some(Protocol::Tcp),
+            PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A service frontend: a ClusterIP, a service port and its protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackendState {
+    /// Ready: gets new connections.
+    Active,
+    /// Terminating but still serving: gets new connections only while the service has no
+    /// active backend (Kubernetes' terminating-endpoint fallback).
+    Terminating,
+}
+
+/// One endpoint of a service: where connections to the service port go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub state: BackendState,
+}
+
+impl Backend {
+    pub fn active(address: Ipv4Addr, port: u16) -> Backend {
+        Backend {
+            address,
+            port,
+            state: BackendState::Active,
+        }
+    }
+
+    pub fn terminating(address: Ipv4Addr, port: u16) -> Backend {
+        Backend {
+            address,
+            port,
+            state: BackendState::Terminating,
+        }
+    }
+}
+
+/// Everything the maps should hold: each service with its backends, sorted and without
+/// duplicates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<ServiceKey, Vec<Backend>>,
+}

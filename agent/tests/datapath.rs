@@ -1,0 +1,609 @@
+//! Privileged tests of the socket-LB datapath: real programs in the real kernel.
+//!
+//! Root only, one at a time (`cargo xtask test` runs them with `--ignored --test-threads=1`).
+//! Each test makes its own network namespace (only `lo`, so a ClusterIP that is not
+//! translated is unreachable and no packet can leave the machine), its own cgroup v2
+//! directory and pin directory, attaches the programs to that cgroup only, starts backends
+//! on 127.x addresses, and runs the client (python3, installed by `cargo xtask setup`) in
+//! a child process moved into the cgroup before it connects. Drop guards undo all of it.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use weir_agent::datapath::{Backend, Config, Datapath, Error, Protocol, ServiceKey, desired_state};
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 123, 45);
+
+/// The client: `mode host port count`; prints one JSON list with, per attempt, the
+/// backend that answered and the peer address the socket reported, or the errno name.
+const CLIENT: &str = r#"
+import errno, json, socket, sys, time
+mode, host, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out = []
+def fail(e, started):
+    return {"error": errno.errorcode.get(e.errno, str(e.errno)), "ms": (time.monotonic() - started) * 1000}
+for _ in range(count):
+    started = time.monotonic()
+    if mode == "tcp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect((host, port))
+            peer = s.getpeername()
+            data = b""
+            while True:
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+            out.append({"backend": data.decode().strip(), "peer": "%s:%d" % peer})
+        except OSError as e:
+            out.append(fail(e, started))
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        try:
+            if mode == "udp-connected":
+                s.connect((host, port))
+                s.send(b"ping")
+                data = s.recv(256)
+                src = s.getpeername()
+            else:
+                s.sendto(b"ping", (host, port))
+                data, src = s.recvfrom(256)
+            out.append({"backend": data.decode().strip(), "peer": "%s:%d" % src})
+        except OSError as e:
+            out.append(fail(e, started))
+    s.close()
+print(json.dumps(out))
+"#;
+
+#[derive(Clone, Debug, PartialEq)]
+enum Outcome {
+    /// `backend` answered; the socket said its peer was `peer`.
+    Reached {
+        backend: String,
+        peer: String,
+    },
+    Failed {
+        errno: String,
+        ms: f64,
+    },
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Everything one test owns; dropping it detaches, unpins, removes the cgroup and leaves
+/// the network namespace.
+struct Fixture {
+    config: Config,
+    cgroup: PathBuf,
+    backends: Vec<BackendServer>,
+    _netns: NetnsGuard,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the datapath tests need root: run `cargo xtask test` as root"
+        );
+        let netns = NetnsGuard::enter();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let name = format!("weir-test-{}-{n}", std::process::id());
+        let cgroup = cgroup2_root().join(&name);
+        std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cgroup.display()));
+        Fixture {
+            config: Config {
+                cgroup_path: cgroup.clone(),
+                pin_root: PathBuf::from("/sys/fs/bpf").join(&name),
+            },
+            cgroup,
+            backends: Vec::new(),
+            _netns: netns,
+        }
+    }
+
+    fn load(&self) -> Datapath {
+        Datapath::load(&self.config).unwrap_or_else(|e| panic!("loading the datapath: {e}"))
+    }
+
+    fn tcp_backend(&mut self, address: Ipv4Addr, port: u16) -> Backend {
+        self.backends.push(BackendServer::tcp(address, port));
+        Backend::active(address, port)
+    }
+
+    fn udp_backend(&mut self, address: Ipv4Addr, port: u16) -> Backend {
+        self.backends.push(BackendServer::udp(address, port));
+        Backend::active(address, port)
+    }
+
+    /// Runs the client inside the test cgroup.
+    fn client(&self, mode: &str, port: u16, count: usize) -> Vec<Outcome> {
+        run_client(Some(&self.cgroup), mode, port, count)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for backend in self.backends.drain(..) {
+            backend.stop();
+        }
+        if let Err(e) = Datapath::uninstall(&self.config) {
+            eprintln!("cleanup: removing pins under {}: {e}", self.config.pin_root.display());
+        }
+        // The links are gone with their pins; the cgroup is empty once the clients exited.
+        for attempt in 0.. {
+            match std::fs::remove_dir(&self.cgroup) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if attempt < 50 => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    eprintln!("cleanup: removing cgroup {}: {e}", self.cgroup.display());
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn run_client(cgroup: Option<&Path>, mode: &str, port: u16, count: usize) -> Vec<Outcome> {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        CLIENT,
+        mode,
+        &CLUSTER_IP.to_string(),
+        &port.to_string(),
+        &count.to_string(),
+    ])
+    .stdin(Stdio::null())
+    .stderr(Stdio::inherit());
+    if let Some(cgroup) = cgroup {
+        let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close);
+        // "0" moves the writing process itself, so nothing is formatted or allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+    }
+    let output = cmd
+        .output()
+        .expect("running the python3 client (cargo xtask setup installs python3)");
+    assert!(output.status.success(), "client failed: {}", output.status);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    parse_outcomes(stdout.trim())
+}
+
+/// A tiny reader for the client's one-line JSON (`[{"backend": "..", "peer": ".."}, ...]`).
+fn parse_outcomes(json: &str) -> Vec<Outcome> {
+    let field = |object: &str, name: &str| -> Option<String> {
+        let start = object.find(&format!("\"{name}\": "))? + name.len() + 4;
+        let rest = &object[start..];
+        if let Some(quoted) = rest.strip_prefix('"') {
+            Some(quoted[..quoted.find('"')?].to_owned())
+        } else {
+            Some(rest[..rest.find([',', '}']).unwrap_or(rest.len())].trim().to_owned())
+        }
+    };
+    json.trim_start_matches('[')
+        .trim_end_matches(']')
+        .split("}, {")
+        .filter(|object| !object.trim().is_empty())
+        .map(|object| match field(object, "error") {
+            Some(errno) => Outcome::Failed {
+                errno,
+                ms: field(object, "ms").and_then(|ms| ms.parse().ok()).unwrap_or(f64::NAN),
+            },
+            None => Outcome::Reached {
+                backend: field(object, "backend").unwrap_or_default(),
+                peer: field(object, "peer").unwrap_or_default(),
+            },
+        })
+        .collect()
+}
+
+fn reached(outcomes: &[Outcome]) -> Vec<&str> {
+    outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Outcome::Reached { backend, .. } => backend.as_str(),
+            Outcome::Failed { errno, .. } => panic!("a connection failed with {errno}: {outcomes:?}"),
+        })
+        .collect()
+}
+
+fn tcp_service(port: u16) -> ServiceKey {
+    ServiceKey {
+        address: CLUSTER_IP,
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("reading /proc/self/mounts");
+    mounts
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.get(2) == Some(&"cgroup2"))
+        .map(|fields| PathBuf::from(fields[1]))
+        .expect("no cgroup2 mount: the datapath needs the cgroup v2 hierarchy")
+}
+
+/// A backend that answers every TCP connection or UDP datagram with its own address.
+struct BackendServer {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl BackendServer {
+    fn tcp(address: Ipv4Addr, port: u16) -> BackendServer {
+        let listener = TcpListener::bind(SocketAddrV4::new(address, port)).expect("binding a TCP backend");
+        listener.set_nonblocking(true).unwrap();
+        let me = format!("{address}:{port}");
+        BackendServer::spawn(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.write_all(me.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        })
+    }
+
+    fn udp(address: Ipv4Addr, port: u16) -> BackendServer {
+        let socket = UdpSocket::bind(SocketAddrV4::new(address, port)).expect("binding a UDP backend");
+        socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let me = format!("{address}:{port}");
+        BackendServer::spawn(move |stop| {
+            let mut buf = [0u8; 256];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(me.as_bytes(), from);
+                }
+            }
+        })
+    }
+
+    fn spawn(serve: impl FnOnce(&AtomicBool) + Send + 'static) -> BackendServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || serve(&flag));
+        BackendServer { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+/// Moves the calling thread (and the threads and processes it starts) into a new network
+/// namespace with only `lo` up; goes back on drop.
+struct NetnsGuard {
+    original: OwnedFd,
+}
+
+impl NetnsGuard {
+    fn enter() -> NetnsGuard {
+        let original: OwnedFd = File::open("/proc/thread-self/ns/net")
+            .expect("opening our netns")
+            .into();
+        // SAFETY: plain syscalls; CLONE_NEWNET affects only the calling thread.
+        unsafe {
+            assert_eq!(
+                libc::unshare(libc::CLONE_NEWNET),
+                0,
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        set_loopback_up();
+        NetnsGuard { original }
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        // SAFETY: `original` is an open netns file descriptor.
+        if unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            eprintln!("cleanup: setns back: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+fn set_loopback_up() {
+    #[repr(C)]
+    struct IfreqFlags {
+        name: [u8; 16],
+        flags: libc::c_short,
+        pad: [u8; 22],
+    }
+    let mut req = IfreqFlags {
+        name: [0; 16],
+        flags: 0,
+        pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: an ifreq-shaped buffer for SIOC[GS]IFFLAGS on a socket we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req), 0, "SIOCGIFFLAGS lo");
+        req.flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req), 0, "SIOCSIFFLAGS lo");
+        libc::close(fd);
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn tcp_connect_to_cluster_ip_reaches_the_backend_and_getpeername_shows_the_service() {
+    let mut fx = Fixture::new();
+    let backend = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    let mut datapath = fx.load();
+    datapath.upsert_service(tcp_service(80), vec![backend]).unwrap();
+
+    let outcomes = fx.client("tcp", 80, 3);
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Reached {
+                backend: "127.0.0.2:8080".to_owned(),
+                peer: format!("{CLUSTER_IP}:80"),
+            };
+            3
+        ]
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn processes_outside_the_cgroup_are_not_translated() {
+    let mut fx = Fixture::new();
+    let backend = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    let mut datapath = fx.load();
+    datapath.upsert_service(tcp_service(80), vec![backend]).unwrap();
+
+    // The test's netns has only lo: an untranslated ClusterIP has no route at all.
+    let outcomes = run_client(None, "tcp", 80, 1);
+    assert!(
+        matches!(&outcomes[..], [Outcome::Failed { errno, .. }] if errno == "ENETUNREACH"),
+        "{outcomes:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn udp_replies_appear_to_come_from_the_service_address() {
+    let mut fx = Fixture::new();
+    let backend = fx.udp_backend(Ipv4Addr::new(127, 0, 0, 3), 5353);
+    let mut datapath = fx.load();
+    let dns = ServiceKey {
+        address: CLUSTER_IP,
+        port: 53,
+        protocol: Protocol::Udp,
+    };
+    datapath.upsert_service(dns, vec![backend]).unwrap();
+
+    let expected = Outcome::Reached {
+        backend: "127.0.0.3:5353".to_owned(),
+        peer: format!("{CLUSTER_IP}:53"),
+    };
+    assert_eq!(fx.client("udp", 53, 3), vec![expected.clone(); 3], "unconnected UDP");
+    assert_eq!(fx.client("udp-connected", 53, 3), vec![expected; 3], "connected UDP");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn two_backends_share_the_connections_and_a_removed_one_gets_no_more() {
+    let mut fx = Fixture::new();
+    let a = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    let b = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 3), 8080);
+    let mut datapath = fx.load();
+    datapath.upsert_service(tcp_service(80), vec![a, b]).unwrap();
+
+    let outcomes = fx.client("tcp", 80, 40);
+    let hits = reached(&outcomes);
+    let to_a = hits.iter().filter(|h| **h == "127.0.0.2:8080").count();
+    let to_b = hits.iter().filter(|h| **h == "127.0.0.3:8080").count();
+    assert_eq!(to_a + to_b, 40, "{hits:?}");
+    // Random choice: P(one backend gets none of 40) = 2^-39.
+    assert!(to_a > 0 && to_b > 0, "a: {to_a}, b: {to_b}");
+
+    let writes = datapath.upsert_service(tcp_service(80), vec![a]).unwrap();
+    assert!(writes > 0);
+    let outcomes = fx.client("tcp", 80, 20);
+    assert!(
+        reached(&outcomes).iter().all(|h| *h == "127.0.0.2:8080"),
+        "{outcomes:?}"
+    );
+    assert_eq!(datapath.backends(&tcp_service(80)), Some(vec![a]));
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn a_service_without_backends_refuses_connections_at_once() {
+    let fx = Fixture::new();
+    let mut datapath = fx.load();
+    datapath.upsert_service(tcp_service(80), Vec::new()).unwrap();
+
+    let outcomes = fx.client("tcp", 80, 3);
+    for outcome in &outcomes {
+        match outcome {
+            Outcome::Failed { errno, ms } => {
+                assert_eq!(errno, "ECONNREFUSED", "{outcomes:?}");
+                assert!(*ms < 500.0, "refusal took {ms} ms");
+            }
+            other => panic!("expected ECONNREFUSED, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn terminating_backends_take_traffic_only_when_no_backend_is_active() {
+    let mut fx = Fixture::new();
+    let active = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    let draining = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 3), 8080);
+    let draining = Backend::terminating(draining.address, draining.port);
+    let mut datapath = fx.load();
+    datapath
+        .upsert_service(tcp_service(80), vec![active, draining])
+        .unwrap();
+    assert!(
+        reached(&fx.client("tcp", 80, 20))
+            .iter()
+            .all(|h| *h == "127.0.0.2:8080")
+    );
+
+    datapath.upsert_service(tcp_service(80), vec![draining]).unwrap();
+    assert!(reached(&fx.client("tcp", 80, 5)).iter().all(|h| *h == "127.0.0.3:8080"));
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn translation_outlives_the_loader_and_a_new_load_reconciles_only_differences() {
+    let mut fx = Fixture::new();
+    fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 4), 8080);
+    let services = [k8s_service("web", 80)];
+    let first = [k8s_slice("web", &["127.0.0.2"], 8080)];
+
+    let mut datapath = fx.load();
+    let writes = datapath.reconcile(&desired_state(&services, &first)).unwrap();
+    assert!(writes > 0);
+    drop(datapath);
+
+    // No Datapath object exists now: the pinned links and maps keep translating.
+    assert!(reached(&fx.client("tcp", 80, 5)).iter().all(|h| *h == "127.0.0.2:8080"));
+
+    // A new agent reopens the pins, finds the service, and rewrites only what changed.
+    let mut datapath = fx.load();
+    assert_eq!(datapath.services(), vec![tcp_service(80)]);
+    assert_eq!(datapath.reconcile(&desired_state(&services, &first)).unwrap(), 0);
+    let second = [k8s_slice("web", &["127.0.0.4"], 8080)];
+    let writes = datapath.reconcile(&desired_state(&services, &second)).unwrap();
+    // One backend in, one out: backend, slot, backend removal.
+    assert_eq!(writes, 3);
+    assert!(reached(&fx.client("tcp", 80, 5)).iter().all(|h| *h == "127.0.0.4:8080"));
+
+    // A service that leaves the desired state leaves the maps: connects go untranslated.
+    assert_eq!(datapath.reconcile(&desired_state(&[], &[])).unwrap(), 4);
+    assert!(datapath.services().is_empty());
+    let outcomes = fx.client("tcp", 80, 1);
+    assert!(
+        matches!(&outcomes[..], [Outcome::Failed { errno, .. }] if errno == "ENETUNREACH"),
+        "{outcomes:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn load_explains_a_missing_cgroup_and_a_pin_root_off_bpffs() {
+    let fx = Fixture::new();
+    let missing = Config {
+        cgroup_path: fx.cgroup.join("does-not-exist"),
+        ..fx.config.clone()
+    };
+    let err = Datapath::load(&missing).err().expect("a missing cgroup must fail");
+    assert!(matches!(err, Error::NoCgroup2 { .. }), "{err}");
+    assert!(err.to_string().contains("mount -t cgroup2"), "{err}");
+
+    let v1 = Config {
+        cgroup_path: PathBuf::from("/proc"),
+        ..fx.config.clone()
+    };
+    let err = Datapath::load(&v1).err().expect("a non-cgroup2 directory must fail");
+    assert!(matches!(err, Error::NoCgroup2 { .. }), "{err}");
+
+    let off_bpffs = Config {
+        pin_root: std::env::temp_dir().join("weir-not-bpffs"),
+        ..fx.config.clone()
+    };
+    let err = Datapath::load(&off_bpffs)
+        .err()
+        .expect("a pin root off bpffs must fail");
+    assert!(matches!(err, Error::NoBpfFs { .. }), "{err}");
+    assert!(err.to_string().contains("mount -t bpf"), "{err}");
+}
+
+fn k8s_service(name: &str, port: i32) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("default".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(CLUSTER_IP.to_string()),
+            ports: Some(vec![ServicePort {
+                port,
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn k8s_slice(service: &str, addresses: &[&str], port: i32) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-x1")),
+            namespace: Some("default".to_owned()),
+            labels: Some([("kubernetes.io/service-name".to_owned(), service.to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".to_owned(),
+        endpoints: Some(
+            addresses
+                .iter()
+                .map(|address| Endpoint {
+                    addresses: vec![(*address).to_owned()],
+                    ..Endpoint::default()
+                })
+                .collect(),
+        ),
+        ports: Some(vec![EndpointPort {
+            port: Some(port),
+            protocol: Some("TCP".to_owned()),
+            ..EndpointPort::default()
+        }]),
+    }
+}

@@ -1,0 +1,24 @@
+//! The maps, pinned by name so they outlive the agent that loaded them. Their names must
+//! equal the `weir_ebpf_common` constants (the agent opens them by those names).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
+use weir_ebpf_common::{
+    BACKENDS4_MAX_ENTRIES, Backend4Value, REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICES4_MAX_ENTRIES,
+    SOCK_REV_NAT4_MAX_ENTRIES, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value,
+};
+
+#[map]
+pub static SERVICES4: HashMap<Service4Key, Service4Value> = HashMap::pinned(SERVICES4_MAX_ENTRIES, 0);
+
+#[map]
+pub static BACKENDS4: HashMap<u32, Backend4Value> = HashMap::pinned(BACKENDS4_MAX_ENTRIES, 0);
+
+#[map]
+pub static REV_NAT4: HashMap<u16, RevNat4Value> = HashMap::pinned(REV_NAT4_MAX_ENTRIES, 0);
+
+#[map]
+pub static SOCK_REV_NAT4: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
+    LruHashMap::pinned(SOCK_REV_NAT4_MAX_ENTRIES, 0);

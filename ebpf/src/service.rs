@@ -1,0 +1,156 @@
+//! Service lookup and the two socket translations every hook is built from: forward
+//! (service → backend, at connect/sendmsg) and reverse (backend → service, at
+//! recvmsg/getpeername). Addresses stay in network byte order throughout.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use weir_ebpf_common::{
+    Backend4Value, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, Service4Key, SockRevNat4Key, SockRevNat4Value,
+};
+
+use crate::maps::{BACKENDS4, REV_NAT4, SERVICES4, SOCK_REV_NAT4};
+
+/// Return codes of cgroup/sock_addr programs.
+pub const ALLOW: i32 = 1;
+pub const REJECT: i32 = 0;
+
+/// errno values handed to `bpf_set_retval` (negated) when a hook rejects.
+pub const ECONNREFUSED: i32 = 111;
+pub const ENOMEM: i32 = 12;
+
+enum Selection {
+    /// Not a service address: leave the socket alone.
+    NotAService,
+    /// A service with nothing to send to, or a slot that vanished under a concurrent update.
+    NoBackend,
+    Backend {
+        backend: Backend4Value,
+        rev_nat_id: u16,
+    },
+}
+
+/// Slot 0 holds the frontend; a random slot in `1..=backend_count` names the backend.
+#[inline(always)]
+fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
+    let mut key = Service4Key {
+        address,
+        port,
+        slot: 0,
+        proto,
+        scope: SCOPE_EXTERNAL,
+        pad: [0; 2],
+    };
+    let Some(frontend) = SERVICES4.get_ptr(key) else {
+        return Selection::NotAService;
+    };
+    // SAFETY: a map value pointer from a successful lookup; copied out at once.
+    let frontend = unsafe { *frontend };
+    let count = u32::from(frontend.backend_count);
+    if count == 0 {
+        return Selection::NoBackend;
+    }
+    // SAFETY: a helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    key.slot = (random % count) as u16 + 1;
+    let Some(slot) = SERVICES4.get_ptr(key) else {
+        return Selection::NoBackend;
+    };
+    // SAFETY: as above.
+    let backend_id = unsafe { (*slot).backend_id };
+    let Some(backend) = BACKENDS4.get_ptr(backend_id) else {
+        return Selection::NoBackend;
+    };
+    Selection::Backend {
+        // SAFETY: as above.
+        backend: unsafe { *backend },
+        rev_nat_id: frontend.rev_nat_id,
+    }
+}
+
+/// Rewrites the destination of a connect/sendmsg to a service into one of its backends,
+/// and remembers the service for replies and getpeername. `Err(errno)`: reject the call.
+#[inline(always)]
+pub fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel hands every cgroup/sock_addr program a valid `bpf_sock_addr`.
+    let (protocol, address, port) = unsafe {
+        (
+            (*sock_addr).protocol,
+            (*sock_addr).user_ip4,
+            (*sock_addr).user_port as u16,
+        )
+    };
+    let proto = match protocol {
+        6 => PROTO_TCP,
+        17 => PROTO_UDP,
+        _ => return Ok(ALLOW),
+    };
+    let (backend, rev_nat_id) = match select_backend(address, port, proto) {
+        Selection::NotAService => return Ok(ALLOW),
+        Selection::NoBackend => return Err(ECONNREFUSED),
+        Selection::Backend { backend, rev_nat_id } => (backend, rev_nat_id),
+    };
+
+    // SAFETY: the helper accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNat4Key {
+        cookie,
+        address: backend.address,
+        port: backend.port,
+        pad: [0; 2],
+    };
+    let value = SockRevNat4Value {
+        address,
+        port,
+        rev_nat_id,
+    };
+    // UDP replies cannot be recognised without this entry; a TCP socket only loses the
+    // service address in getpeername, which is no reason to fail its connect.
+    if SOCK_REV_NAT4.insert(key, value, 0).is_err() && proto == PROTO_UDP {
+        return Err(ENOMEM);
+    }
+
+    // SAFETY: as above; these fields are writable in connect4 and sendmsg4.
+    unsafe {
+        (*sock_addr).user_ip4 = backend.address;
+        (*sock_addr).user_port = u32::from(backend.port);
+    }
+    Ok(ALLOW)
+}
+
+/// Makes a backend address seen by recvmsg/getpeername read as the service it stands
+/// for. Entries whose service has gone (or changed) are dropped instead of applied.
+#[inline(always)]
+pub fn translate_reverse(ctx: &SockAddrContext) {
+    let sock_addr = ctx.sock_addr;
+    // SAFETY: see translate_forward; both helpers accept a sock_addr context.
+    let key = unsafe {
+        SockRevNat4Key {
+            cookie: bpf_get_socket_cookie(ctx.as_ptr()),
+            address: (*sock_addr).user_ip4,
+            port: (*sock_addr).user_port as u16,
+            pad: [0; 2],
+        }
+    };
+    let Some(entry) = SOCK_REV_NAT4.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: a map value pointer from a successful lookup; copied out at once.
+    let entry = unsafe { *entry };
+    let current = REV_NAT4.get_ptr(entry.rev_nat_id);
+    // SAFETY: as above.
+    let still_valid =
+        current.is_some_and(|rev| unsafe { (*rev).address == entry.address && (*rev).port == entry.port });
+    if !still_valid {
+        let _ = SOCK_REV_NAT4.remove(key);
+        return;
+    }
+    // SAFETY: these fields are writable in recvmsg4 and getpeername4.
+    unsafe {
+        (*sock_addr).user_ip4 = entry.address;
+        (*sock_addr).user_port = u32::from(entry.port);
+    }
+}
