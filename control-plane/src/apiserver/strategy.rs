@@ -431,24 +431,29 @@ fn validate_containers(field: &str, containers: Option<&Value>, required: bool, 
             .flatten()
             .enumerate()
         {
-            let port = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
-            if !(1..=65535).contains(&port) {
-                causes.push(FieldCause::invalid(
-                    format!("{field}[{i}].ports[{j}].containerPort"),
-                    port,
-                    "must be between 1 and 65535, inclusive",
-                ));
-            }
-            if let Some(proto) = p.get("protocol").and_then(Value::as_str)
-                && !["TCP", "UDP", "SCTP"].contains(&proto)
-            {
-                causes.push(FieldCause::not_supported(
-                    format!("{field}[{i}].ports[{j}].protocol"),
-                    proto,
-                    &["SCTP", "TCP", "UDP"],
-                ));
-            }
+            check_port(p, "containerPort", &format!("{field}[{i}].ports[{j}]"), causes);
         }
+    }
+}
+
+/// A port number field (1-65535) and the protocol of one container or Service port.
+fn check_port(p: &Value, number_field: &str, path: &str, causes: &mut Causes) {
+    let port = p.get(number_field).and_then(Value::as_i64).unwrap_or(0);
+    if !(1..=65535).contains(&port) {
+        causes.push(FieldCause::invalid(
+            format!("{path}.{number_field}"),
+            port,
+            "must be between 1 and 65535, inclusive",
+        ));
+    }
+    if let Some(proto) = p.get("protocol").and_then(Value::as_str)
+        && !["TCP", "UDP", "SCTP"].contains(&proto)
+    {
+        causes.push(FieldCause::not_supported(
+            format!("{path}.protocol"),
+            proto,
+            &["SCTP", "TCP", "UDP"],
+        ));
     }
 }
 
@@ -578,14 +583,7 @@ fn validate_service(obj: &Value, causes: &mut Causes) {
     }
     let mut names = std::collections::HashSet::new();
     for (i, p) in ports.iter().enumerate() {
-        let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
-        if !(1..=65535).contains(&port) {
-            causes.push(FieldCause::invalid(
-                format!("spec.ports[{i}].port"),
-                port,
-                "must be between 1 and 65535, inclusive",
-            ));
-        }
+        check_port(p, "port", &format!("spec.ports[{i}]"), causes);
         let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
         if ports.len() > 1 && name.is_empty() {
             causes.push(FieldCause::required(format!("spec.ports[{i}].name")));
@@ -605,15 +603,6 @@ fn validate_service(obj: &Value, causes: &mut Causes) {
                     "provided port is not in the valid range. The range of valid ports is 30000-32767",
                 ));
             }
-        }
-        if let Some(proto) = p.get("protocol").and_then(Value::as_str)
-            && !["TCP", "UDP", "SCTP"].contains(&proto)
-        {
-            causes.push(FieldCause::not_supported(
-                format!("spec.ports[{i}].protocol"),
-                proto,
-                &["SCTP", "TCP", "UDP"],
-            ));
         }
     }
     for (field, allowed) in [
