@@ -53,7 +53,6 @@ pub struct Request {
     pub query: Query,
     pub headers: HeaderMap,
     pub body: Bytes,
-    pub user: String,
 }
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;

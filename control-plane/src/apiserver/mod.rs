@@ -290,11 +290,6 @@ async fn serve(shared: Arc<Shared>, client_cert: bool, req: http::Request<hyper:
                             query,
                             headers: parts.headers,
                             body,
-                            user: if client_cert {
-                                "admin".into()
-                            } else {
-                                "admin-token".into()
-                            },
                         };
                         shared.api.clone().handle(request).await
                     }
@@ -325,7 +320,6 @@ async fn bootstrap(api: &Arc<ApiServer>, bind: std::net::IpAddr, port: u16) -> R
                     h
                 },
                 body: serde_json::to_vec(&body).unwrap_or_default().into(),
-                user: "system:apiserver".into(),
             };
             let resp = api.handle(req).await;
             let code = resp.status();

@@ -304,8 +304,8 @@ fn default_workload(kind: &str, obj: &mut Value) {
             meta.remove("creationTimestamp");
         }
     }
-    let status = ensure_object(obj, "status");
-    let _ = status;
+    // Workloads start with an empty status, as Kubernetes returns them.
+    ensure_object(obj, "status");
 }
 
 /// `type` defaults to RollingUpdate, and a RollingUpdate strategy gets each missing
