@@ -1,0 +1,233 @@
+//! The scheduler in `weir server`, against a real server with fake Nodes (objects the test
+//! creates and whose status it writes; no kubelets): pods are bound to a node that fits,
+//! nodeSelector and taints are honoured, and a pod that fits nowhere says why until a node
+//! that fits appears.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use weir_tests::{Backend, TestServer};
+
+const SETTLE: Duration = Duration::from_secs(15);
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last: String;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => last = "condition not met".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?} ({last})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Ready fake node with `cpu` and `memory` allocatable, `labels` and `taints`.
+async fn fake_node(client: &Client, name: &str, cpu: &str, memory: &str, labels: Value, taints: Value) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut labels = labels;
+    labels["kubernetes.io/hostname"] = json!(name);
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"taints": taints},
+    }))?;
+    nodes.create(&PostParams::default(), &node).await?;
+    let resources = json!({"cpu": cpu, "memory": memory, "pods": "110"});
+    let status = json!({"status": {
+        "capacity": resources, "allocatable": resources,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }});
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+async fn create_pod(pods: &Api<Pod>, name: &str, cpu: &str, spec_extra: Value) -> Result<()> {
+    let mut spec = json!({"containers": [{"name": "c", "image": "nginx",
+        "resources": {"requests": {"cpu": cpu, "memory": "64Mi"}}}]});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec,
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    Ok(())
+}
+
+async fn node_of(pods: &Api<Pod>, name: &str) -> Result<String> {
+    eventually(&format!("pod {name} bound"), SETTLE, || async {
+        let pod = pods.get(name).await?;
+        Ok(pod.spec.and_then(|s| s.node_name))
+    })
+    .await
+}
+
+/// Three nodes: small, ssd (4 cpu), gpu (8 cpu, tainted).
+async fn three_nodes(client: &Client) -> Result<()> {
+    fake_node(client, "small", "1", "4Gi", json!({}), json!([])).await?;
+    fake_node(client, "ssd", "4", "16Gi", json!({"disk": "ssd"}), json!([])).await?;
+    fake_node(
+        client,
+        "gpu",
+        "8",
+        "32Gi",
+        json!({}),
+        json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]),
+    )
+    .await
+}
+
+async fn pods_bind_to_fitting_nodes(backend: Backend) -> Result<()> {
+    let server = TestServer::start(backend).await?;
+    let client = server.kube_client().await?;
+    three_nodes(&client).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+
+    // Too big for "small", and "gpu" is tainted.
+    create_pod(&pods, "big", "2", json!({})).await?;
+    ensure!(node_of(&pods, "big").await? == "ssd");
+    create_pod(&pods, "picky", "100m", json!({"nodeSelector": {"disk": "ssd"}})).await?;
+    ensure!(node_of(&pods, "picky").await? == "ssd");
+    // Only the tolerating pod may use the tainted node, and only it has room.
+    create_pod(
+        &pods,
+        "tolerant",
+        "6",
+        json!({"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]}),
+    )
+    .await?;
+    ensure!(node_of(&pods, "tolerant").await? == "gpu");
+    // Many small pods never land on the tainted node.
+    for i in 0..10 {
+        create_pod(&pods, &format!("small-{i}"), "50m", json!({})).await?;
+    }
+    for i in 0..10 {
+        let node = node_of(&pods, &format!("small-{i}")).await?;
+        ensure!(node == "small" || node == "ssd", "small-{i} on {node}");
+    }
+    let listed = server.kubectl_ok(&["get", "pod", "big", "-o", "jsonpath={.spec.nodeName}"]);
+    ensure!(listed == "ssd", "{listed}");
+    let events: Api<Event> = Api::namespaced(client, "default");
+    eventually("a Scheduled event for big", SETTLE, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("Scheduled") && e.involved_object.name.as_deref() == Some("big")))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_bind_to_fitting_nodes_embedded() -> Result<()> {
+    pods_bind_to_fitting_nodes(Backend::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_bind_to_fitting_nodes_etcd() -> Result<()> {
+    pods_bind_to_fitting_nodes(Backend::Etcd).await
+}
+
+async fn unschedulable_pod_reports_why(backend: Backend) -> Result<()> {
+    let server = TestServer::start(backend).await?;
+    let client = server.kube_client().await?;
+    three_nodes(&client).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    create_pod(&pods, "huge", "16", json!({})).await?;
+    let message = eventually("huge marked unschedulable", SETTLE, || async {
+        let pod = pods.get("huge").await?;
+        let cond = pod
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+        Ok(cond.map(|c| (c.reason.unwrap_or_default(), c.message.unwrap_or_default())))
+    })
+    .await?;
+    ensure!(message.0 == "Unschedulable", "{message:?}");
+    ensure!(
+        message.1 == "0/3 nodes are available: 1 node(s) had untolerated taint {dedicated: gpu}, 2 Insufficient cpu.",
+        "{message:?}"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    eventually("a FailedScheduling event", SETTLE, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("FailedScheduling") && e.involved_object.name.as_deref() == Some("huge")
+        }))
+    })
+    .await?;
+    let described = server.kubectl_ok(&["describe", "pod", "huge"]);
+    ensure!(described.contains("FailedScheduling"), "{described}");
+
+    // A node big enough appears: the pod is retried and bound.
+    fake_node(&client, "large", "32", "64Gi", json!({}), json!([])).await?;
+    ensure!(node_of(&pods, "huge").await? == "large");
+    ensure!(pods.get("huge").await?.name_any() == "huge");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unschedulable_pod_reports_why_embedded() -> Result<()> {
+    unschedulable_pod_reports_why(Backend::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unschedulable_pod_reports_why_etcd() -> Result<()> {
+    unschedulable_pod_reports_why(Backend::Etcd).await
+}
+
+/// Pods per second on 100 fake nodes, printed (run with --nocapture); asserts only that all
+/// 500 pods are bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scheduling_throughput_on_100_nodes() -> Result<()> {
+    let server = TestServer::start(Backend::Embedded).await?;
+    let client = server.kube_client().await?;
+    for i in 0..100 {
+        fake_node(&client, &format!("node-{i:03}"), "32", "128Gi", json!({}), json!([])).await?;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    const N: usize = 500;
+    let started = Instant::now();
+    futures::future::try_join_all((0..N).map(|i| {
+        let pods = pods.clone();
+        async move { create_pod(&pods, &format!("p-{i}"), "10m", json!({})).await }
+    }))
+    .await?;
+    let created = started.elapsed();
+    eventually("all pods bound", Duration::from_secs(60), || async {
+        let list = pods.list(&ListParams::default()).await?;
+        let bound = list
+            .items
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .count();
+        Ok((bound == N).then_some(()))
+    })
+    .await?;
+    let total = started.elapsed();
+    eprintln!(
+        "{N} pods on 100 nodes: created in {created:?}, all bound after {total:?} ({:.0} pods/s end to end)",
+        N as f64 / total.as_secs_f64()
+    );
+    Ok(())
+}
