@@ -1,14 +1,15 @@
-//! The scheduler in `weir server`, against a real server with fake Nodes (objects the test
-//! creates and whose status it writes; no kubelets): pods are bound to a node that fits,
-//! nodeSelector and taints are honoured, and a pod that fits nowhere says why until a node
-//! that fits appears.
+//! The scheduler and the ReplicaSet controller in `weir server`, against a real server with fake
+//! Nodes (objects the test creates and whose status it writes; no kubelets): pods are bound to a
+//! node that fits, nodeSelector and taints are honoured, a pod that fits nowhere says why until a
+//! node that fits appears, and ReplicaSets keep their replicas bound.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use weir_tests::{Backend, TestServer};
@@ -230,4 +231,138 @@ async fn scheduling_throughput_on_100_nodes() -> Result<()> {
         N as f64 / total.as_secs_f64()
     );
     Ok(())
+}
+
+/// The ReplicaSet's live (not terminating) pods, with their nodes.
+async fn live_pods(pods: &Api<Pod>, selector: &str) -> Result<Vec<Pod>> {
+    let list = pods.list(&ListParams::default().labels(selector)).await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect())
+}
+
+async fn replica_set_keeps_its_pods(backend: Backend) -> Result<()> {
+    let server = TestServer::start(backend).await?;
+    let client = server.kube_client().await?;
+    for i in 0..3 {
+        fake_node(&client, &format!("node-{i}"), "4", "8Gi", json!({}), json!([])).await?;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // An orphan that matches is adopted and counts toward the replicas.
+    create_pod(&pods, "orphan", "100m", json!({})).await?;
+    pods.patch(
+        "orphan",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"labels": {"app": "web"}}})),
+    )
+    .await?;
+    server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &json!({
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "web"},
+            "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "c", "image": "nginx",
+                                           "resources": {"requests": {"cpu": "100m"}}}]}}},
+        })
+        .to_string(),
+    );
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    let rs_uid = sets.get("web").await?.uid();
+    let bound = eventually("3 pods bound", SETTLE, || async {
+        let live = live_pods(&pods, "app=web").await?;
+        let nodes: Vec<String> = live
+            .iter()
+            .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+            .collect();
+        Ok((live.len() == 3 && nodes.len() == 3).then_some((live, nodes)))
+    })
+    .await?;
+    let (live, mut nodes) = bound;
+    nodes.sort();
+    // Spread over the three nodes.
+    ensure!(nodes == ["node-0", "node-1", "node-2"], "{nodes:?}");
+    for p in &live {
+        let owner = p.owner_references().iter().find(|o| o.controller == Some(true));
+        ensure!(
+            owner.map(|o| Some(o.uid.clone())) == Some(rs_uid.clone()),
+            "{}",
+            p.name_any()
+        );
+        ensure!(
+            p.name_any() == "orphan" || p.name_any().starts_with("web-"),
+            "{}",
+            p.name_any()
+        );
+    }
+
+    // Readiness comes from pod status, which the test writes.
+    for p in &live {
+        let status = json!({"status": {"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+        pods.patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+    }
+    eventually("status counts 3 ready", SETTLE, || async {
+        let s = sets.get("web").await?.status.unwrap_or_default();
+        Ok((s.replicas == 3
+            && s.ready_replicas == Some(3)
+            && s.available_replicas == Some(3)
+            && s.fully_labeled_replicas == Some(3))
+        .then_some(()))
+    })
+    .await?;
+
+    // A deleted pod is replaced.
+    let victim = live[0].name_any();
+    pods.delete(&victim, &DeleteParams::default()).await?;
+    eventually("the deleted pod replaced", SETTLE, || async {
+        let live = live_pods(&pods, "app=web").await?;
+        let bound = live
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .count();
+        Ok((live.len() == 3 && bound == 3 && live.iter().all(|p| p.name_any() != victim)).then_some(()))
+    })
+    .await?;
+
+    // Scale down through the scale subresource: the unready replacement goes first.
+    server.kubectl_ok(&["scale", "replicaset", "web", "--replicas=1"]);
+    let left = eventually("scaled to 1", SETTLE, || async {
+        let live = live_pods(&pods, "app=web").await?;
+        Ok((live.len() == 1).then_some(live))
+    })
+    .await?;
+    let ready = left[0]
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    ensure!(ready, "the ready pod should survive the scale-down");
+    eventually("status replicas 1", SETTLE, || async {
+        let s = sets.get("web").await?.status.unwrap_or_default();
+        Ok((s.replicas == 1).then_some(()))
+    })
+    .await?;
+    let shown = server.kubectl_ok(&[
+        "get",
+        "rs",
+        "web",
+        "-o",
+        "jsonpath={.status.replicas}/{.status.readyReplicas}",
+    ]);
+    ensure!(shown == "1/1", "{shown}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_set_keeps_its_pods_embedded() -> Result<()> {
+    replica_set_keeps_its_pods(Backend::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_set_keeps_its_pods_etcd() -> Result<()> {
+    replica_set_keeps_its_pods(Backend::Etcd).await
 }

@@ -1,10 +1,11 @@
 //! Weir's control loops, run in-process by `weir server`: default ServiceAccounts, namespace
-//! lifecycle, the garbage collector, EndpointSlices and the scheduler. They reach the API only through kube-rs,
+//! lifecycle, the garbage collector, EndpointSlices, ReplicaSets and the scheduler. They reach the API only through kube-rs,
 //! exactly as they would against Kubernetes, and never touch the store.
 
 pub mod endpointslice;
 pub mod garbagecollector;
 pub mod namespace;
+pub mod replicaset;
 pub mod scheduler;
 pub mod serviceaccount;
 
@@ -41,6 +42,10 @@ pub fn run(client: Client) {
     spawn_supervised("garbagecollector", {
         let client = client.clone();
         move || garbagecollector::run(client.clone())
+    });
+    spawn_supervised("replicaset", {
+        let client = client.clone();
+        move || replicaset::run(client.clone())
     });
     spawn_supervised("scheduler", {
         let client = client.clone();
