@@ -1,7 +1,8 @@
 //! The scheduler and the ReplicaSet controller in `weir server`, against a real server with fake
 //! Nodes (objects the test creates and whose status it writes; no kubelets): pods are bound to a
 //! node that fits, nodeSelector and taints are honoured, a pod that fits nowhere says why until a
-//! node that fits appears, and ReplicaSets keep their replicas bound.
+//! node that fits appears, ReplicaSets keep their replicas bound, and Deployments roll out, back
+//! and scale under the real `kubectl rollout`.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -365,4 +366,130 @@ async fn replica_set_keeps_its_pods_embedded() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_set_keeps_its_pods_etcd() -> Result<()> {
     replica_set_keeps_its_pods(Backend::Etcd).await
+}
+
+/// Plays the kubelet: marks every bound pod Running and Ready, until aborted.
+fn mark_bound_pods_ready(pods: Api<Pod>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok(list) = pods.list(&ListParams::default()).await {
+                for p in list.items {
+                    let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+                    let ready = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                    if bound && !ready && p.metadata.deletion_timestamp.is_none() {
+                        let status = json!({"status": {"phase": "Running", "conditions": [
+                            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+                        let _ = pods
+                            .patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+                            .await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// Live, ready pods of app=web and their images.
+async fn ready_images(pods: &Api<Pod>) -> Result<Vec<String>> {
+    Ok(live_pods(pods, "app=web")
+        .await?
+        .into_iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .map(|p| {
+            p.spec.unwrap_or_default().containers[0]
+                .image
+                .clone()
+                .unwrap_or_default()
+        })
+        .collect())
+}
+
+async fn deployment_rolls_out_and_back(backend: Backend) -> Result<()> {
+    let server = TestServer::start(backend).await?;
+    let client = server.kube_client().await?;
+    for i in 0..3 {
+        fake_node(&client, &format!("node-{i}"), "8", "16Gi", json!({}), json!([])).await?;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let kubelet = mark_bound_pods_ready(pods.clone());
+    server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}},
+                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "c", "image": "nginx:1"}]}}},
+        })
+        .to_string(),
+    );
+    server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
+    ensure!(ready_images(&pods).await?.len() == 3);
+
+    // A new image with maxUnavailable 0 never drops below 3 ready pods.
+    let watcher = {
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            let mut min = usize::MAX;
+            for _ in 0..300 {
+                if let Ok(images) = ready_images(&pods).await {
+                    min = min.min(images.len());
+                    if images.len() == 3 && images.iter().all(|i| i == "nginx:2") {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            min
+        })
+    };
+    server.kubectl_ok(&["set", "image", "deployment/web", "c=nginx:2"]);
+    server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
+    let min_ready = watcher.await?;
+    ensure!(min_ready >= 3, "ready pods dropped to {min_ready}");
+    let images = eventually("all pods on nginx:2", SETTLE, || async {
+        let images = ready_images(&pods).await?;
+        Ok((images.len() == 3 && images.iter().all(|i| i == "nginx:2")).then_some(images))
+    })
+    .await?;
+    ensure!(images.len() == 3);
+    let revision = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+    ]);
+    ensure!(revision == "2", "revision {revision}");
+
+    // Undo restores the old template (and its ReplicaSet).
+    server.kubectl_ok(&["rollout", "undo", "deployment/web"]);
+    server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
+    eventually("all pods back on nginx:1", SETTLE, || async {
+        let images = ready_images(&pods).await?;
+        Ok((images.len() == 3 && images.iter().all(|i| i == "nginx:1")).then_some(()))
+    })
+    .await?;
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    ensure!(sets.list(&ListParams::default()).await?.items.len() == 2);
+
+    server.kubectl_ok(&["scale", "deployment", "web", "--replicas=5"]);
+    server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
+    eventually("5 pods", SETTLE, || async {
+        Ok((ready_images(&pods).await?.len() == 5).then_some(()))
+    })
+    .await?;
+    kubelet.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_rolls_out_and_back_embedded() -> Result<()> {
+    deployment_rolls_out_and_back(Backend::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_rolls_out_and_back_etcd() -> Result<()> {
+    deployment_rolls_out_and_back(Backend::Etcd).await
 }
