@@ -1,8 +1,8 @@
-//! The scheduler and the ReplicaSet controller in `weir server`, against a real server with fake
-//! Nodes (objects the test creates and whose status it writes; no kubelets): pods are bound to a
-//! node that fits, nodeSelector and taints are honoured, a pod that fits nowhere says why until a
-//! node that fits appears, ReplicaSets keep their replicas bound, and Deployments roll out, back
-//! and scale under the real `kubectl rollout`.
+//! The scheduler and the ReplicaSet and Deployment controllers in `weir server`, against a real
+//! server with fake Nodes (objects the test creates and whose status it writes; no kubelets):
+//! pods are bound to a node that fits, nodeSelector and taints are honoured, a pod that fits
+//! nowhere says why until a node that fits appears, ReplicaSets keep their replicas bound, and
+//! Deployments roll out, back and scale under the real `kubectl rollout`.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
