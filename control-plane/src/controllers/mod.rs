@@ -1,10 +1,13 @@
 //! Weir's control loops, run in-process by `weir server`: default ServiceAccounts, namespace
-//! lifecycle, the garbage collector and EndpointSlices. They reach the API only through kube-rs,
+//! lifecycle, the garbage collector, EndpointSlices, Deployments, ReplicaSets and the scheduler. They reach the API only through kube-rs,
 //! exactly as they would against Kubernetes, and never touch the store.
 
+pub mod deployment;
 pub mod endpointslice;
 pub mod garbagecollector;
 pub mod namespace;
+pub mod replicaset;
+pub mod scheduler;
 pub mod serviceaccount;
 
 use std::future::Future;
@@ -40,6 +43,18 @@ pub fn run(client: Client) {
     spawn_supervised("garbagecollector", {
         let client = client.clone();
         move || garbagecollector::run(client.clone())
+    });
+    spawn_supervised("deployment", {
+        let client = client.clone();
+        move || deployment::run(client.clone())
+    });
+    spawn_supervised("replicaset", {
+        let client = client.clone();
+        move || replicaset::run(client.clone())
+    });
+    spawn_supervised("scheduler", {
+        let client = client.clone();
+        move || scheduler::run(client.clone())
     });
     spawn_supervised("endpointslice", move || endpointslice::run(client.clone()));
 }
