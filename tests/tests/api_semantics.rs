@@ -90,17 +90,15 @@ async fn label_and_field_selectors_filter_lists_and_deletecollection() -> Result
         "binding did not set nodeName: {bound}"
     );
 
-    let mut c = expect_ok(client.get(server.url(&format!("{PODS}/c"))).send().await?, 200).await?;
-    c["status"]["phase"] = json!("Running");
-    expect_ok(
-        client
-            .put(server.url(&format!("{PODS}/c/status")))
-            .json(&c)
-            .send()
-            .await?,
-        200,
-    )
-    .await?;
+    // A merge patch of the status subresource: the scheduler writes the same pod's conditions
+    // concurrently, so a read-modify-write PUT could meet a (correct) 409.
+    let running = client
+        .patch(server.url(&format!("{PODS}/c/status")))
+        .header("Content-Type", "application/merge-patch+json")
+        .body(r#"{"status":{"phase":"Running"}}"#)
+        .send()
+        .await?;
+    expect_ok(running, 200).await?;
 
     let list = |query: &'static str| {
         let client = client.clone();
@@ -154,36 +152,35 @@ async fn status_and_main_resource_updates_do_not_touch_each_other() -> Result<()
         "defaults: {created}"
     );
 
+    // The Deployment controller writes this object's status concurrently, so every write here is
+    // a merge patch without a resourceVersion and every check reads the write's own answer.
+    let merge = |path: String, body: &'static str| {
+        let request = client
+            .patch(server.url(&path))
+            .header("Content-Type", "application/merge-patch+json")
+            .body(body);
+        async move { expect_ok(request.send().await?, 200).await }
+    };
     // A status write keeps the spec and the generation.
-    let mut with_status = created.clone();
-    with_status["status"] = json!({"replicas": 2, "readyReplicas": 1});
-    with_status["spec"]["replicas"] = json!(9);
-    let after_status = expect_ok(
-        client
-            .put(server.url(&format!("{deployments}/web/status")))
-            .json(&with_status)
-            .send()
-            .await?,
-        200,
+    let after_status = merge(
+        format!("{deployments}/web/status"),
+        r#"{"spec":{"replicas":9},"status":{"observedGeneration":42}}"#,
     )
     .await?;
-    ensure!(after_status["status"]["readyReplicas"] == 1 && after_status["spec"]["replicas"] == 2);
+    ensure!(after_status["status"]["observedGeneration"] == 42 && after_status["spec"]["replicas"] == 2);
     ensure!(after_status["metadata"]["generation"] == 1);
 
-    // A main-resource write keeps the status and bumps the generation on a spec change.
-    let mut edit = after_status.clone();
-    edit["status"] = json!({});
-    edit["spec"]["replicas"] = json!(3);
-    let after_edit = expect_ok(
-        client
-            .put(server.url(&format!("{deployments}/web")))
-            .json(&edit)
-            .send()
-            .await?,
-        200,
+    // A main-resource write ignores the status and bumps the generation on a spec change.
+    let after_edit = merge(
+        format!("{deployments}/web"),
+        r#"{"spec":{"replicas":3},"status":{"observedGeneration":99}}"#,
     )
     .await?;
-    ensure!(after_edit["status"]["readyReplicas"] == 1 && after_edit["metadata"]["generation"] == 2);
+    ensure!(after_edit["spec"]["replicas"] == 3 && after_edit["metadata"]["generation"] == 2);
+    ensure!(
+        after_edit["status"]["observedGeneration"] != 99,
+        "status changed through the main resource"
+    );
 
     // The scale subresource reads and writes spec.replicas.
     let scale = expect_ok(
@@ -206,19 +203,13 @@ async fn status_and_main_resource_updates_do_not_touch_each_other() -> Result<()
     ensure!(now["spec"]["replicas"] == 5);
 
     // The selector is immutable.
-    let mut bad = now.clone();
-    bad["spec"]["selector"] = json!({"matchLabels": {"app": "other"}});
-    bad["spec"]["template"]["metadata"]["labels"] = json!({"app": "other"});
-    let status = expect_status(
-        client
-            .put(server.url(&format!("{deployments}/web")))
-            .json(&bad)
-            .send()
-            .await?,
-        422,
-        "Invalid",
-    )
-    .await?;
+    let bad = client
+        .patch(server.url(&format!("{deployments}/web")))
+        .header("Content-Type", "application/merge-patch+json")
+        .body(r#"{"spec":{"selector":{"matchLabels":{"app":"other"}},"template":{"metadata":{"labels":{"app":"other"}}}}}"#)
+        .send()
+        .await?;
+    let status = expect_status(bad, 422, "Invalid").await?;
     ensure!(status["details"]["causes"][0]["field"] == "spec.selector", "{status}");
     Ok(())
 }

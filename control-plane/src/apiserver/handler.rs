@@ -800,15 +800,11 @@ impl ApiServer {
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)
             .map(String::from);
-        let status_only = t.sub == Some(Subresource::Status);
+        // A status write is narrowed to the status inside `write`.
         let finalize = t.sub == Some(Subresource::Finalize);
         let obj = self
             .write(t, &name, req, precondition.as_deref(), |cur| {
-                if status_only {
-                    let mut new = cur.clone();
-                    new["status"] = body.get("status").cloned().unwrap_or(Value::Null);
-                    Ok(new)
-                } else if finalize {
+                if finalize {
                     let mut new = cur.clone();
                     new["spec"]["finalizers"] = body
                         .pointer("/spec/finalizers")
@@ -984,6 +980,12 @@ impl ApiServer {
             let mut new = mutate(&current)?;
             if !new.is_object() {
                 return Err(ApiError::bad_request("the patched object is not a JSON object"));
+            }
+            if t.sub == Some(Subresource::Status) {
+                // The status subresource writes status only, whatever else the body or patch says.
+                let status = new.get("status").cloned().unwrap_or(Value::Null);
+                new = current.clone();
+                new["status"] = status;
             }
             self.carry_metadata(t, &current, &mut new)?;
             if t.sub.is_none() {
