@@ -8,6 +8,7 @@
 
 mod desired;
 mod index;
+pub mod maglev;
 mod model;
 
 use std::fs::File;
