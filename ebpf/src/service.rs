@@ -4,14 +4,15 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
 use weir_ebpf_common::{
-    Backend4Value, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, Service4Key, SockRevNat4Key, SockRevNat4Value,
+    Backend4Value, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SERVICE_FLAG_MAGLEV, Service4Key,
+    maglev_key, SockRevNat4Key, SockRevNat4Value,
 };
 
-use crate::maps::{BACKENDS4, REV_NAT4, SERVICES4, SOCK_REV_NAT4};
+use crate::maps::{BACKENDS4, MAGLEV4, REV_NAT4, SERVICES4, SOCK_REV_NAT4};
 
 /// Return codes of cgroup/sock_addr programs.
 pub const ALLOW: i32 = 1;
@@ -32,9 +33,11 @@ enum Selection {
     },
 }
 
-/// Slot 0 holds the frontend; a random slot in `1..=backend_count` names the backend.
+/// Slot 0 holds the frontend; a random slot in `1..=backend_count` names the backend, or,
+/// for a Maglev service, the table slot a hash of the client's netns cookie falls on
+/// (random when that slot is not written yet or names a backend already gone).
 #[inline(always)]
-fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
+fn select_backend(ctx: &SockAddrContext, address: u32, port: u16, proto: u8) -> Selection {
     let mut key = Service4Key {
         address,
         port,
@@ -52,6 +55,22 @@ fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
     if count == 0 {
         return Selection::NoBackend;
     }
+    if frontend.flags & SERVICE_FLAG_MAGLEV != 0 {
+        // SAFETY: the helper accepts a sock_addr context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let slot = (mix64(netns) % u64::from(MAGLEV_TABLE_SIZE)) as u32;
+        if let Some(id) = MAGLEV4.get_ptr(maglev_key(frontend.rev_nat_id, slot)) {
+            // SAFETY: a map value pointer from a successful lookup; copied out at once.
+            let backend_id = unsafe { *id };
+            if let Some(backend) = BACKENDS4.get_ptr(backend_id) {
+                return Selection::Backend {
+                    // SAFETY: as above.
+                    backend: unsafe { *backend },
+                    rev_nat_id: frontend.rev_nat_id,
+                };
+            }
+        }
+    }
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
     key.slot = (random % count) as u16 + 1;
@@ -68,6 +87,16 @@ fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
         backend: unsafe { *backend },
         rev_nat_id: frontend.rev_nat_id,
     }
+}
+
+/// splitmix64's finalizer: netns cookies are small consecutive numbers.
+#[inline(always)]
+fn mix64(mut h: u64) -> u64 {
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 /// Rewrites the destination of a connect/sendmsg to a service into one of its backends,
@@ -88,7 +117,7 @@ pub fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
         17 => PROTO_UDP,
         _ => return Ok(ALLOW),
     };
-    let (backend, rev_nat_id) = match select_backend(address, port, proto) {
+    let (backend, rev_nat_id) = match select_backend(ctx, address, port, proto) {
         Selection::NotAService => return Ok(ALLOW),
         Selection::NoBackend => return Err(ECONNREFUSED),
         Selection::Backend { backend, rev_nat_id } => (backend, rev_nat_id),

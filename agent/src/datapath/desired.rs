@@ -8,10 +8,13 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-use super::model::{Backend, BackendState, DesiredState, Protocol, ServiceKey};
+use super::model::{Backend, BackendState, DesiredState, LbAlgorithm, Protocol, ServiceKey};
 
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The annotation selecting a service's backend selection: `random` (default) or `maglev`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "service.weir.dev/lb-algorithm";
 
 /// Every IPv4 ClusterIP port of `services`, with the endpoints of `slices` that serve it.
 ///
@@ -32,6 +35,17 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
         if addresses.is_empty() {
             continue;
         }
+        let algorithm = match service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(LB_ALGORITHM_ANNOTATION))
+            .map(|value| value.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("maglev") => LbAlgorithm::Maglev,
+            _ => LbAlgorithm::Random,
+        };
         let own_slices: Vec<&EndpointSlice> = slices
             .iter()
             .filter(|slice| slice.address_type == "IPv4" && belongs_to(slice, service))
@@ -51,6 +65,9 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
                     protocol,
                 };
                 desired.services.insert(key, backends.clone());
+                if algorithm != LbAlgorithm::Random {
+                    desired.algorithms.insert(key, algorithm);
+                }
             }
         }
     }
@@ -294,6 +311,32 @@ mod tests {
                 Backend::terminating(ip("10.244.1.3"), 8080)
             ]
         );
+    }
+
+    #[test]
+    fn the_lb_algorithm_annotation_selects_maglev_and_anything_else_is_random() {
+        let annotated = |name: &str, ip: &str, value: Option<&str>| {
+            let mut service = service(name, ip, &[(None, 80, "TCP")]);
+            service.metadata.annotations =
+                value.map(|value| [(LB_ALGORITHM_ANNOTATION.to_owned(), value.to_owned())].into());
+            service
+        };
+        let services = [
+            annotated("maglev", "10.96.0.30", Some("maglev")),
+            annotated("shouting", "10.96.0.31", Some(" Maglev ")),
+            annotated("random", "10.96.0.32", Some("random")),
+            annotated("unknown", "10.96.0.33", Some("round-robin")),
+            annotated("plain", "10.96.0.34", None),
+        ];
+        let desired = desired_state(&services, &[]);
+        assert_eq!(desired.services.len(), 5);
+        let maglev = |ip: &str| desired.algorithm(&key(ip, 80, Protocol::Tcp));
+        assert_eq!(maglev("10.96.0.30"), LbAlgorithm::Maglev);
+        assert_eq!(maglev("10.96.0.31"), LbAlgorithm::Maglev);
+        assert_eq!(maglev("10.96.0.32"), LbAlgorithm::Random);
+        assert_eq!(maglev("10.96.0.33"), LbAlgorithm::Random);
+        assert_eq!(maglev("10.96.0.34"), LbAlgorithm::Random);
+        assert_eq!(desired.algorithms.len(), 2);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! every agent computes the same table from the same backends.
 
 /// Slots per service: a prime, so every `skip` in `1..M` walks all slots.
-pub const TABLE_SIZE: usize = 16381;
+pub const TABLE_SIZE: usize = weir_ebpf_common::MAGLEV_TABLE_SIZE as usize;
 
 /// The Maglev table for backends known by `identities` (e.g. `"10.0.0.1:8080"` as bytes):
 /// `table[slot]` is an index into `identities`. Empty without backends. The result does not

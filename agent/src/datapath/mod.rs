@@ -22,15 +22,15 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{EbpfError, EbpfLoader};
 use tracing::{debug, info};
 use weir_ebpf_common::{
-    BACKENDS4, Backend4Value, DATAPATH_VERSION, REV_NAT4, RevNat4Value, SERVICES4, SOCK_PROGRAMS, Service4Key,
-    Service4Value,
+    BACKENDS4, Backend4Value, DATAPATH_VERSION, MAGLEV_TABLE_SIZE, MAGLEV4, REV_NAT4, RevNat4Value,
+    SERVICE_FLAG_MAGLEV, SERVICES4, SOCK_PROGRAMS, Service4Key, Service4Value, maglev_key,
 };
 
-pub use desired::desired_state;
+pub use desired::{LB_ALGORITHM_ANNOTATION, desired_state};
 pub use index::IdsExhausted;
-pub use model::{Backend, BackendState, DesiredState, Protocol, ServiceKey};
+pub use model::{Backend, BackendState, DesiredState, LbAlgorithm, Protocol, ServiceKey};
 
-use index::{Index, Write};
+use index::{Index, Selection, Write};
 
 /// The kernel programs, built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
@@ -116,6 +116,7 @@ pub struct Datapath {
     services: BpfHashMap<MapData, Service4Key, Service4Value>,
     backends: BpfHashMap<MapData, u32, Backend4Value>,
     rev_nat: BpfHashMap<MapData, u16, RevNat4Value>,
+    maglev: BpfHashMap<MapData, u32, u32>,
     index: Index,
     pin_dir: PathBuf,
 }
@@ -146,6 +147,7 @@ impl Datapath {
             services: open_map(&pin_dir, SERVICES4)?,
             backends: open_map(&pin_dir, BACKENDS4)?,
             rev_nat: open_map(&pin_dir, REV_NAT4)?,
+            maglev: open_map(&pin_dir, MAGLEV4)?,
             index: Index::default(),
             pin_dir,
         };
@@ -201,17 +203,99 @@ impl Datapath {
     /// Makes `key` balance over `backends`, writing only what differs from the maps.
     /// Returns the number of map writes.
     pub fn upsert_service(&mut self, key: ServiceKey, backends: Vec<Backend>) -> Result<usize, Error> {
-        let writes = self.index.plan_upsert(key, &backends);
+        self.upsert_service_with(key, backends, LbAlgorithm::Random)
+    }
+
+    /// [`Datapath::upsert_service`] with a choice of backend selection. A Maglev service
+    /// gets its table written after its slots, only the table slots that differ.
+    pub fn upsert_service_with(
+        &mut self,
+        key: ServiceKey,
+        backends: Vec<Backend>,
+        algorithm: LbAlgorithm,
+    ) -> Result<usize, Error> {
+        let flags = match algorithm {
+            LbAlgorithm::Random => 0,
+            LbAlgorithm::Maglev => SERVICE_FLAG_MAGLEV,
+        };
+        let old = self.index.selection_of(&key);
+        let writes = self.index.plan_upsert_flagged(key, &backends, flags);
         let writes = self.or_resync(writes.map_err(Error::from))?;
         debug!(service = %key, backends = backends.len(), writes = writes.len(), "datapath: upsert service");
-        self.apply(writes)
+        let mut count = self.apply(writes)?;
+        if let Some(Selection {
+            flags: old_flags,
+            rev_nat_id,
+            ..
+        }) = old
+            && old_flags & SERVICE_FLAG_MAGLEV != 0
+            && flags & SERVICE_FLAG_MAGLEV == 0
+        {
+            count += self.remove_maglev_table(rev_nat_id)?;
+        }
+        if flags & SERVICE_FLAG_MAGLEV != 0 {
+            count += self.write_maglev_table(&key)?;
+        }
+        Ok(count)
+    }
+
+    /// Writes the slots of `key`'s Maglev table that differ from its selectable backends'.
+    /// Until then the program falls back to random for slots that are missing or stale.
+    fn write_maglev_table(&mut self, key: &ServiceKey) -> Result<usize, Error> {
+        let Some(Selection {
+            rev_nat_id, backends, ..
+        }) = self.index.selection_of(key)
+        else {
+            return Ok(0);
+        };
+        if backends.is_empty() {
+            return self.remove_maglev_table(rev_nat_id);
+        }
+        let identities: Vec<String> = backends
+            .iter()
+            .map(|(_, value)| {
+                let address = std::net::Ipv4Addr::from(value.address.to_ne_bytes());
+                format!("{address}:{}", u16::from_be(value.port))
+            })
+            .collect();
+        let table = maglev::table(&identities);
+        let map_err = |source| Error::Map { name: MAGLEV4, source };
+        let mut count = 0;
+        for (slot, backend) in table.iter().enumerate() {
+            let map_key = maglev_key(rev_nat_id, slot as u32);
+            let id = backends[*backend as usize].0;
+            if self.maglev.get(&map_key, 0).ok() != Some(id) {
+                self.maglev.insert(map_key, id, 0).map_err(map_err)?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    fn remove_maglev_table(&mut self, rev_nat_id: u16) -> Result<usize, Error> {
+        let mut count = 0;
+        for slot in 0..MAGLEV_TABLE_SIZE {
+            match self.maglev.remove(&maglev_key(rev_nat_id, slot)) {
+                Ok(()) => count += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(Error::Map { name: MAGLEV4, source }),
+            }
+        }
+        Ok(count)
     }
 
     /// Removes `key`; connections to it are no longer translated. Returns the map writes.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<usize, Error> {
+        let old = self.index.selection_of(key);
         let writes = self.index.plan_remove(key);
         debug!(service = %key, writes = writes.len(), "datapath: remove service");
-        self.apply(writes)
+        let mut count = self.apply(writes)?;
+        if let Some(Selection { flags, rev_nat_id, .. }) = old
+            && flags & SERVICE_FLAG_MAGLEV != 0
+        {
+            count += self.remove_maglev_table(rev_nat_id)?;
+        }
+        Ok(count)
     }
 
     /// Brings the maps to `desired`: services that should not exist go, the others are
@@ -229,7 +313,7 @@ impl Datapath {
             writes += self.remove_service(key)?;
         }
         for (key, backends) in &desired.services {
-            writes += self.upsert_service(*key, backends.clone())?;
+            writes += self.upsert_service_with(*key, backends.clone(), desired.algorithm(key))?;
         }
         let cleanup = self.index.plan_cleanup();
         writes += self.apply(cleanup)?;

@@ -88,9 +88,27 @@ impl Backend {
     }
 }
 
+/// How a service picks the backend of a new connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbAlgorithm {
+    /// A random selectable backend per connection.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the client's network namespace: one client keeps its
+    /// backend, and a backend change moves few clients.
+    Maglev,
+}
+
 /// Everything the maps should hold: each service with its backends, sorted and without
-/// duplicates.
+/// duplicates, and the services that do not use [`LbAlgorithm::Random`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServiceKey, Vec<Backend>>,
+    pub algorithms: BTreeMap<ServiceKey, LbAlgorithm>,
+}
+
+impl DesiredState {
+    pub fn algorithm(&self, key: &ServiceKey) -> LbAlgorithm {
+        self.algorithms.get(key).copied().unwrap_or_default()
+    }
 }

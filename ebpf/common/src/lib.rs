@@ -9,7 +9,7 @@
 
 /// Pins live under `<pin root>/<DATAPATH_VERSION>/`: a program or map layout change bumps
 /// it, and the agent of a new version loads beside the old pins instead of misreading them.
-pub const DATAPATH_VERSION: &str = "v1";
+pub const DATAPATH_VERSION: &str = "v2";
 
 /// Service frontends and their backend slots: [`Service4Key`] → [`Service4Value`].
 pub const SERVICES4: &str = "SERVICES4";
@@ -19,11 +19,28 @@ pub const BACKENDS4: &str = "BACKENDS4";
 pub const REV_NAT4: &str = "REV_NAT4";
 /// LRU of translated sockets, for replies and getpeername: [`SockRevNat4Key`] → [`SockRevNat4Value`].
 pub const SOCK_REV_NAT4: &str = "SOCK_REV_NAT4";
+/// Maglev lookup tables: [`maglev_key`]`(rev_nat_id, slot)` → backend id (`u32`).
+pub const MAGLEV4: &str = "MAGLEV4";
 
 pub const SERVICES4_MAX_ENTRIES: u32 = 65536;
 pub const BACKENDS4_MAX_ENTRIES: u32 = 65536;
 pub const REV_NAT4_MAX_ENTRIES: u32 = 65536;
 pub const SOCK_REV_NAT4_MAX_ENTRIES: u32 = 131072;
+/// Slots of one service's Maglev table: a prime below 2^14.
+pub const MAGLEV_TABLE_SIZE: u32 = 16381;
+/// Room for the tables of 64 Maglev services (allocated on use, not preallocated).
+pub const MAGLEV4_MAX_ENTRIES: u32 = 64 * MAGLEV_TABLE_SIZE;
+
+/// Frontend flag (slot 0 `flags`): choose the backend from the service's Maglev table by
+/// a hash of the client's network namespace instead of at random.
+pub const SERVICE_FLAG_MAGLEV: u8 = 1;
+
+/// The MAGLEV4 key of `slot` (< [`MAGLEV_TABLE_SIZE`]) in the table of the service with
+/// reverse-NAT id `rev_nat_id`.
+#[inline(always)]
+pub const fn maglev_key(rev_nat_id: u16, slot: u32) -> u32 {
+    ((rev_nat_id as u32) << 14) | slot
+}
 
 /// cgroup/connect4: translates a ClusterIP:port to a backend when a socket connects.
 pub const PROG_CONNECT4: &str = "sock_connect4";
