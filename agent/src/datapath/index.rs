@@ -26,10 +26,12 @@ pub(crate) enum Write {
     RemoveBackend(BackendId),
 }
 
-/// A service's frontend flags, reverse-NAT id and selectable backends (in slot order).
+/// A service's frontend flags, affinity timeout, reverse-NAT id and selectable backends
+/// (in slot order).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Selection {
     pub(crate) flags: u8,
+    pub(crate) affinity_timeout: u32,
     pub(crate) rev_nat_id: RevNatId,
     pub(crate) backends: Vec<(BackendId, Backend4Value)>,
 }
@@ -43,6 +45,8 @@ struct ServiceEntry {
     selectable: usize,
     /// `SERVICE_FLAG_*` of the frontend.
     flags: u8,
+    /// sessionAffinity ClientIP timeout in seconds, 0 for none.
+    affinity_timeout: u32,
 }
 
 impl ServiceEntry {
@@ -54,6 +58,7 @@ impl ServiceEntry {
             draining_count: (self.slots.len() - self.selectable) as u16,
             flags: self.flags,
             pad: 0,
+            affinity_timeout: self.affinity_timeout,
         }
     }
 }
@@ -207,6 +212,7 @@ impl Index {
                     .collect(),
                 selectable: usize::from(value.backend_count),
                 flags: value.flags,
+                affinity_timeout: value.affinity_timeout,
             };
             index
                 .stray_slots
@@ -263,7 +269,7 @@ impl Index {
     /// Active backends are selectable; terminating ones only when no backend is active.
     #[cfg(test)]
     pub(crate) fn plan_upsert(&mut self, key: ServiceKey, backends: &[Backend]) -> Result<Vec<Write>, IdsExhausted> {
-        self.plan_upsert_flagged(key, backends, 0)
+        self.plan_upsert_flagged(key, backends, 0, 0)
     }
 
     /// How `key` selects its backends, as the maps hold it.
@@ -275,17 +281,20 @@ impl Index {
             .collect();
         Some(Selection {
             flags: entry.flags,
+            affinity_timeout: entry.affinity_timeout,
             rev_nat_id: entry.rev_nat_id,
             backends,
         })
     }
 
-    /// Plans `key` to balance over `backends` with frontend `flags` (`SERVICE_FLAG_*`).
+    /// Plans `key` to balance over `backends` with frontend `flags` (`SERVICE_FLAG_*`) and
+    /// a sessionAffinity timeout in seconds (0: none).
     pub(crate) fn plan_upsert_flagged(
         &mut self,
         key: ServiceKey,
         backends: &[Backend],
         flags: u8,
+        affinity_timeout: u32,
     ) -> Result<Vec<Write>, IdsExhausted> {
         let mut wanted: BTreeMap<(Ipv4Addr, u16), BackendState> = BTreeMap::new();
         for backend in backends {
@@ -342,6 +351,7 @@ impl Index {
             selectable: new_selectable.len(),
             slots: new_selectable.into_iter().chain(new_draining).collect(),
             flags,
+            affinity_timeout,
         };
         let old_slots = old.as_ref().map_or(&[][..], |entry| &entry.slots[..]);
 

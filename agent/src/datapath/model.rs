@@ -99,16 +99,25 @@ pub enum LbAlgorithm {
     Maglev,
 }
 
+/// How a service chooses backends, beyond which ones it has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Selection {
+    pub algorithm: LbAlgorithm,
+    /// sessionAffinity ClientIP: a client (its network namespace) keeps its backend while
+    /// it reconnects within this many seconds. `None`: no affinity.
+    pub affinity_timeout: Option<u32>,
+}
+
 /// Everything the maps should hold: each service with its backends, sorted and without
-/// duplicates, and the services that do not use [`LbAlgorithm::Random`].
+/// duplicates, and the services whose [`Selection`] is not the default.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServiceKey, Vec<Backend>>,
-    pub algorithms: BTreeMap<ServiceKey, LbAlgorithm>,
+    pub selections: BTreeMap<ServiceKey, Selection>,
 }
 
 impl DesiredState {
-    pub fn algorithm(&self, key: &ServiceKey) -> LbAlgorithm {
-        self.algorithms.get(key).copied().unwrap_or_default()
+    pub fn selection(&self, key: &ServiceKey) -> Selection {
+        self.selections.get(key).copied().unwrap_or_default()
     }
 }
