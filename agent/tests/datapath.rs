@@ -24,7 +24,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use weir_agent::datapath::{Backend, Config, Datapath, Error, Protocol, ServiceKey, desired_state};
+use weir_agent::datapath::{
+    Backend, Config, Datapath, Error, LB_ALGORITHM_ANNOTATION, LbAlgorithm, Protocol, ServiceKey, ServiceSelection,
+    desired_state,
+};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 123, 45);
 
@@ -457,6 +460,143 @@ fn two_backends_share_the_connections_and_a_removed_one_gets_no_more() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
+fn maglev_keeps_a_client_on_one_backend_and_moves_it_only_when_that_backend_goes() {
+    let mut fx = Fixture::new();
+    let all: Vec<Backend> = (2..=4)
+        .map(|last| fx.tcp_backend(Ipv4Addr::new(127, 0, 0, last), 8080))
+        .collect();
+    let mut datapath = fx.load();
+    let writes = datapath
+        .upsert_service_with(tcp_service(80), all.clone(), maglev())
+        .unwrap();
+    assert!(writes >= 16381, "the Maglev table is written: {writes} writes");
+
+    // One client (one netns): every connection goes to the same backend. At random,
+    // P(30 connections agree) = 3^-29.
+    let outcomes = fx.client("tcp", 80, 30);
+    let hits = reached(&outcomes);
+    let chosen = hits[0].to_owned();
+    assert!(hits.iter().all(|h| *h == chosen), "{hits:?}");
+
+    // The same table again writes nothing.
+    assert_eq!(
+        datapath
+            .upsert_service_with(tcp_service(80), all.clone(), maglev())
+            .unwrap(),
+        0
+    );
+
+    // Its backend goes: the client moves, again all together, to one of the others.
+    let rest: Vec<Backend> = all
+        .iter()
+        .copied()
+        .filter(|b| format!("{}:{}", b.address, b.port) != chosen)
+        .collect();
+    assert_eq!(rest.len(), 2);
+    datapath
+        .upsert_service_with(tcp_service(80), rest.clone(), maglev())
+        .unwrap();
+    let outcomes = fx.client("tcp", 80, 30);
+    let hits = reached(&outcomes);
+    let moved = hits[0].to_owned();
+    assert_ne!(moved, chosen);
+    assert!(hits.iter().all(|h| *h == moved), "{hits:?}");
+
+    // Back to random: the same client is spread again (P(30 agree) = 3^-29), and the
+    // table is gone.
+    let writes = datapath
+        .upsert_service_with(tcp_service(80), all.clone(), ServiceSelection::default())
+        .unwrap();
+    assert!(writes >= 16381, "the Maglev table is removed: {writes} writes");
+    let outcomes = fx.client("tcp", 80, 30);
+    let hits = reached(&outcomes);
+    assert!(hits.iter().any(|h| *h != hits[0]), "{hits:?}");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn the_lb_algorithm_annotation_makes_a_reconciled_service_maglev() {
+    let mut fx = Fixture::new();
+    fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 3), 8080);
+    fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 4), 8080);
+    let mut service = k8s_service("web", 80);
+    service.metadata.annotations = Some([(LB_ALGORITHM_ANNOTATION.to_owned(), "maglev".to_owned())].into());
+    let slice = k8s_slice("web", &["127.0.0.2", "127.0.0.3", "127.0.0.4"], 8080);
+    let desired = desired_state(&[service], &[slice]);
+    let mut datapath = fx.load();
+    datapath.reconcile(&desired).unwrap();
+    let outcomes = fx.client("tcp", 80, 30);
+    let hits = reached(&outcomes);
+    assert!(hits.iter().all(|h| *h == hits[0]), "{hits:?}");
+
+    // A new loader (the agent restarted) finds the table in place and writes nothing.
+    drop(datapath);
+    let mut datapath = fx.load();
+    assert_eq!(datapath.reconcile(&desired).unwrap(), 0);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
+    let mut fx = Fixture::new();
+    let all: Vec<Backend> = (2..=4)
+        .map(|last| fx.tcp_backend(Ipv4Addr::new(127, 0, 0, last), 8080))
+        .collect();
+    let mut datapath = fx.load();
+    let affinity = ServiceSelection {
+        algorithm: LbAlgorithm::Random,
+        affinity_timeout: Some(1),
+    };
+    datapath
+        .upsert_service_with(tcp_service(80), all.clone(), affinity)
+        .unwrap();
+
+    // Random selection, but one client: every connection follows the first one. At
+    // random, P(30 connections agree) = 3^-29. Reconnecting keeps refreshing the entry.
+    let outcomes = fx.client("tcp", 80, 30);
+    let hits = reached(&outcomes);
+    let first = hits[0].to_owned();
+    assert!(hits.iter().all(|h| *h == first), "{hits:?}");
+    let outcomes = fx.client("tcp", 80, 10);
+    assert!(reached(&outcomes).iter().all(|h| *h == first), "{outcomes:?}");
+
+    // Rounds separated by more than the timeout start afresh: over 8 rounds some round
+    // picks another backend (P(all 8 pick the first again) = 3^-8), and each round sticks.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        let outcomes = fx.client("tcp", 80, 5);
+        let hits = reached(&outcomes);
+        assert!(hits.iter().all(|h| *h == hits[0]), "{hits:?}");
+        seen.insert(hits[0].to_owned());
+    }
+    assert!(seen.len() > 1, "after the timeout the choice is fresh: {seen:?}");
+
+    // The client's backend leaves the service: its affinity goes with it, at once.
+    let outcomes = fx.client("tcp", 80, 1);
+    let current = reached(&outcomes)[0].to_owned();
+    let rest: Vec<Backend> = all
+        .iter()
+        .copied()
+        .filter(|b| format!("{}:{}", b.address, b.port) != current)
+        .collect();
+    datapath.upsert_service_with(tcp_service(80), rest, affinity).unwrap();
+    let outcomes = fx.client("tcp", 80, 10);
+    let hits = reached(&outcomes);
+    assert!(hits.iter().all(|h| *h == hits[0] && *h != current), "{hits:?}");
+
+    // Without affinity the same client is spread again.
+    datapath
+        .upsert_service_with(tcp_service(80), all, ServiceSelection::default())
+        .unwrap();
+    let outcomes = fx.client("tcp", 80, 30);
+    let hits = reached(&outcomes);
+    assert!(hits.iter().any(|h| *h != hits[0]), "{hits:?}");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_service_without_backends_refuses_connections_at_once() {
     let fx = Fixture::new();
     let mut datapath = fx.load();
@@ -560,6 +700,13 @@ fn load_explains_a_missing_cgroup_and_a_pin_root_off_bpffs() {
         .expect("a pin root off bpffs must fail");
     assert!(matches!(err, Error::NoBpfFs { .. }), "{err}");
     assert!(err.to_string().contains("mount -t bpf"), "{err}");
+}
+
+fn maglev() -> ServiceSelection {
+    ServiceSelection {
+        algorithm: LbAlgorithm::Maglev,
+        affinity_timeout: None,
+    }
 }
 
 fn k8s_service(name: &str, port: i32) -> Service {

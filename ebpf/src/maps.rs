@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
 };
 use weir_ebpf_common::{
-    BACKENDS4_MAX_ENTRIES, Backend4Value, REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICES4_MAX_ENTRIES,
-    SOCK_REV_NAT4_MAX_ENTRIES, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value,
+    AFFINITY4_MAX_ENTRIES, Affinity4Key, Affinity4Value, BACKENDS4_MAX_ENTRIES, Backend4Value, MAGLEV4_MAX_ENTRIES,
+    REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICES4_MAX_ENTRIES, SOCK_REV_NAT4_MAX_ENTRIES, Service4Key, Service4Value,
+    SockRevNat4Key, SockRevNat4Value,
 };
 
 #[map]
@@ -22,3 +23,12 @@ pub static REV_NAT4: HashMap<u16, RevNat4Value> = HashMap::pinned(REV_NAT4_MAX_E
 #[map]
 pub static SOCK_REV_NAT4: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
     LruHashMap::pinned(SOCK_REV_NAT4_MAX_ENTRIES, 0);
+
+/// Allocated on use (BPF_F_NO_PREALLOC): only Maglev services have tables.
+#[map]
+pub static MAGLEV4: HashMap<u32, u32> = HashMap::pinned(MAGLEV4_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map]
+pub static AFFINITY4: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(AFFINITY4_MAX_ENTRIES, 0);

@@ -4,14 +4,15 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
 use weir_ebpf_common::{
-    Backend4Value, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, Service4Key, SockRevNat4Key, SockRevNat4Value,
+    Affinity4Key, Affinity4Value, Backend4Value, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SERVICE_FLAG_MAGLEV, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value, maglev_key,
 };
 
-use crate::maps::{BACKENDS4, REV_NAT4, SERVICES4, SOCK_REV_NAT4};
+use crate::maps::{AFFINITY4, BACKENDS4, MAGLEV4, REV_NAT4, SERVICES4, SOCK_REV_NAT4};
 
 /// Return codes of cgroup/sock_addr programs.
 pub const ALLOW: i32 = 1;
@@ -28,14 +29,17 @@ enum Selection {
     NoBackend,
     Backend {
         backend: Backend4Value,
+        backend_id: u32,
         rev_nat_id: u16,
     },
 }
 
-/// Slot 0 holds the frontend; a random slot in `1..=backend_count` names the backend.
+/// Slot 0 holds the frontend; a random slot in `1..=backend_count` names the backend, or,
+/// for a Maglev service, the table slot a hash of the client's netns cookie falls on
+/// (random when that slot is not written yet or names a backend already gone).
 #[inline(always)]
-fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
-    let mut key = Service4Key {
+fn select_backend(ctx: &SockAddrContext, address: u32, port: u16, proto: u8) -> Selection {
+    let key = Service4Key {
         address,
         port,
         slot: 0,
@@ -48,9 +52,77 @@ fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
     };
     // SAFETY: a map value pointer from a successful lookup; copied out at once.
     let frontend = unsafe { *frontend };
+    if frontend.affinity_timeout == 0 || frontend.backend_count == 0 {
+        return choose_backend(ctx, key, frontend);
+    }
+    // sessionAffinity ClientIP: the client's last backend while it is younger than the
+    // timeout and still exists; otherwise a fresh choice, remembered.
+    // SAFETY: the helpers accept a sock_addr context / take no arguments.
+    let (netns_cookie, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    let affinity_key = Affinity4Key {
+        netns_cookie,
+        rev_nat_id: frontend.rev_nat_id,
+        pad: [0; 6],
+    };
+    let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
+    if let Some(entry) = AFFINITY4.get_ptr(affinity_key) {
+        // SAFETY: as above.
+        let entry = unsafe { *entry };
+        if now.wrapping_sub(entry.last_used_ns) <= timeout_ns
+            && let Some(backend) = BACKENDS4.get_ptr(entry.backend_id)
+        {
+            // SAFETY: as above.
+            let backend = unsafe { *backend };
+            let _ = AFFINITY4.insert(
+                affinity_key,
+                Affinity4Value {
+                    last_used_ns: now,
+                    ..entry
+                },
+                0,
+            );
+            return Selection::Backend {
+                backend,
+                backend_id: entry.backend_id,
+                rev_nat_id: frontend.rev_nat_id,
+            };
+        }
+    }
+    let selection = choose_backend(ctx, key, frontend);
+    if let Selection::Backend { backend_id, .. } = selection {
+        let value = Affinity4Value {
+            last_used_ns: now,
+            backend_id,
+            pad: 0,
+        };
+        let _ = AFFINITY4.insert(affinity_key, value, 0);
+    }
+    selection
+}
+
+/// Random or Maglev choice among the selectable slots of `frontend`.
+#[inline(always)]
+fn choose_backend(ctx: &SockAddrContext, mut key: Service4Key, frontend: Service4Value) -> Selection {
     let count = u32::from(frontend.backend_count);
     if count == 0 {
         return Selection::NoBackend;
+    }
+    if frontend.flags & SERVICE_FLAG_MAGLEV != 0 {
+        // SAFETY: the helper accepts a sock_addr context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let slot = (mix64(netns) % u64::from(MAGLEV_TABLE_SIZE)) as u32;
+        if let Some(id) = MAGLEV4.get_ptr(maglev_key(frontend.rev_nat_id, slot)) {
+            // SAFETY: a map value pointer from a successful lookup; copied out at once.
+            let backend_id = unsafe { *id };
+            if let Some(backend) = BACKENDS4.get_ptr(backend_id) {
+                return Selection::Backend {
+                    // SAFETY: as above.
+                    backend: unsafe { *backend },
+                    backend_id,
+                    rev_nat_id: frontend.rev_nat_id,
+                };
+            }
+        }
     }
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
@@ -66,8 +138,19 @@ fn select_backend(address: u32, port: u16, proto: u8) -> Selection {
     Selection::Backend {
         // SAFETY: as above.
         backend: unsafe { *backend },
+        backend_id,
         rev_nat_id: frontend.rev_nat_id,
     }
+}
+
+/// splitmix64's finalizer: netns cookies are small consecutive numbers.
+#[inline(always)]
+fn mix64(mut h: u64) -> u64 {
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 /// Rewrites the destination of a connect/sendmsg to a service into one of its backends,
@@ -88,10 +171,12 @@ pub fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
         17 => PROTO_UDP,
         _ => return Ok(ALLOW),
     };
-    let (backend, rev_nat_id) = match select_backend(address, port, proto) {
+    let (backend, rev_nat_id) = match select_backend(ctx, address, port, proto) {
         Selection::NotAService => return Ok(ALLOW),
         Selection::NoBackend => return Err(ECONNREFUSED),
-        Selection::Backend { backend, rev_nat_id } => (backend, rev_nat_id),
+        Selection::Backend {
+            backend, rev_nat_id, ..
+        } => (backend, rev_nat_id),
     };
 
     // SAFETY: the helper accepts a sock_addr context.

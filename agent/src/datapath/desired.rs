@@ -8,10 +8,16 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-use super::model::{Backend, BackendState, DesiredState, Protocol, ServiceKey};
+use super::model::{Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection, ServiceKey};
 
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The annotation selecting a service's backend selection: `random` (default) or `maglev`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "service.weir.dev/lb-algorithm";
+
+/// Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds (3 hours).
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
 /// Every IPv4 ClusterIP port of `services`, with the endpoints of `slices` that serve it.
 ///
@@ -32,6 +38,30 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
         if addresses.is_empty() {
             continue;
         }
+        let algorithm = match service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(LB_ALGORITHM_ANNOTATION))
+            .map(|value| value.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("maglev") => LbAlgorithm::Maglev,
+            _ => LbAlgorithm::Random,
+        };
+        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds)
+                .and_then(|seconds| u32::try_from(seconds).ok())
+                .filter(|seconds| *seconds > 0)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
+        let selection = Selection {
+            algorithm,
+            affinity_timeout,
+        };
         let own_slices: Vec<&EndpointSlice> = slices
             .iter()
             .filter(|slice| slice.address_type == "IPv4" && belongs_to(slice, service))
@@ -51,6 +81,9 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
                     protocol,
                 };
                 desired.services.insert(key, backends.clone());
+                if selection != Selection::default() {
+                    desired.selections.insert(key, selection);
+                }
             }
         }
     }
@@ -294,6 +327,58 @@ mod tests {
                 Backend::terminating(ip("10.244.1.3"), 8080)
             ]
         );
+    }
+
+    #[test]
+    fn the_lb_algorithm_annotation_selects_maglev_and_anything_else_is_random() {
+        let annotated = |name: &str, ip: &str, value: Option<&str>| {
+            let mut service = service(name, ip, &[(None, 80, "TCP")]);
+            service.metadata.annotations =
+                value.map(|value| [(LB_ALGORITHM_ANNOTATION.to_owned(), value.to_owned())].into());
+            service
+        };
+        let services = [
+            annotated("maglev", "10.96.0.30", Some("maglev")),
+            annotated("shouting", "10.96.0.31", Some(" Maglev ")),
+            annotated("random", "10.96.0.32", Some("random")),
+            annotated("unknown", "10.96.0.33", Some("round-robin")),
+            annotated("plain", "10.96.0.34", None),
+        ];
+        let desired = desired_state(&services, &[]);
+        assert_eq!(desired.services.len(), 5);
+        let maglev = |ip: &str| desired.selection(&key(ip, 80, Protocol::Tcp)).algorithm;
+        assert_eq!(maglev("10.96.0.30"), LbAlgorithm::Maglev);
+        assert_eq!(maglev("10.96.0.31"), LbAlgorithm::Maglev);
+        assert_eq!(maglev("10.96.0.32"), LbAlgorithm::Random);
+        assert_eq!(maglev("10.96.0.33"), LbAlgorithm::Random);
+        assert_eq!(maglev("10.96.0.34"), LbAlgorithm::Random);
+        assert_eq!(desired.selections.len(), 2);
+    }
+
+    #[test]
+    fn session_affinity_client_ip_takes_its_timeout_or_the_default() {
+        use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
+        let with_affinity = |name: &str, ip: &str, affinity: &str, timeout: Option<i32>| {
+            let mut service = service(name, ip, &[(None, 80, "TCP")]);
+            let spec = service.spec.as_mut().unwrap();
+            spec.session_affinity = Some(affinity.to_owned());
+            spec.session_affinity_config = timeout.map(|seconds| SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(seconds),
+                }),
+            });
+            service
+        };
+        let services = [
+            with_affinity("short", "10.96.0.40", "ClientIP", Some(30)),
+            with_affinity("default", "10.96.0.41", "ClientIP", None),
+            with_affinity("none", "10.96.0.42", "None", Some(30)),
+        ];
+        let desired = desired_state(&services, &[]);
+        let timeout = |ip: &str| desired.selection(&key(ip, 80, Protocol::Tcp)).affinity_timeout;
+        assert_eq!(timeout("10.96.0.40"), Some(30));
+        assert_eq!(timeout("10.96.0.41"), Some(10800));
+        assert_eq!(timeout("10.96.0.42"), None);
     }
 
     #[test]

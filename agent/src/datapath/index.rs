@@ -26,6 +26,16 @@ pub(crate) enum Write {
     RemoveBackend(BackendId),
 }
 
+/// A service's frontend flags, affinity timeout, reverse-NAT id and selectable backends
+/// (in slot order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Selection {
+    pub(crate) flags: u8,
+    pub(crate) affinity_timeout: u32,
+    pub(crate) rev_nat_id: RevNatId,
+    pub(crate) backends: Vec<(BackendId, Backend4Value)>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ServiceEntry {
     rev_nat_id: RevNatId,
@@ -33,6 +43,10 @@ struct ServiceEntry {
     /// from, the rest are draining. 0 marks a slot missing from the maps.
     slots: Vec<BackendId>,
     selectable: usize,
+    /// `SERVICE_FLAG_*` of the frontend.
+    flags: u8,
+    /// sessionAffinity ClientIP timeout in seconds, 0 for none.
+    affinity_timeout: u32,
 }
 
 impl ServiceEntry {
@@ -42,8 +56,9 @@ impl ServiceEntry {
             backend_count: self.selectable as u16,
             rev_nat_id: self.rev_nat_id,
             draining_count: (self.slots.len() - self.selectable) as u16,
-            flags: 0,
+            flags: self.flags,
             pad: 0,
+            affinity_timeout: self.affinity_timeout,
         }
     }
 }
@@ -196,6 +211,8 @@ impl Index {
                     })
                     .collect(),
                 selectable: usize::from(value.backend_count),
+                flags: value.flags,
+                affinity_timeout: value.affinity_timeout,
             };
             index
                 .stray_slots
@@ -250,7 +267,35 @@ impl Index {
 
     /// The writes that make `key` serve `backends`; none when the maps already do.
     /// Active backends are selectable; terminating ones only when no backend is active.
+    #[cfg(test)]
     pub(crate) fn plan_upsert(&mut self, key: ServiceKey, backends: &[Backend]) -> Result<Vec<Write>, IdsExhausted> {
+        self.plan_upsert_flagged(key, backends, 0, 0)
+    }
+
+    /// How `key` selects its backends, as the maps hold it.
+    pub(crate) fn selection_of(&self, key: &ServiceKey) -> Option<Selection> {
+        let entry = self.services.get(key)?;
+        let backends = entry.slots[..entry.selectable]
+            .iter()
+            .filter_map(|id| Some((*id, *self.backends.get(id)?)))
+            .collect();
+        Some(Selection {
+            flags: entry.flags,
+            affinity_timeout: entry.affinity_timeout,
+            rev_nat_id: entry.rev_nat_id,
+            backends,
+        })
+    }
+
+    /// Plans `key` to balance over `backends` with frontend `flags` (`SERVICE_FLAG_*`) and
+    /// a sessionAffinity timeout in seconds (0: none).
+    pub(crate) fn plan_upsert_flagged(
+        &mut self,
+        key: ServiceKey,
+        backends: &[Backend],
+        flags: u8,
+        affinity_timeout: u32,
+    ) -> Result<Vec<Write>, IdsExhausted> {
         let mut wanted: BTreeMap<(Ipv4Addr, u16), BackendState> = BTreeMap::new();
         for backend in backends {
             wanted
@@ -305,6 +350,8 @@ impl Index {
             rev_nat_id,
             selectable: new_selectable.len(),
             slots: new_selectable.into_iter().chain(new_draining).collect(),
+            flags,
+            affinity_timeout,
         };
         let old_slots = old.as_ref().map_or(&[][..], |entry| &entry.slots[..]);
 

@@ -8,6 +8,7 @@
 
 mod desired;
 mod index;
+pub mod maglev;
 mod model;
 
 use std::fs::File;
@@ -21,15 +22,17 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{EbpfError, EbpfLoader};
 use tracing::{debug, info};
 use weir_ebpf_common::{
-    BACKENDS4, Backend4Value, DATAPATH_VERSION, REV_NAT4, RevNat4Value, SERVICES4, SOCK_PROGRAMS, Service4Key,
-    Service4Value,
+    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, Backend4Value, DATAPATH_VERSION, MAGLEV_TABLE_SIZE, MAGLEV4,
+    REV_NAT4, RevNat4Value, SERVICE_FLAG_MAGLEV, SERVICES4, SOCK_PROGRAMS, Service4Key, Service4Value, maglev_key,
 };
 
-pub use desired::desired_state;
+pub use desired::{LB_ALGORITHM_ANNOTATION, desired_state};
 pub use index::IdsExhausted;
-pub use model::{Backend, BackendState, DesiredState, Protocol, ServiceKey};
+pub use model::{
+    Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection as ServiceSelection, ServiceKey,
+};
 
-use index::{Index, Write};
+use index::{Index, Selection, Write};
 
 /// The kernel programs, built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
@@ -115,6 +118,8 @@ pub struct Datapath {
     services: BpfHashMap<MapData, Service4Key, Service4Value>,
     backends: BpfHashMap<MapData, u32, Backend4Value>,
     rev_nat: BpfHashMap<MapData, u16, RevNat4Value>,
+    maglev: BpfHashMap<MapData, u32, u32>,
+    affinity: BpfHashMap<MapData, Affinity4Key, Affinity4Value>,
     index: Index,
     pin_dir: PathBuf,
 }
@@ -145,6 +150,8 @@ impl Datapath {
             services: open_map(&pin_dir, SERVICES4)?,
             backends: open_map(&pin_dir, BACKENDS4)?,
             rev_nat: open_map(&pin_dir, REV_NAT4)?,
+            maglev: open_map(&pin_dir, MAGLEV4)?,
+            affinity: open_lru_map(&pin_dir, AFFINITY4)?,
             index: Index::default(),
             pin_dir,
         };
@@ -200,17 +207,138 @@ impl Datapath {
     /// Makes `key` balance over `backends`, writing only what differs from the maps.
     /// Returns the number of map writes.
     pub fn upsert_service(&mut self, key: ServiceKey, backends: Vec<Backend>) -> Result<usize, Error> {
-        let writes = self.index.plan_upsert(key, &backends);
+        self.upsert_service_with(key, backends, ServiceSelection::default())
+    }
+
+    /// [`Datapath::upsert_service`] with a choice of backend selection. A Maglev service
+    /// gets its table written after its slots, only the table slots that differ.
+    pub fn upsert_service_with(
+        &mut self,
+        key: ServiceKey,
+        backends: Vec<Backend>,
+        selection: ServiceSelection,
+    ) -> Result<usize, Error> {
+        let flags = match selection.algorithm {
+            LbAlgorithm::Random => 0,
+            LbAlgorithm::Maglev => SERVICE_FLAG_MAGLEV,
+        };
+        let old = self.index.selection_of(&key);
+        let affinity_timeout = selection.affinity_timeout.unwrap_or(0);
+        let writes = self.index.plan_upsert_flagged(key, &backends, flags, affinity_timeout);
         let writes = self.or_resync(writes.map_err(Error::from))?;
         debug!(service = %key, backends = backends.len(), writes = writes.len(), "datapath: upsert service");
-        self.apply(writes)
+        let mut count = self.apply(writes)?;
+        if let Some(Selection {
+            flags: old_flags,
+            rev_nat_id,
+            ..
+        }) = old
+            && old_flags & SERVICE_FLAG_MAGLEV != 0
+            && flags & SERVICE_FLAG_MAGLEV == 0
+        {
+            count += self.remove_maglev_table(rev_nat_id)?;
+        }
+        if flags & SERVICE_FLAG_MAGLEV != 0 {
+            count += self.write_maglev_table(&key)?;
+        }
+        let had_affinity = old.as_ref().is_some_and(|old| old.affinity_timeout != 0);
+        if let Some(Selection {
+            rev_nat_id, backends, ..
+        }) = self.index.selection_of(&key)
+            && (had_affinity || affinity_timeout != 0)
+        {
+            // Clients stuck to a backend this service no longer selects choose again.
+            let keep: Vec<u32> = if affinity_timeout == 0 {
+                Vec::new()
+            } else {
+                backends.iter().map(|(id, _)| *id).collect()
+            };
+            count += self.forget_affinities(rev_nat_id, &keep)?;
+        }
+        Ok(count)
+    }
+
+    /// Removes the affinity entries of the service with `rev_nat_id` whose backend is not
+    /// in `keep`: a backend leaving the service, or a reverse-NAT id about to be reused,
+    /// must not hold on to clients.
+    fn forget_affinities(&mut self, rev_nat_id: u16, keep: &[u32]) -> Result<usize, Error> {
+        let map_err = |source| Error::Map {
+            name: AFFINITY4,
+            source,
+        };
+        let stale: Vec<Affinity4Key> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| key.rev_nat_id == rev_nat_id && !keep.contains(&value.backend_id))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &stale {
+            ignore_missing(self.affinity.remove(key)).map_err(map_err)?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Writes the slots of `key`'s Maglev table that differ from its selectable backends'.
+    /// Until then the program falls back to random for slots that are missing or stale.
+    fn write_maglev_table(&mut self, key: &ServiceKey) -> Result<usize, Error> {
+        let Some(Selection {
+            rev_nat_id, backends, ..
+        }) = self.index.selection_of(key)
+        else {
+            return Ok(0);
+        };
+        if backends.is_empty() {
+            return self.remove_maglev_table(rev_nat_id);
+        }
+        let identities: Vec<String> = backends
+            .iter()
+            .map(|(_, value)| {
+                let address = std::net::Ipv4Addr::from(value.address.to_ne_bytes());
+                format!("{address}:{}", u16::from_be(value.port))
+            })
+            .collect();
+        let table = maglev::table(&identities);
+        let map_err = |source| Error::Map { name: MAGLEV4, source };
+        let mut count = 0;
+        for (slot, backend) in table.iter().enumerate() {
+            let map_key = maglev_key(rev_nat_id, slot as u32);
+            let id = backends[*backend as usize].0;
+            if self.maglev.get(&map_key, 0).ok() != Some(id) {
+                self.maglev.insert(map_key, id, 0).map_err(map_err)?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    fn remove_maglev_table(&mut self, rev_nat_id: u16) -> Result<usize, Error> {
+        let mut count = 0;
+        for slot in 0..MAGLEV_TABLE_SIZE {
+            match self.maglev.remove(&maglev_key(rev_nat_id, slot)) {
+                Ok(()) => count += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(Error::Map { name: MAGLEV4, source }),
+            }
+        }
+        Ok(count)
     }
 
     /// Removes `key`; connections to it are no longer translated. Returns the map writes.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<usize, Error> {
+        let old = self.index.selection_of(key);
         let writes = self.index.plan_remove(key);
         debug!(service = %key, writes = writes.len(), "datapath: remove service");
-        self.apply(writes)
+        let mut count = self.apply(writes)?;
+        if let Some(old) = old {
+            if old.flags & SERVICE_FLAG_MAGLEV != 0 {
+                count += self.remove_maglev_table(old.rev_nat_id)?;
+            }
+            if old.affinity_timeout != 0 {
+                count += self.forget_affinities(old.rev_nat_id, &[])?;
+            }
+        }
+        Ok(count)
     }
 
     /// Brings the maps to `desired`: services that should not exist go, the others are
@@ -228,7 +356,7 @@ impl Datapath {
             writes += self.remove_service(key)?;
         }
         for (key, backends) in &desired.services {
-            writes += self.upsert_service(*key, backends.clone())?;
+            writes += self.upsert_service_with(*key, backends.clone(), desired.selection(key))?;
         }
         let cleanup = self.index.plan_cleanup();
         writes += self.apply(cleanup)?;
@@ -338,6 +466,15 @@ fn open_map<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &'static str) -> Res
     let map_err = |source| Error::Map { name, source };
     let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
     BpfHashMap::try_from(Map::HashMap(data)).map_err(map_err)
+}
+
+fn open_lru_map<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<BpfHashMap<MapData, K, V>, Error> {
+    let map_err = |source| Error::Map { name, source };
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
+    BpfHashMap::try_from(Map::LruHashMap(data)).map_err(map_err)
 }
 
 fn collect<K: aya::Pod, V: aya::Pod>(

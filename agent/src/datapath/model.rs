@@ -88,9 +88,36 @@ impl Backend {
     }
 }
 
+/// How a service picks the backend of a new connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbAlgorithm {
+    /// A random selectable backend per connection.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the client's network namespace: one client keeps its
+    /// backend, and a backend change moves few clients.
+    Maglev,
+}
+
+/// How a service chooses backends, beyond which ones it has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Selection {
+    pub algorithm: LbAlgorithm,
+    /// sessionAffinity ClientIP: a client (its network namespace) keeps its backend while
+    /// it reconnects within this many seconds. `None`: no affinity.
+    pub affinity_timeout: Option<u32>,
+}
+
 /// Everything the maps should hold: each service with its backends, sorted and without
-/// duplicates.
+/// duplicates, and the services whose [`Selection`] is not the default.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServiceKey, Vec<Backend>>,
+    pub selections: BTreeMap<ServiceKey, Selection>,
+}
+
+impl DesiredState {
+    pub fn selection(&self, key: &ServiceKey) -> Selection {
+        self.selections.get(key).copied().unwrap_or_default()
+    }
 }

@@ -9,7 +9,7 @@
 
 /// Pins live under `<pin root>/<DATAPATH_VERSION>/`: a program or map layout change bumps
 /// it, and the agent of a new version loads beside the old pins instead of misreading them.
-pub const DATAPATH_VERSION: &str = "v1";
+pub const DATAPATH_VERSION: &str = "v2";
 
 /// Service frontends and their backend slots: [`Service4Key`] → [`Service4Value`].
 pub const SERVICES4: &str = "SERVICES4";
@@ -19,11 +19,31 @@ pub const BACKENDS4: &str = "BACKENDS4";
 pub const REV_NAT4: &str = "REV_NAT4";
 /// LRU of translated sockets, for replies and getpeername: [`SockRevNat4Key`] → [`SockRevNat4Value`].
 pub const SOCK_REV_NAT4: &str = "SOCK_REV_NAT4";
+/// sessionAffinity ClientIP: [`Affinity4Key`] → [`Affinity4Value`], LRU.
+pub const AFFINITY4: &str = "AFFINITY4";
+/// Maglev lookup tables: [`maglev_key`]`(rev_nat_id, slot)` → backend id (`u32`).
+pub const MAGLEV4: &str = "MAGLEV4";
 
 pub const SERVICES4_MAX_ENTRIES: u32 = 65536;
 pub const BACKENDS4_MAX_ENTRIES: u32 = 65536;
 pub const REV_NAT4_MAX_ENTRIES: u32 = 65536;
 pub const SOCK_REV_NAT4_MAX_ENTRIES: u32 = 131072;
+pub const AFFINITY4_MAX_ENTRIES: u32 = 65536;
+/// Slots of one service's Maglev table: a prime below 2^14.
+pub const MAGLEV_TABLE_SIZE: u32 = 16381;
+/// Room for the tables of 64 Maglev services (allocated on use, not preallocated).
+pub const MAGLEV4_MAX_ENTRIES: u32 = 64 * MAGLEV_TABLE_SIZE;
+
+/// Frontend flag (slot 0 `flags`): choose the backend from the service's Maglev table by
+/// a hash of the client's network namespace instead of at random.
+pub const SERVICE_FLAG_MAGLEV: u8 = 1;
+
+/// The MAGLEV4 key of `slot` (< [`MAGLEV_TABLE_SIZE`]) in the table of the service with
+/// reverse-NAT id `rev_nat_id`.
+#[inline(always)]
+pub const fn maglev_key(rev_nat_id: u16, slot: u32) -> u32 {
+    ((rev_nat_id as u32) << 14) | slot
+}
 
 /// cgroup/connect4: translates a ClusterIP:port to a backend when a socket connects.
 pub const PROG_CONNECT4: &str = "sock_connect4";
@@ -73,6 +93,26 @@ pub struct Service4Value {
     pub draining_count: u16,
     pub flags: u8,
     pub pad: u8,
+    /// At slot 0: sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
+    pub affinity_timeout: u32,
+}
+
+/// One client (its network namespace, as Cilium's socket-LB does) of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Affinity4Key {
+    pub netns_cookie: u64,
+    pub rev_nat_id: u16,
+    pub pad: [u8; 6],
+}
+
+/// The backend a client was last sent to, and when (bpf_ktime_get_ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Affinity4Value {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
 }
 
 #[repr(C)]
@@ -133,6 +173,8 @@ mod pod {
     unsafe impl aya::Pod for RevNat4Value {}
     unsafe impl aya::Pod for SockRevNat4Key {}
     unsafe impl aya::Pod for SockRevNat4Value {}
+    unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for Affinity4Value {}
 }
 
 #[cfg(test)]
@@ -143,7 +185,9 @@ mod tests {
     #[test]
     fn map_types_have_no_implicit_padding() {
         assert_eq!(size_of::<Service4Key>(), 4 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<Service4Value>(), 4 + 2 + 2 + 2 + 1 + 1);
+        assert_eq!(size_of::<Service4Value>(), 4 + 2 + 2 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<Affinity4Key>(), 8 + 2 + 6);
+        assert_eq!(size_of::<Affinity4Value>(), 8 + 4 + 4);
         assert_eq!(size_of::<Backend4Value>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<RevNat4Value>(), 4 + 2 + 2);
         assert_eq!(size_of::<SockRevNat4Key>(), 8 + 4 + 2 + 2);
