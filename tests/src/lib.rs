@@ -526,3 +526,25 @@ impl WatchEvents {
         }
     }
 }
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `timeout`; the error says
+/// what was last seen. For waiting on controllers, which normally act within milliseconds.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last: String;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => last = "condition not met".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?} ({last})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -2,41 +2,18 @@
 //! ServiceAccounts, namespace deletion, the garbage collector's three propagation policies, and
 //! EndpointSlices following Pods (whose status the test writes itself: there are no kubelets).
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use weir_tests::{Backend, TestServer, describe};
+use weir_tests::{Backend, TestServer, describe, eventually};
 
 /// How long a controller gets to act in these tests (they normally take milliseconds).
 const SETTLE: Duration = Duration::from_secs(15);
-
-/// Polls `check` every 20 ms until it returns `Some`, for at most `timeout`; the error says
-/// what was last seen.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut last: String;
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => last = "condition not met".into(),
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?} ({last})");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn create_namespace(server: &TestServer, name: &str) {
     server.kubectl_ok(&["create", "namespace", name]);

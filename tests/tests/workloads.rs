@@ -4,38 +4,17 @@
 //! nowhere says why until a node that fits appears, ReplicaSets keep their replicas bound, and
 //! Deployments roll out, back and scale under the real `kubectl rollout`.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use weir_tests::{Backend, TestServer};
+use weir_tests::{Backend, TestServer, eventually};
 
 const SETTLE: Duration = Duration::from_secs(15);
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut last: String;
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => last = "condition not met".into(),
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?} ({last})");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A Ready fake node with `cpu` and `memory` allocatable, `labels` and `taints`.
 async fn fake_node(client: &Client, name: &str, cpu: &str, memory: &str, labels: Value, taints: Value) -> Result<()> {
