@@ -261,43 +261,61 @@ impl Allocator {
     }
 
     /// Release claims whose Service is gone or no longer holds the value (left by a crash
-    /// between claiming and writing the Service).
-    pub async fn repair(&self) -> Result<usize, StoreError> {
-        let mut released = 0;
+    /// between claiming and writing the Service). A claim looks orphaned for a moment while its
+    /// write is in flight on some API server, so only claims still orphaned and unchanged after
+    /// `grace` are released.
+    pub async fn repair(&self, grace: std::time::Duration) -> Result<usize, StoreError> {
+        let mut suspects = Vec::new();
         for prefix in [IP_CLAIMS, PORT_CLAIMS] {
             let (claims, _) = self.store.list(prefix, None).await?;
             for claim in claims {
-                let value = claim.key.trim_start_matches(prefix);
-                let owner = String::from_utf8_lossy(&claim.value).to_string();
-                let holds = match self.store.get(&owner).await? {
-                    Some(kv) => {
-                        let svc: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
-                        if prefix == IP_CLAIMS {
-                            svc.pointer("/spec/clusterIP").and_then(Value::as_str) == Some(value)
-                        } else {
-                            svc.pointer("/spec/ports")
-                                .and_then(Value::as_array)
-                                .into_iter()
-                                .flatten()
-                                .any(|p| {
-                                    p.get("nodePort")
-                                        .and_then(Value::as_i64)
-                                        .map(|n| n.to_string())
-                                        .as_deref()
-                                        == Some(value)
-                                })
-                        }
-                    }
-                    None => false,
-                };
-                // A claim younger than the Service write may be in flight: only old claims go.
-                let settled = self.store.current_revision().await? - claim.mod_revision > 0;
-                if !holds && settled && self.store.delete(&claim.key, Some(claim.mod_revision)).await.is_ok() {
-                    released += 1;
+                if !self.claim_is_held(prefix, &claim).await? {
+                    suspects.push((prefix, claim));
                 }
             }
         }
+        if suspects.is_empty() {
+            return Ok(0);
+        }
+        tokio::time::sleep(grace).await;
+        let mut released = 0;
+        for (prefix, claim) in suspects {
+            let unchanged = self
+                .store
+                .get(&claim.key)
+                .await?
+                .is_some_and(|kv| kv.mod_revision == claim.mod_revision);
+            if unchanged
+                && !self.claim_is_held(prefix, &claim).await?
+                && self.store.delete(&claim.key, Some(claim.mod_revision)).await.is_ok()
+            {
+                released += 1;
+            }
+        }
         Ok(released)
+    }
+
+    /// Whether the Service a claim names exists and still uses the claimed value.
+    async fn claim_is_held(&self, prefix: &str, claim: &crate::store::KeyValue) -> Result<bool, StoreError> {
+        let value = claim.key.trim_start_matches(prefix);
+        let owner = String::from_utf8_lossy(&claim.value).to_string();
+        let Some(kv) = self.store.get(&owner).await? else {
+            return Ok(false);
+        };
+        let svc: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+        Ok(if prefix == IP_CLAIMS {
+            svc.pointer("/spec/clusterIP").and_then(Value::as_str) == Some(value)
+        } else {
+            svc.pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|p| {
+                    p.get("nodePort")
+                        .and_then(Value::as_i64)
+                        .is_some_and(|n| n.to_string() == value)
+                })
+        })
     }
 }
 
@@ -312,5 +330,35 @@ mod tests {
         assert!(!in_service_cidr("10.112.0.1"));
         assert!(!in_service_cidr("10.95.255.255"));
         assert!(!in_service_cidr("not-an-ip"));
+    }
+
+    #[tokio::test]
+    async fn repair_releases_only_claims_whose_service_does_not_hold_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::embedded::EmbeddedStore::open(&dir.path().join("s")).unwrap());
+        let owner = "/registry/services/default/web";
+        let svc = json!({"spec": {"clusterIP": "10.96.0.7", "ports": [{"port": 80, "nodePort": 30007}]}});
+        store.create(owner, serde_json::to_vec(&svc).unwrap()).await.unwrap();
+        for key in [
+            format!("{IP_CLAIMS}10.96.0.7"),
+            format!("{PORT_CLAIMS}30007"),
+            format!("{IP_CLAIMS}10.96.0.8"),
+            format!("{PORT_CLAIMS}30008"),
+        ] {
+            store.create(&key, owner.as_bytes().to_vec()).await.unwrap();
+        }
+        store
+            .create(
+                &format!("{IP_CLAIMS}10.96.0.9"),
+                b"/registry/services/default/gone".to_vec(),
+            )
+            .await
+            .unwrap();
+        let allocator = Allocator::new(store.clone());
+        assert_eq!(allocator.repair(std::time::Duration::ZERO).await.unwrap(), 3);
+        let (left, _) = store.list("/registry/allocations/", None).await.unwrap();
+        let keys: Vec<&str> = left.iter().map(|kv| kv.key.as_str()).collect();
+        assert_eq!(keys, [format!("{IP_CLAIMS}10.96.0.7"), format!("{PORT_CLAIMS}30007")]);
     }
 }

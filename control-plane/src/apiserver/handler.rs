@@ -87,7 +87,7 @@ fn flag(query: &Query, key: &str) -> bool {
 }
 
 /// Split `/api/v1/...` or `/apis/<group>/<version>/...` into a target.
-fn parse_target(path: &str) -> Option<Result<Target>> {
+pub(crate) fn parse_target(path: &str) -> Option<Result<Target>> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["api", v, rest @ ..] if !rest.is_empty() => ("", *v, rest),
@@ -279,12 +279,12 @@ impl ApiServer {
 
     async fn get(&self, t: &Target, name: &str) -> Result<Value> {
         let key = t.resource.key(t.namespace.as_deref(), name);
-        let kv = self
-            .store
-            .get(&key)
+        // A consistent read, as a GET from etcd is in Kubernetes: the store, not the cache.
+        let (obj, _) = self
+            .read(&key, false)
             .await?
             .ok_or_else(|| ApiError::not_found(t.resource.group, t.resource.plural, name))?;
-        Ok(convert::from_storage(t.resource, decode_kv(&kv)?))
+        Ok(convert::from_storage(t.resource, obj))
     }
 
     // ---------- list & watch ----------
@@ -309,9 +309,11 @@ impl ApiServer {
         let rv_param = req.query.get("resourceVersion").map(String::as_str).unwrap_or_default();
         // Consistent read unless the client accepts any cached state (resourceVersion=0).
         if pinned.is_none() && rv_param != "0" {
-            let wanted = match rv_param.parse::<Revision>() {
-                Ok(rv) => rv,
-                Err(_) => self.store.current_revision().await?,
+            let wanted = match rv_param {
+                "" => self.store.current_revision().await?,
+                rv => rv
+                    .parse::<Revision>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
             };
             if !self.cache.wait_for(wanted, Duration::from_secs(5)).await {
                 return Err(ApiError::timeout(format!(
@@ -1325,13 +1327,6 @@ impl ApiServer {
             StatusCode::CREATED,
             &success_status(json!({"name": name, "kind": "pods"})),
         ))
-    }
-}
-
-impl ApiError {
-    fn with_message(mut self, message: String) -> Self {
-        self.message = message;
-        self
     }
 }
 

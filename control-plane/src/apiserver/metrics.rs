@@ -74,22 +74,16 @@ impl Metrics {
 
 /// The Kubernetes verb and resource of a request, for metric labels.
 pub fn classify(method: &Method, path: &str, query: &super::handler::Query) -> (String, String) {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let rest: &[&str] = match segs.as_slice() {
-        ["api", _, rest @ ..] => rest,
-        ["apis", _, _, rest @ ..] => rest,
-        _ => return (method.as_str().to_lowercase(), String::new()),
+    // The router's own parse, so metrics never disagree with routing; paths that name no served
+    // resource get an empty resource label (no label per unknown path).
+    let Some(Ok(target)) = super::handler::parse_target(path) else {
+        return (method.as_str().to_lowercase(), String::new());
     };
-    let rest = match rest {
-        ["namespaces", _, r @ ..] if !r.is_empty() && !matches!(r, ["status"] | ["finalize"]) => r,
-        r => r,
+    let resource = match target.sub {
+        Some(sub) => format!("{}/{}", target.resource.plural, sub.name()),
+        None => target.resource.plural.to_string(),
     };
-    let (resource, named) = match rest {
-        [res] => (res.to_string(), false),
-        [res, _] => (res.to_string(), true),
-        [res, _, sub, ..] => (format!("{res}/{sub}"), true),
-        _ => (String::new(), false),
-    };
+    let named = target.name.is_some();
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = match (method, named) {
         (&Method::GET, false) if watch => "watch",
@@ -103,4 +97,38 @@ pub fn classify(method: &Method, path: &str, query: &super::handler::Query) -> (
         (m, _) => return (m.as_str().to_lowercase(), resource),
     };
     (verb.to_string(), resource)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_labelled_by_verb_and_served_resource_only() {
+        let q = |watch: bool| {
+            let mut q = super::super::handler::Query::new();
+            if watch {
+                q.insert("watch".into(), "true".into());
+            }
+            q
+        };
+        let c = |m: Method, p: &str, w: bool| classify(&m, p, &q(w));
+        assert_eq!(
+            c(Method::GET, "/api/v1/namespaces/demo/pods", false),
+            ("list".into(), "pods".into())
+        );
+        assert_eq!(c(Method::GET, "/api/v1/pods", true), ("watch".into(), "pods".into()));
+        assert_eq!(
+            c(Method::GET, "/api/v1/namespaces/demo", false),
+            ("get".into(), "namespaces".into())
+        );
+        assert_eq!(
+            c(Method::PATCH, "/apis/apps/v1/namespaces/d/deployments/w/scale", false),
+            ("patch".into(), "deployments/scale".into())
+        );
+        assert_eq!(
+            c(Method::GET, "/api/v1/namespaces/d/widgets-123", false),
+            ("get".into(), String::new())
+        );
+    }
 }

@@ -130,11 +130,15 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         })?;
     let port = listener.local_addr()?.port();
     bootstrap(&api, config.bind_address, port).await?;
-    match api.allocator.repair().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(released = n, "released allocations left by an interrupted write"),
-        Err(e) => tracing::warn!(error = %e, "allocation repair failed"),
-    }
+    // In the background: it waits out in-flight writes before releasing anything.
+    let repairing = api.clone();
+    tokio::spawn(async move {
+        match repairing.allocator.repair(Duration::from_secs(10)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "released allocations left by an interrupted write"),
+            Err(e) => tracing::warn!(error = %e, "allocation repair failed"),
+        }
+    });
     tokio::spawn(compactor(
         store.clone(),
         Duration::from_secs(config.compaction_interval.max(1)),

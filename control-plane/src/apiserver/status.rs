@@ -177,6 +177,11 @@ impl ApiError {
         Self::new(StatusCode::GATEWAY_TIMEOUT, "Timeout", message)
     }
 
+    pub fn with_message(mut self, message: String) -> Self {
+        self.message = message;
+        self
+    }
+
     pub fn to_status(&self) -> Value {
         let mut status = json!({
             "kind": "Status",
