@@ -51,7 +51,20 @@ pub fn to_storage(r: &Resource, obj: Value) -> Value {
     if !needs_conversion(r) {
         return obj;
     }
-    rename(obj, EVENT_FIELDS.iter().copied(), "v1")
+    let mut out = rename(obj, EVENT_FIELDS.iter().copied(), "v1");
+    // An events.k8s.io series is what core/v1 readers (`kubectl describe`) see as the count and
+    // the last time, as Kubernetes' conversion does.
+    if let Some(series) = out.get("series").cloned() {
+        if let Some(count) = series.get("count") {
+            out["count"] = count.clone();
+        }
+        if let Some(last) = series.get("lastObservedTime").and_then(Value::as_str) {
+            // MicroTime to Time: whole seconds, as lastTimestamp carries.
+            let seconds = last.split('.').next().unwrap_or(last).trim_end_matches('Z');
+            out["lastTimestamp"] = Value::String(format!("{seconds}Z"));
+        }
+    }
+    out
 }
 
 /// Convert a stored object into `r`'s form.
@@ -79,5 +92,10 @@ mod tests {
         assert_eq!(stored["apiVersion"], "v1");
         assert_eq!(from_storage(r, stored), event);
         assert_eq!(storage_resource(r).group, "");
+        let series = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"},
+            "series": {"count": 7, "lastObservedTime": "2026-11-27T07:00:01.123456Z"}});
+        let stored = to_storage(r, series);
+        assert_eq!(stored["count"], 7);
+        assert_eq!(stored["lastTimestamp"], "2026-11-27T07:00:01Z");
     }
 }

@@ -18,6 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::events::{EventType, Recorder};
 use super::{Error, Result, is_status};
 
 pub const HASH_LABEL: &str = "pod-template-hash";
@@ -298,6 +299,7 @@ pub fn plan(d: &Deployment, sets: &[ReplicaSet], now: jiff::Timestamp) -> Plan {
 
 struct Ctx {
     client: Client,
+    recorder: Recorder,
 }
 
 async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action> {
@@ -342,7 +344,19 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action> {
     for (rs, replicas) in &plan.scale {
         let patch = json!({"spec": {"replicas": replicas}});
         match api.patch(rs, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => tracing::info!(namespace = %ns, deployment = %name, replicaset = %rs, replicas, "scaled"),
+            Ok(_) => {
+                tracing::info!(namespace = %ns, deployment = %name, replicaset = %rs, replicas, "scaled");
+                let from = sets
+                    .iter()
+                    .find(|s| &s.name_any() == rs)
+                    .and_then(|s| s.spec.replicas)
+                    .unwrap_or(0);
+                let direction = if *replicas >= from { "up" } else { "down" };
+                let message = format!("Scaled {direction} replica set {rs} from {from} to {replicas}");
+                ctx.recorder
+                    .publish(d.as_ref(), EventType::Normal, "ScalingReplicaSet", &message)
+                    .await;
+            }
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(e.into()),
         }
@@ -385,7 +399,14 @@ fn error_policy(d: Arc<Deployment>, e: &Error, _: Arc<Ctx>) -> Action {
 pub async fn run(client: Client) -> Result<()> {
     Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
         .owns(Api::<ReplicaSet>::all(client.clone()), watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Ctx { client }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Ctx {
+                recorder: Recorder::new(client.clone(), "deployment-controller"),
+                client,
+            }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Err(Error::Ended("the deployment controller"))

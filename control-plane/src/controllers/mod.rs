@@ -4,6 +4,7 @@
 
 pub mod deployment;
 pub mod endpointslice;
+pub mod events;
 pub mod garbagecollector;
 pub mod namespace;
 pub mod replicaset;

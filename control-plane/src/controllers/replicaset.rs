@@ -16,6 +16,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
+use super::events::{EventType, Recorder};
 use super::{Error, Result, is_status};
 
 /// Whether `selector` selects `labels`; an empty selector selects nothing, as for ReplicaSets.
@@ -189,6 +190,7 @@ pub fn new_pod(rs: &ReplicaSet) -> Pod {
 
 struct Ctx {
     client: Client,
+    recorder: Recorder,
 }
 
 async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
@@ -232,7 +234,13 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     for _ in 0..plan.create {
         match pods.create(&PostParams::default(), &new_pod(&rs)).await {
-            Ok(p) => tracing::info!(namespace = %ns, replicaset = %name, pod = %p.name_any(), "created pod"),
+            Ok(p) => {
+                tracing::info!(namespace = %ns, replicaset = %name, pod = %p.name_any(), "created pod");
+                let message = format!("Created pod: {}", p.name_any());
+                ctx.recorder
+                    .publish(rs.as_ref(), EventType::Normal, "SuccessfulCreate", &message)
+                    .await;
+            }
             // A name collision: the next reconcile tries again.
             Err(e) if is_status(&e, 409) => {}
             Err(e) => return Err(e.into()),
@@ -240,7 +248,13 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     for pod in &plan.delete {
         match pods.delete(pod, &DeleteParams::default()).await {
-            Ok(_) => tracing::info!(namespace = %ns, replicaset = %name, pod = %pod, "deleted pod"),
+            Ok(_) => {
+                tracing::info!(namespace = %ns, replicaset = %name, pod = %pod, "deleted pod");
+                let message = format!("Deleted pod: {pod}");
+                ctx.recorder
+                    .publish(rs.as_ref(), EventType::Normal, "SuccessfulDelete", &message)
+                    .await;
+            }
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(e.into()),
         }
@@ -292,7 +306,14 @@ pub async fn run(client: Client) -> Result<()> {
                     .collect()
             },
         )
-        .run(reconcile, error_policy, Arc::new(Ctx { client }))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Ctx {
+                recorder: Recorder::new(client.clone(), "replicaset-controller"),
+                client,
+            }),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
     Err(Error::Ended("the replicaset controller"))

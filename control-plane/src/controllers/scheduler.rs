@@ -8,17 +8,18 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Event, Node, NodeSelectorRequirement, NodeSelectorTerm, ObjectReference, Pod, PodCondition, Taint, Toleration,
+    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodCondition, Taint, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::Notify;
 
+use super::events::{EventType, Recorder};
 use super::{Error, Result, is_status};
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
@@ -462,53 +463,9 @@ pub fn unschedulable_condition(pod: &Pod, message: &str) -> Option<Vec<PodCondit
     Some(out)
 }
 
-fn event(pod: &Pod, type_: &str, reason: &str, message: String) -> Event {
-    let now = jiff::Timestamp::now();
-    Event {
-        metadata: ObjectMeta {
-            name: Some(format!("{}.{:x}", pod.name_any(), rand::random::<u64>())),
-            namespace: pod.namespace(),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(pod.name_any()),
-            namespace: pod.namespace(),
-            uid: pod.uid(),
-            resource_version: pod.resource_version(),
-            ..Default::default()
-        },
-        type_: Some(type_.into()),
-        reason: Some(reason.into()),
-        message: Some(message),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        count: Some(1),
-        reporting_component: Some(SCHEDULER_NAME.into()),
-        reporting_instance: Some(SCHEDULER_NAME.into()),
-        action: Some(if reason == "Scheduled" { "Binding" } else { "Scheduling" }.into()),
-        source: Some(k8s_openapi::api::core::v1::EventSource {
-            component: Some(SCHEDULER_NAME.into()),
-            host: None,
-        }),
-        ..Default::default()
-    }
-}
-
-async fn record(client: &Client, ev: Event) {
-    let ns = ev.metadata.namespace.clone().unwrap_or_default();
-    if let Err(e) = Api::<Event>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &ev)
-        .await
-    {
-        tracing::debug!(error = %e, "recording an event failed");
-    }
-}
-
 struct Scheduler {
     client: Client,
+    recorder: Recorder,
     pods: Store<Pod>,
     nodes: Store<Node>,
     /// Pods bound by us that the cache does not show bound yet: uid → (node, load, owner uid).
@@ -552,7 +509,7 @@ impl Scheduler {
                     let node = states[i].name();
                     self.assumed
                         .insert(pod.uid().unwrap_or_default(), (node.clone(), load, controller_uid(pod)));
-                    binds.push(bind(self.client.clone(), pod.clone(), node));
+                    binds.push(bind(self.client.clone(), self.recorder.clone(), pod.clone(), node));
                 }
                 Decision::Unschedulable(message) => self.mark_unschedulable(pod, message).await?,
             }
@@ -585,12 +542,14 @@ impl Scheduler {
             Err(e) if is_status(&e, 404) || is_status(&e, 409) => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        record(&self.client, event(pod, "Warning", "FailedScheduling", message)).await;
+        self.recorder
+            .publish(pod, EventType::Warning, "FailedScheduling", &message)
+            .await;
         Ok(())
     }
 }
 
-async fn bind(client: Client, pod: Arc<Pod>, node: String) -> Outcome {
+async fn bind(client: Client, recorder: Recorder, pod: Arc<Pod>, node: String) -> Outcome {
     let ns = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
     let binding = json!({
@@ -606,7 +565,11 @@ async fn bind(client: Client, pod: Arc<Pod>, node: String) -> Outcome {
         Ok(_) => {
             tracing::debug!(namespace = %ns, pod = %name, node = %node, "bound");
             let message = format!("Successfully assigned {ns}/{name} to {node}");
-            tokio::spawn(async move { record(&client, event(&pod, "Normal", "Scheduled", message)).await });
+            tokio::spawn(async move {
+                recorder
+                    .publish(pod.as_ref(), EventType::Normal, "Scheduled", &message)
+                    .await
+            });
             Outcome::Bound
         }
         Err(e) => {
@@ -642,6 +605,7 @@ pub async fn run(client: Client) -> Result<()> {
             .await;
     });
     let mut scheduler = Scheduler {
+        recorder: Recorder::new(client.clone(), SCHEDULER_NAME),
         client,
         pods: pods.clone(),
         nodes: nodes.clone(),
@@ -674,6 +638,7 @@ mod tests {
         ResourceRequirements,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use kube::api::ObjectMeta;
 
     fn node(name: &str, cpu: &str, memory: &str) -> NodeState {
         let alloc: BTreeMap<String, Quantity> = [("cpu", cpu), ("memory", memory), ("pods", "110")]
