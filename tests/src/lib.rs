@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use weir_control_plane::store::etcd_process::EtcdProcess;
 
+pub mod fake;
+
 /// How long a server gets to bind, write its kubeconfig and answer `/readyz` with 200.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound for one kubectl invocation; a hung kubectl fails the test instead of the CI run.

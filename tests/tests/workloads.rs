@@ -8,36 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use weir_tests::{Backend, TestServer, eventually};
+use weir_tests::{Backend, TestServer, eventually, fake};
 
 const SETTLE: Duration = Duration::from_secs(15);
-
-/// A Ready fake node with `cpu` and `memory` allocatable, `labels` and `taints`.
-async fn fake_node(client: &Client, name: &str, cpu: &str, memory: &str, labels: Value, taints: Value) -> Result<()> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let mut labels = labels;
-    labels["kubernetes.io/hostname"] = json!(name);
-    let node: Node = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"taints": taints},
-    }))?;
-    nodes.create(&PostParams::default(), &node).await?;
-    let resources = json!({"cpu": cpu, "memory": memory, "pods": "110"});
-    let status = json!({"status": {
-        "capacity": resources, "allocatable": resources,
-        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                        "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-    }});
-    nodes
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
-    Ok(())
-}
 
 async fn create_pod(pods: &Api<Pod>, name: &str, cpu: &str, spec_extra: Value) -> Result<()> {
     let mut spec = json!({"containers": [{"name": "c", "image": "nginx",
@@ -62,9 +39,9 @@ async fn node_of(pods: &Api<Pod>, name: &str) -> Result<String> {
 
 /// Three nodes: small, ssd (4 cpu), gpu (8 cpu, tainted).
 async fn three_nodes(client: &Client) -> Result<()> {
-    fake_node(client, "small", "1", "4Gi", json!({}), json!([])).await?;
-    fake_node(client, "ssd", "4", "16Gi", json!({"disk": "ssd"}), json!([])).await?;
-    fake_node(
+    fake::node(client, "small", "1", "4Gi", json!({}), json!([])).await?;
+    fake::node(client, "ssd", "4", "16Gi", json!({"disk": "ssd"}), json!([])).await?;
+    fake::node(
         client,
         "gpu",
         "8",
@@ -161,7 +138,7 @@ async fn unschedulable_pod_reports_why(backend: Backend) -> Result<()> {
     ensure!(described.contains("FailedScheduling"), "{described}");
 
     // A node big enough appears: the pod is retried and bound.
-    fake_node(&client, "large", "32", "64Gi", json!({}), json!([])).await?;
+    fake::node(&client, "large", "32", "64Gi", json!({}), json!([])).await?;
     ensure!(node_of(&pods, "huge").await? == "large");
     ensure!(pods.get("huge").await?.name_any() == "huge");
     Ok(())
@@ -184,7 +161,7 @@ async fn scheduling_throughput_on_100_nodes() -> Result<()> {
     let server = TestServer::start(Backend::Embedded).await?;
     let client = server.kube_client().await?;
     for i in 0..100 {
-        fake_node(&client, &format!("node-{i:03}"), "32", "128Gi", json!({}), json!([])).await?;
+        fake::node(&client, &format!("node-{i:03}"), "32", "128Gi", json!({}), json!([])).await?;
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     const N: usize = 500;
@@ -227,7 +204,7 @@ async fn replica_set_keeps_its_pods(backend: Backend) -> Result<()> {
     let server = TestServer::start(backend).await?;
     let client = server.kube_client().await?;
     for i in 0..3 {
-        fake_node(&client, &format!("node-{i}"), "4", "8Gi", json!({}), json!([])).await?;
+        fake::node(&client, &format!("node-{i}"), "4", "8Gi", json!({}), json!([])).await?;
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     // An orphan that matches is adopted and counts toward the replicas.
@@ -347,28 +324,6 @@ async fn replica_set_keeps_its_pods_etcd() -> Result<()> {
     replica_set_keeps_its_pods(Backend::Etcd).await
 }
 
-/// Plays the kubelet: marks every bound pod Running and Ready, until aborted.
-fn mark_bound_pods_ready(pods: Api<Pod>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            if let Ok(list) = pods.list(&ListParams::default()).await {
-                for p in list.items {
-                    let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-                    let ready = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                    if bound && !ready && p.metadata.deletion_timestamp.is_none() {
-                        let status = json!({"status": {"phase": "Running", "conditions": [
-                            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
-                        let _ = pods
-                            .patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(&status))
-                            .await;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-}
-
 /// Live, ready pods of app=web and their images.
 async fn ready_images(pods: &Api<Pod>) -> Result<Vec<String>> {
     Ok(live_pods(pods, "app=web")
@@ -388,10 +343,10 @@ async fn deployment_rolls_out_and_back(backend: Backend) -> Result<()> {
     let server = TestServer::start(backend).await?;
     let client = server.kube_client().await?;
     for i in 0..3 {
-        fake_node(&client, &format!("node-{i}"), "8", "16Gi", json!({}), json!([])).await?;
+        fake::node(&client, &format!("node-{i}"), "8", "16Gi", json!({}), json!([])).await?;
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let kubelet = mark_bound_pods_ready(pods.clone());
+    let kubelet = fake::mark_bound_pods_ready(pods.clone());
     server.kubectl_stdin_ok(
         &["apply", "-f", "-"],
         &json!({
