@@ -13,24 +13,19 @@
 //! also prints). Every phase is bounded in time; the server, etcd and data dirs are cleaned up
 //! by Drop guards, also on errors and Ctrl-C.
 
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use weir_control_plane::store::etcd_process::EtcdProcess;
+use weir_tests::bench::{
+    BenchServer, REQUEST_TIMEOUT, StoreKind, cpu_seconds, format_number, load_average, median, percentile,
+};
 
 const USAGE: &str = "usage: bench_api --weir PATH [--out DIR] [--stores embedded,etcd] [--objects N] \
                      [--pods N] [--watchers N] [--concurrency N] [--connections N] [--runs N]";
 
-/// How long the server gets to answer `/readyz`.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Upper bound for one request (except watches, which are bounded per read).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound for one whole phase; a stuck server fails the phase, not the run.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a watch round may take until every watcher saw the change.
@@ -42,21 +37,6 @@ const WATCHES_PER_CONNECTION: usize = 100;
 /// Timed LIST runs (after one warm-up) and watch rounds.
 const LIST_RUNS: usize = 5;
 const WATCH_ROUNDS: usize = 3;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StoreKind {
-    Embedded,
-    Etcd,
-}
-
-impl StoreKind {
-    fn name(self) -> &'static str {
-        match self {
-            StoreKind::Embedded => "embedded",
-            StoreKind::Etcd => "etcd",
-        }
-    }
-}
 
 struct Args {
     weir: PathBuf,
@@ -203,203 +183,6 @@ async fn run(args: &Args) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The server under test
 
-/// One `weir server` (and its etcd) in a throwaway data dir; Drop kills it by PID and removes
-/// the dir. Fields drop in order: the server is killed in `drop`, then etcd, then the dir.
-struct BenchServer {
-    child: Option<Child>,
-    port: u16,
-    /// The etcd process id, found in /proc by its data dir, to measure its CPU.
-    etcd_pid: Option<u32>,
-    etcd: Option<EtcdProcess>,
-    dir: tempfile::TempDir,
-}
-
-impl BenchServer {
-    async fn start(weir: &Path, store: StoreKind) -> Result<BenchServer> {
-        let etcd = match store {
-            StoreKind::Embedded => None,
-            StoreKind::Etcd => Some(EtcdProcess::start().context("starting etcd (Debian package etcd-server)")?),
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("weir-bench-")
-            .tempdir()
-            .context("creating the server's data dir")?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free port")?
-            .port();
-        let mut cmd = Command::new(weir);
-        cmd.arg("server")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .arg("--secure-port")
-            .arg(port.to_string())
-            .arg("--bind-address")
-            .arg("127.0.0.1");
-        if let Some(etcd) = &etcd {
-            cmd.arg("--datastore").arg(format!("etcd://{}", etcd.endpoint));
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(File::create(dir.path().join("weir.stdout"))?)
-            .stderr(File::create(dir.path().join("weir.stderr"))?);
-        let child = cmd.spawn().with_context(|| format!("spawning {}", weir.display()))?;
-        let etcd_pid = etcd
-            .as_ref()
-            .and_then(|e| find_pid_with_arg(&e.dir().to_string_lossy()));
-        let mut server = BenchServer {
-            child: Some(child),
-            port,
-            etcd_pid,
-            etcd,
-            dir,
-        };
-        server.wait_ready().await?;
-        Ok(server)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("https://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    async fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut problem = String::from("admin.token / pki/ca.crt not written yet");
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(exit)) = child.try_wait()
-            {
-                self.child = None;
-                bail!("weir server exited early with {exit}\n{}", self.logs());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "weir server not ready within {READY_TIMEOUT:?} ({problem})\n{}",
-                    self.logs()
-                );
-            }
-            if self.dir.path().join("admin.token").exists() && self.dir.path().join("pki/ca.crt").exists() {
-                match self.readyz().await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => problem = format!("{e:#}"),
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn readyz(&self) -> Result<()> {
-        let response = self
-            .client(Some(REQUEST_TIMEOUT))?
-            .get(self.url("/readyz"))
-            .send()
-            .await?;
-        if response.status() != reqwest::StatusCode::OK {
-            bail!("GET /readyz answered {}", response.status());
-        }
-        Ok(())
-    }
-
-    /// An HTTPS client (its own connection pool, so its own HTTP/2 connection) that trusts the
-    /// cluster CA and sends the admin bearer token. `timeout` bounds each whole request; watch
-    /// clients pass `None` and bound every read instead.
-    fn client(&self, timeout: Option<Duration>) -> Result<reqwest::Client> {
-        let ca_path = self.dir.path().join("pki/ca.crt");
-        let ca = std::fs::read(&ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
-        let token_path = self.dir.path().join("admin.token");
-        let token =
-            std::fs::read_to_string(&token_path).with_context(|| format!("reading {}", token_path.display()))?;
-        let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))?;
-        auth.set_sensitive(true);
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(reqwest::header::AUTHORIZATION, auth);
-        let mut builder = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).context("parsing pki/ca.crt")?)
-            .tls_built_in_root_certs(false)
-            .default_headers(headers)
-            .connect_timeout(Duration::from_secs(10));
-        if let Some(timeout) = timeout {
-            builder = builder.timeout(timeout);
-        }
-        Ok(builder.build()?)
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for name in ["weir.stdout", "weir.stderr"] {
-            let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(30)..];
-            out.push_str(&format!("----- {name} (last {} lines) -----\n", tail.len()));
-            for line in tail {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    }
-
-    /// Resident memory of the server process, from /proc (KiB).
-    fn rss_kib(&self) -> Option<u64> {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    }
-
-    /// CPU time (user + system) the server process used so far.
-    fn cpu_seconds(&self) -> Option<f64> {
-        cpu_seconds(&self.pid().to_string())
-    }
-}
-
-/// The process whose command line has an argument containing `needle`.
-fn find_pid_with_arg(needle: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        cmdline
-            .split(|b| *b == 0)
-            .any(|arg| String::from_utf8_lossy(arg).contains(needle))
-            .then_some(pid)
-    })
-}
-
-/// The 1-minute load average, to tell a busy machine from a slow server.
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// CPU time (user + system) of a process (`self` for this one) so far, from /proc.
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = text.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    // USER_HZ is 100 on every Linux we run on.
-    Some((utime + stime) / 100.0)
-}
-
-impl Drop for BenchServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Measurements
 
@@ -464,7 +247,7 @@ async fn bench_store(args: &Args, store: StoreKind) -> StoreResult {
         errors: Vec::new(),
     };
     status(format!("{}: starting weir server", store.name()));
-    let server = match BenchServer::start(&args.weir, store).await {
+    let server = match BenchServer::start(&args.weir, store, &[]).await {
         Ok(server) => server,
         Err(e) => {
             result.errors.push(format!("server start: {e:#}"));
@@ -951,28 +734,6 @@ async fn watcher(mut response: reqwest::Response, tx: tokio::sync::mpsc::Unbound
     }
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mid = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[mid - 1] + v[mid]) / 2.0
-    } else {
-        v[mid]
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Report
 
@@ -1211,20 +972,3 @@ impl Report {
     }
 }
 
-/// `12345.6` with 0 decimals → `12,346`.
-fn format_number(v: f64, decimals: usize) -> String {
-    let s = format!("{v:.decimals$}");
-    let (int, frac) = s.split_once('.').map_or((s.as_str(), None), |(i, f)| (i, Some(f)));
-    let (sign, digits) = int.strip_prefix('-').map_or(("", int), |d| ("-", d));
-    let mut grouped = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(c);
-    }
-    match frac {
-        Some(f) => format!("{sign}{grouped}.{f}"),
-        None => format!("{sign}{grouped}"),
-    }
-}
