@@ -16,6 +16,25 @@ use crate::workspace::Workspace;
 pub enum Area {
     /// API server: creates/s, updates/s, LIST of 10,000 pods, watch fan-out; embedded vs etcd.
     Api,
+    /// Scheduler: pods bound per second with 1,000 fake nodes and 10,000 pending pods, and a
+    /// 1,000-replica Deployment until fully bound.
+    Scheduler,
+}
+
+impl Area {
+    fn name(self) -> &'static str {
+        match self {
+            Area::Api => "api",
+            Area::Scheduler => "scheduler",
+        }
+    }
+
+    fn plot_script(self) -> &'static str {
+        match self {
+            Area::Api => PLOT,
+            Area::Scheduler => PLOT_SCHEDULER,
+        }
+    }
 }
 
 /// matplotlib for the plots; 3.10 has wheels for Debian 12's Python 3.11 and later.
@@ -67,28 +86,72 @@ fig.tight_layout()
 fig.savefig(dest, dpi=110)
 "##;
 
-pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
-    match area {
-        Area::Api => api(ws, args),
-    }
-}
+/// Draws scheduler.json: bound pods over time per run, pods/s against the target and
+/// kube-scheduler's published range, and the Deployment's time to be fully bound.
+const PLOT_SCHEDULER: &str = r##"
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
-fn api(ws: &Workspace, args: &[String]) -> Result<()> {
-    status("bench api: building weir in release mode (cargo build --release -p weir)");
+src, dest = sys.argv[1], sys.argv[2]
+report = json.load(open(src))
+p = report["params"]
+metrics = {m["key"]: m for m in report["metrics"]}
+fig, (curve, rate, deploy) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2, 1, 1]})
+for i, run in enumerate(report["runs"]):
+    xs = [t for t, _ in run["curve"]]
+    ys = [n for _, n in run["curve"]]
+    curve.plot(xs, ys, label=f"run {i + 1}: {run['pods_per_s']:,.0f} pods/s")
+curve.set_xlabel("seconds since the first node was created")
+curve.set_ylabel("pods bound")
+curve.set_title(f"{p['pods']:,} pending pods onto {p['nodes']:,} nodes", fontsize=10)
+curve.legend(fontsize=8)
+m = metrics["pods_per_s"]
+bars = rate.bar(["weir"], [m["weir"]], color="#4C72B0")
+rate.annotate(f"{m['weir']:,.0f}", (0, m["weir"]), ha="center", va="bottom", fontsize=9)
+rate.axhline(1000, color="red", linestyle="--", linewidth=1)
+rate.annotate("target 1,000", xy=(0.99, 1000), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+              color="red", fontsize=8)
+rate.axhspan(100, 300, color="#DD8452", alpha=0.3)
+rate.annotate("kube-scheduler, published", xy=(0.99, 300), xycoords=("axes fraction", "data"), ha="right",
+              va="bottom", fontsize=8)
+rate.set_ylabel("pods/s (higher is better)", fontsize=8)
+rate.set_title("Scheduling throughput (median)", fontsize=10)
+rate.margins(y=0.15)
+m = metrics["deployment_bound_s"]
+deploy.bar(["weir"], [m["weir"]], color="#55A868")
+deploy.annotate(f"{m['weir']:.2f} s", (0, m["weir"]), ha="center", va="bottom", fontsize=9)
+deploy.set_ylabel("s (lower is better)", fontsize=8)
+deploy.set_title(f"Deployment of {p['replicas']:,} replicas fully bound", fontsize=10)
+deploy.margins(y=0.15)
+fig.suptitle(f"Weir scheduler benchmark ({report.get('cpus', '?')} CPUs, median of {p['runs']} runs)", fontsize=11)
+fig.tight_layout()
+fig.savefig(dest, dpi=110)
+"##;
+
+pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
+    let name = area.name();
+    let bin = format!("bench_{name}");
+    status(format!(
+        "bench {name}: building weir in release mode (cargo build --release -p weir)"
+    ));
     command::run(
-        "bench api: build weir",
+        &format!("bench {name}: build weir"),
         ws.cargo().args(["build", "--release", "-p", "weir"]),
         "fix the build errors above",
     )?;
-    status("bench api: building the benchmark (cargo build --release -p weir-tests --bin bench_api)");
+    status(format!(
+        "bench {name}: building the benchmark (cargo build --release -p weir-tests --bin {bin})"
+    ));
     command::run(
-        "bench api: build bench_api",
+        &format!("bench {name}: build {bin}"),
         ws.cargo()
-            .args(["build", "--release", "-p", "weir-tests", "--bin", "bench_api"]),
+            .args(["build", "--release", "-p", "weir-tests", "--bin", &bin]),
         "fix the build errors above",
     )?;
     let etcd = setup::etcd();
-    if !etcd.is_file() && !args.iter().any(|a| a == "--stores") {
+    if matches!(area, Area::Api) && !etcd.is_file() && !args.iter().any(|a| a == "--stores") {
         bail!(
             "bench api: etcd not found at {}; run `cargo xtask setup` (Debian package etcd-server), \
              or pass `-- --stores embedded`",
@@ -99,18 +162,18 @@ fn api(ws: &Workspace, args: &[String]) -> Result<()> {
     let release = ws.target.join("release");
     let out = ws.target.join("bench");
     status(format!(
-        "bench api: {} --weir {} --out {} {}",
-        release.join("bench_api").display(),
+        "bench {name}: {} --weir {} --out {} {}",
+        release.join(&bin).display(),
         release.join("weir").display(),
         out.display(),
         args.join(" ")
     ));
-    let json = out.join("api.json");
+    let json = out.join(format!("{name}.json"));
     // A stale result must not be plotted as this run's.
     let _ = std::fs::remove_file(&json);
     let bench = command::run(
-        "bench api: run",
-        Command::new(release.join("bench_api"))
+        &format!("bench {name}: run"),
+        Command::new(release.join(&bin))
             .arg("--weir")
             .arg(release.join("weir"))
             .arg("--out")
@@ -121,24 +184,24 @@ fn api(ws: &Workspace, args: &[String]) -> Result<()> {
     );
     // Phases that failed are in the JSON as nulls; plot what was measured, then report.
     if json.is_file() {
-        let png = out.join("api.png");
-        plot(ws, &json, &png)?;
+        let png = out.join(format!("{name}.png"));
+        plot(ws, area.plot_script(), &json, &png)?;
         status(format!(
-            "bench api: wrote {}, {} and {}",
+            "bench {name}: wrote {}, {} and {}",
             json.display(),
-            out.join("api.md").display(),
+            out.join(format!("{name}.md")).display(),
             png.display()
         ));
     }
     bench
 }
 
-/// Renders `json` into `png` with the PLOT script.
-fn plot(ws: &Workspace, json: &Path, png: &Path) -> Result<()> {
+/// Renders `json` into `png` with a plot script.
+fn plot(ws: &Workspace, script: &str, json: &Path, png: &Path) -> Result<()> {
     let python = plot_python(ws)?;
     command::run(
         "bench: plot",
-        Command::new(&python).arg("-c").arg(PLOT).arg(json).arg(png),
+        Command::new(&python).arg("-c").arg(script).arg(json).arg(png),
         "the numbers are in the JSON and Markdown files; delete target/tools/bench-venv/ and run again",
     )
 }

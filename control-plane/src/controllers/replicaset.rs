@@ -17,6 +17,9 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::events::{EventType, Recorder};
+
+/// Pods one reconcile creates at most, as Kubernetes' burstReplicas.
+const BURST_REPLICAS: usize = 500;
 use super::{Error, Result, is_status};
 
 /// Whether `selector` selects `labels`; an empty selector selects nothing, as for ReplicaSets.
@@ -232,24 +235,42 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
             Err(e) => return Err(e.into()),
         }
     }
-    for _ in 0..plan.create {
-        match pods.create(&PostParams::default(), &new_pod(&rs)).await {
-            Ok(p) => {
-                tracing::info!(namespace = %ns, replicaset = %name, pod = %p.name_any(), "created pod");
-                let message = format!("Created pod: {}", p.name_any());
-                ctx.recorder
-                    .publish(rs.as_ref(), EventType::Normal, "SuccessfulCreate", &message)
-                    .await;
+    // Creates go out in batches of 1, 2, 4, ... as Kubernetes' slowStartBatch does: a pod that
+    // cannot be created (quota, invalid template) fails the first small batch instead of
+    // hundreds of requests; at most BURST_REPLICAS per reconcile.
+    let mut remaining = plan.create.min(BURST_REPLICAS);
+    let mut batch = 1;
+    while remaining > 0 {
+        let n = batch.min(remaining);
+        let new_pods: Vec<Pod> = (0..n).map(|_| new_pod(&rs)).collect();
+        let params = PostParams::default();
+        let results = futures::future::join_all(new_pods.iter().map(|p| pods.create(&params, p))).await;
+        for result in results {
+            match result {
+                Ok(p) => {
+                    tracing::debug!(namespace = %ns, replicaset = %name, pod = %p.name_any(), "created pod");
+                    let message = format!("Created pod: {}", p.name_any());
+                    ctx.recorder
+                        .publish(rs.as_ref(), EventType::Normal, "SuccessfulCreate", &message)
+                        .await;
+                }
+                // A name collision: the next reconcile tries again.
+                Err(e) if is_status(&e, 409) => {}
+                Err(e) => return Err(e.into()),
             }
-            // A name collision: the next reconcile tries again.
-            Err(e) if is_status(&e, 409) => {}
-            Err(e) => return Err(e.into()),
         }
+        remaining -= n;
+        batch *= 2;
     }
-    for pod in &plan.delete {
-        match pods.delete(pod, &DeleteParams::default()).await {
+    let deletions = futures::future::join_all(plan.delete.iter().map(|pod| {
+        let pods = &pods;
+        async move { (pod, pods.delete(pod, &DeleteParams::default()).await) }
+    }))
+    .await;
+    for (pod, result) in deletions {
+        match result {
             Ok(_) => {
-                tracing::info!(namespace = %ns, replicaset = %name, pod = %pod, "deleted pod");
+                tracing::debug!(namespace = %ns, replicaset = %name, pod = %pod, "deleted pod");
                 let message = format!("Deleted pod: {pod}");
                 ctx.recorder
                     .publish(rs.as_ref(), EventType::Normal, "SuccessfulDelete", &message)
@@ -258,6 +279,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(e.into()),
         }
+    }
+    if plan.create > BURST_REPLICAS {
+        return Ok(Action::requeue(Duration::from_millis(10)));
     }
     let before = rs.status.clone().unwrap_or_default();
     if before != plan.status {

@@ -2,9 +2,9 @@
 //! `pods/binding`, or marks it `PodScheduled=False` (Unschedulable) with an Event saying why.
 //! It decides in memory over reflector caches and writes only bindings, Pod status and Events.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
@@ -27,6 +27,8 @@ pub const SCHEDULER_NAME: &str = "default-scheduler";
 /// request-less pods still spread by load.
 const DEFAULT_CPU_MILLI: i64 = 100;
 const DEFAULT_MEMORY: i64 = 200 * 1024 * 1024;
+/// How often the message of a pod already reported unschedulable may be rewritten.
+const REMARK_INTERVAL: Duration = Duration::from_secs(30);
 /// Bindings in flight at once.
 const BIND_CONCURRENCY: usize = 64;
 
@@ -148,16 +150,26 @@ pub struct NodeState {
     pub pods: i64,
     /// Bound pods per controller owner uid, for spreading.
     pub by_owner: HashMap<String, i64>,
+    /// Parsed once per pass rather than once per pod and node.
+    allocatable: (Resources, Option<i64>),
 }
 
 impl NodeState {
     pub fn new(node: Arc<Node>) -> NodeState {
+        let status = node.status.as_ref();
+        let alloc = status.and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()));
+        let pods = alloc
+            .and_then(|a| a.get("pods"))
+            .and_then(|q| parse_quantity(&q.0))
+            .map(|p| p as i64);
+        let allocatable = (Resources::from_map(alloc), pods);
         NodeState {
             node,
             requested: Resources::default(),
             requested_nonzero: Resources::default(),
             pods: 0,
             by_owner: HashMap::new(),
+            allocatable,
         }
     }
 
@@ -176,13 +188,11 @@ impl NodeState {
     }
 
     fn allocatable(&self) -> (Resources, Option<i64>) {
-        let status = self.node.status.as_ref();
-        let alloc = status.and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()));
-        let pods = alloc
-            .and_then(|a| a.get("pods"))
-            .and_then(|q| parse_quantity(&q.0))
-            .map(|p| p as i64);
-        (Resources::from_map(alloc), pods)
+        self.allocatable
+    }
+
+    fn name_str(&self) -> &str {
+        self.node.metadata.name.as_deref().unwrap_or_default()
     }
 }
 
@@ -340,7 +350,7 @@ fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool
 }
 
 /// Higher is better: least allocated (0-100) plus spreading of the pod's controller (0-100).
-fn score(pod: &Pod, load: &PodLoad, n: &NodeState, max_same_owner: i64) -> i64 {
+fn score(owner: Option<&str>, load: &PodLoad, n: &NodeState, max_same_owner: i64) -> i64 {
     let (alloc, _) = n.allocatable();
     let free = |cap: i64, used: i64| {
         if cap <= 0 { 0 } else { ((cap - used).max(0) * 100) / cap }
@@ -348,9 +358,9 @@ fn score(pod: &Pod, load: &PodLoad, n: &NodeState, max_same_owner: i64) -> i64 {
     let least_allocated = (free(alloc.cpu_milli, n.requested_nonzero.cpu_milli + load.nonzero.cpu_milli)
         + free(alloc.memory, n.requested_nonzero.memory + load.nonzero.memory))
         / 2;
-    let spread = match controller_uid(pod) {
+    let spread = match owner {
         Some(uid) if max_same_owner > 0 => {
-            let here = n.by_owner.get(&uid).copied().unwrap_or(0);
+            let here = n.by_owner.get(uid).copied().unwrap_or(0);
             (max_same_owner - here) * 100 / max_same_owner
         }
         _ => 100,
@@ -369,11 +379,33 @@ pub enum Decision {
 }
 
 /// Filters then scores `nodes` for `pod`; ties go to the node that sorts first by name.
+/// How many fitting nodes to find before scoring, as kube-scheduler's adaptive
+/// percentageOfNodesToScore: all of up to 100 nodes, then a share falling from 50% to 5%.
+pub fn nodes_to_find(total: usize) -> usize {
+    if total <= 100 {
+        return total;
+    }
+    let percent = (50 - (total / 125) as i64).max(5) as usize;
+    (total * percent / 100).max(100)
+}
+
+/// Binds `pod` to the best of the first fitting nodes found from `start` on (rotating `start`
+/// spreads the search as kube-scheduler's nextStartNodeIndex does), or says why none fits.
 pub fn schedule(pod: &Pod, nodes: &[NodeState]) -> Decision {
+    schedule_from(pod, nodes, 0)
+}
+
+pub fn schedule_from(pod: &Pod, nodes: &[NodeState], start: usize) -> Decision {
     let load = PodLoad::of(pod);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut fitting = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
+    let enough = nodes_to_find(nodes.len());
+    let start = if nodes.is_empty() { 0 } else { start % nodes.len() };
+    for i in (start..nodes.len()).chain(0..start) {
+        if fitting.len() >= enough {
+            break;
+        }
+        let n = &nodes[i];
         let why = misfits(pod, &load, n);
         if why.is_empty() {
             fitting.push(i);
@@ -402,8 +434,8 @@ pub fn schedule(pod: &Pod, nodes: &[NodeState]) -> Decision {
     });
     let best = fitting
         .into_iter()
-        .map(|i| (score(pod, &load, &nodes[i], max_same_owner), i))
-        .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| nodes[*b].name().cmp(&nodes[*a].name())))
+        .map(|i| (score(owner.as_deref(), &load, &nodes[i], max_same_owner), i))
+        .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| nodes[*b].name_str().cmp(nodes[*a].name_str())))
         .map(|(_, i)| i)
         .expect("at least one fitting node");
     Decision::Bind(best)
@@ -439,6 +471,14 @@ pub fn node_states(
 }
 
 /// The PodScheduled=False condition to write, unless the pod already carries it.
+/// Whether the pod carries `PodScheduled=False`.
+fn is_marked_unschedulable(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "PodScheduled" && c.status == "False"))
+}
+
 pub fn unschedulable_condition(pod: &Pod, message: &str) -> Option<Vec<PodCondition>> {
     let conditions = pod
         .status
@@ -470,6 +510,10 @@ struct Scheduler {
     nodes: Store<Node>,
     /// Pods bound by us that the cache does not show bound yet: uid → (node, load, owner uid).
     assumed: HashMap<String, (String, PodLoad, Option<String>)>,
+    /// When each pending pod was last reported unschedulable, by uid.
+    marked: HashMap<String, Instant>,
+    /// Where the next pod's search for fitting nodes starts.
+    next_start: usize,
 }
 
 enum Outcome {
@@ -483,10 +527,9 @@ impl Scheduler {
     async fn pass(&mut self) -> Result<()> {
         let pods = self.pods.state();
         let nodes = self.nodes.state();
-        self.assumed.retain(|uid, _| {
-            pods.iter()
-                .any(|p| p.uid().as_deref() == Some(uid.as_str()) && is_pending(p))
-        });
+        let pending_uids: HashSet<String> = pods.iter().filter(|p| is_pending(p)).filter_map(|p| p.uid()).collect();
+        self.assumed.retain(|uid, _| pending_uids.contains(uid));
+        self.marked.retain(|uid, _| pending_uids.contains(uid));
         let mut states = node_states(&nodes, &pods, &self.assumed);
         let mut pending: Vec<&Arc<Pod>> = pods
             .iter()
@@ -501,8 +544,11 @@ impl Scheduler {
                 .then_with(|| a.name_any().cmp(&b.name_any()))
         });
         let mut binds = Vec::new();
+        let mut marks = Vec::new();
         for pod in pending {
-            match schedule(pod, &states) {
+            let start = self.next_start;
+            self.next_start = (self.next_start + nodes_to_find(states.len())) % states.len().max(1);
+            match schedule_from(pod, &states, start) {
                 Decision::Bind(i) => {
                     let load = PodLoad::of(pod);
                     states[i].add(pod, load);
@@ -511,9 +557,34 @@ impl Scheduler {
                         .insert(pod.uid().unwrap_or_default(), (node.clone(), load, controller_uid(pod)));
                     binds.push(bind(self.client.clone(), self.recorder.clone(), pod.clone(), node));
                 }
-                Decision::Unschedulable(message) => self.mark_unschedulable(pod, message).await?,
+                Decision::Unschedulable(message) => {
+                    let uid = pod.uid().unwrap_or_default();
+                    // A pod already reported unschedulable gets a new message at most every
+                    // REMARK_INTERVAL: while nodes come and go, thousands of pending pods would
+                    // otherwise each be rewritten on every pass.
+                    let recently = self.marked.get(&uid).is_some_and(|t| t.elapsed() < REMARK_INTERVAL);
+                    if recently && is_marked_unschedulable(pod) {
+                        continue;
+                    }
+                    if let Some(conditions) = unschedulable_condition(pod, &message) {
+                        self.marked.insert(uid, Instant::now());
+                        marks.push(mark_unschedulable(
+                            self.client.clone(),
+                            self.recorder.clone(),
+                            pod.clone(),
+                            conditions,
+                            message,
+                        ));
+                    }
+                }
             }
         }
+        // Status writes for unschedulable pods go out concurrently, like bindings: one at a time,
+        // 10,000 pending pods would take minutes to report.
+        let marked: Vec<Result<()>> = futures::stream::iter(marks)
+            .buffer_unordered(BIND_CONCURRENCY)
+            .collect()
+            .await;
         let outcomes: Vec<Outcome> = futures::stream::iter(binds)
             .buffer_unordered(BIND_CONCURRENCY)
             .collect()
@@ -523,30 +594,34 @@ impl Scheduler {
                 self.assumed.remove(&uid);
             }
         }
-        Ok(())
+        marked.into_iter().collect()
     }
+}
 
-    async fn mark_unschedulable(&self, pod: &Pod, message: String) -> Result<()> {
-        let Some(conditions) = unschedulable_condition(pod, &message) else {
-            return Ok(());
-        };
-        let ns = pod.namespace().unwrap_or_default();
-        let name = pod.name_any();
-        tracing::info!(namespace = %ns, pod = %name, %message, "pod is unschedulable");
-        let patch = json!({"status": {"conditions": conditions}});
-        match Api::<Pod>::namespaced(self.client.clone(), &ns)
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 404) || is_status(&e, 409) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        self.recorder
-            .publish(pod, EventType::Warning, "FailedScheduling", &message)
-            .await;
-        Ok(())
+/// Writes `PodScheduled=False` with `message` and records FailedScheduling.
+async fn mark_unschedulable(
+    client: Client,
+    recorder: Recorder,
+    pod: Arc<Pod>,
+    conditions: Vec<PodCondition>,
+    message: String,
+) -> Result<()> {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    tracing::debug!(namespace = %ns, pod = %name, %message, "pod is unschedulable");
+    let patch = json!({"status": {"conditions": conditions}});
+    match Api::<Pod>::namespaced(client, &ns)
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if is_status(&e, 404) || is_status(&e, 409) => return Ok(()),
+        Err(e) => return Err(e.into()),
     }
+    recorder
+        .publish(pod.as_ref(), EventType::Warning, "FailedScheduling", &message)
+        .await;
+    Ok(())
 }
 
 async fn bind(client: Client, recorder: Recorder, pod: Arc<Pod>, node: String) -> Outcome {
@@ -610,6 +685,8 @@ pub async fn run(client: Client) -> Result<()> {
         pods: pods.clone(),
         nodes: nodes.clone(),
         assumed: HashMap::new(),
+        marked: HashMap::new(),
+        next_start: 0,
     };
     let ready = async {
         pods.wait_until_ready().await.ok();
@@ -665,9 +742,10 @@ mod tests {
         }))
     }
 
+    /// `n`'s node changed by `f`, as a fresh state (no pods on it).
     fn with_node(mut n: NodeState, f: impl FnOnce(&mut Node)) -> NodeState {
         f(Arc::make_mut(&mut n.node));
-        n
+        NodeState::new(n.node)
     }
 
     fn pod(cpu: &str, memory: &str) -> Pod {
@@ -710,6 +788,20 @@ mod tests {
             value: Some(value.into()),
             effect: effect.into(),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn large_clusters_score_a_sample_of_fitting_nodes() {
+        assert_eq!(nodes_to_find(3), 3);
+        assert_eq!(nodes_to_find(100), 100);
+        assert_eq!(nodes_to_find(1_000), 420);
+        assert_eq!(nodes_to_find(5_000), 500);
+        assert_eq!(nodes_to_find(10_000), 500);
+        // From a rotated start, the pod still lands on a node that fits.
+        let nodes: Vec<NodeState> = (0..300).map(|i| node(&format!("n{i:03}"), "1", "1Gi")).collect();
+        for start in [0, 150, 299, 1_000] {
+            assert!(matches!(schedule_from(&pod("500m", "100Mi"), &nodes, start), Decision::Bind(_)));
         }
     }
 

@@ -971,4 +971,3 @@ impl Report {
         Report { json, markdown }
     }
 }
-
