@@ -43,7 +43,7 @@ pub fn selects(selector: &LabelSelector, labels: &std::collections::BTreeMap<Str
         })
 }
 
-fn is_ready(pod: &Pod) -> bool {
+pub(crate) fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -51,7 +51,7 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 /// Ready for at least `min_ready_seconds` at `now`.
-fn is_available(pod: &Pod, min_ready_seconds: i64, now: jiff::Timestamp) -> bool {
+pub(crate) fn is_available(pod: &Pod, min_ready_seconds: i64, now: jiff::Timestamp) -> bool {
     let Some(cond) = pod
         .status
         .as_ref()
@@ -67,7 +67,7 @@ fn is_available(pod: &Pod, min_ready_seconds: i64, now: jiff::Timestamp) -> bool
             .is_none_or(|t| t.0 + jiff::SignedDuration::from_secs(min_ready_seconds) <= now)
 }
 
-fn is_active(pod: &Pod) -> bool {
+pub(crate) fn is_active(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none()
         && !matches!(
             pod.status.as_ref().and_then(|s| s.phase.as_deref()),
