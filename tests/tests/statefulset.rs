@@ -162,8 +162,28 @@ async fn statefulset_orders_pods_keeps_identity_and_rolls_out(backend: Backend) 
     );
     let history = server.kubectl_ok(&["rollout", "history", "sts/web"]);
     ensure!(history.contains('1') && history.contains('2'), "{history}");
-    let revisions = server.kubectl_ok(&["get", "controllerrevisions", "-o", "name"]);
-    ensure!(revisions.lines().count() == 2, "{revisions}");
+    let revisions = server.kubectl_ok(&["get", "controllerrevisions"]);
+    ensure!(
+        revisions.lines().filter(|l| l.contains("statefulset.apps/web")).count() == 2,
+        "{revisions}"
+    );
+
+    // Undo brings the first template back as revision 3, above the partition again.
+    server.kubectl_ok(&["rollout", "undo", "sts/web"]);
+    server.kubectl_ok(&["rollout", "status", "sts/web", "--timeout=30s"]);
+    eventually("web-1 and web-2 back on nginx:1", SETTLE, || async {
+        let mut images = Vec::new();
+        for n in 0..3 {
+            images.push(image(&pods.get(&format!("web-{n}")).await?));
+        }
+        Ok(images.iter().all(|i| i == "nginx:1").then_some(()))
+    })
+    .await?;
+    let history = server.kubectl_ok(&["rollout", "history", "sts/web"]);
+    ensure!(
+        history.contains('2') && history.contains('3') && !history.contains("\n1 "),
+        "{history}"
+    );
 
     // Scale to 1: web-2 goes before web-1; the claims stay.
     let rv = pods
@@ -198,6 +218,41 @@ async fn statefulset_orders_pods_keeps_identity_and_rolls_out(backend: Backend) 
         "{claim_names:?}"
     );
 
+    // Orphaned and recreated, the set adopts web-0 instead of replacing it.
+    let uid = pods.get("web-0").await?.uid();
+    let manifest = server.kubectl_ok(&["get", "sts", "web", "-o", "json"]);
+    let mut manifest: serde_json::Value = serde_json::from_str(&manifest)?;
+    for field in [
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+        "generation",
+        "managedFields",
+    ] {
+        manifest["metadata"].as_object_mut().context("metadata")?.remove(field);
+    }
+    manifest.as_object_mut().context("object")?.remove("status");
+    server.kubectl_ok(&["delete", "sts", "web", "--cascade=orphan"]);
+    server.kubectl_stdin_ok(&["create", "-f", "-"], &manifest.to_string());
+    let adopted = eventually("web-0 adopted", SETTLE, || async {
+        let pod = pods.get("web-0").await?;
+        let owner = pod
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true))
+            .cloned();
+        let set = sets.get("web").await?;
+        Ok(owner.filter(|o| Some(&o.uid) == set.metadata.uid.as_ref()).map(|_| pod))
+    })
+    .await?;
+    ensure!(adopted.uid() == uid, "web-0 was replaced, not adopted");
+    server.kubectl_ok(&["rollout", "status", "sts/web", "--timeout=30s"]);
+    let history = server.kubectl_ok(&["rollout", "history", "sts/web"]);
+    ensure!(
+        history.contains('2') && history.contains('3'),
+        "revisions adopted too: {history}"
+    );
+
     let events: Api<Event> = Api::namespaced(client, "default");
     let messages: Vec<String> = events
         .list(&ListParams::default())
@@ -225,6 +280,74 @@ async fn statefulset_orders_pods_keeps_identity_and_rolls_out_embedded() -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statefulset_orders_pods_keeps_identity_and_rolls_out_etcd() -> Result<()> {
     statefulset_orders_pods_keeps_identity_and_rolls_out(Backend::Etcd).await
+}
+
+async fn claim_names(claims: &Api<PersistentVolumeClaim>) -> Result<BTreeSet<String>> {
+    Ok(claims
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .map(|c| c.name_any())
+        .collect())
+}
+
+async fn parallel_statefulset_deletes_claims_when_asked(backend: Backend) -> Result<()> {
+    let server = TestServer::start(backend).await?;
+    let client = server.kube_client().await?;
+    fake::node(&client, "node-0", "8", "16Gi", json!({}), json!([])).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+            "spec": {"replicas": 3, "podManagementPolicy": "Parallel",
+                     "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Delete"},
+                     "selector": {"matchLabels": {"app": "db"}},
+                     "template": {"metadata": {"labels": {"app": "db"}},
+                                  "spec": {"containers": [{"name": "db", "image": "db:1"}]}},
+                     "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]},
+        })
+        .to_string(),
+    );
+    // Parallel: every pod at once, none of them ready yet.
+    eventually("db-0, db-1 and db-2 before any is ready", SETTLE, || async {
+        Ok((pod_names(&pods, "app=db").await? == names(&["db-0", "db-1", "db-2"])).then_some(()))
+    })
+    .await?;
+    let kubelet = fake::mark_bound_pods_ready(pods.clone());
+    server.kubectl_ok(&["rollout", "status", "sts/db", "--timeout=30s"]);
+    ensure!(claim_names(&claims).await? == names(&["data-db-0", "data-db-1", "data-db-2"]));
+
+    // whenScaled: Delete: the claims of removed ordinals go with their pods.
+    server.kubectl_ok(&["scale", "sts", "db", "--replicas=1"]);
+    eventually("only data-db-0 left", SETTLE, || async {
+        Ok((claim_names(&claims).await? == names(&["data-db-0"])).then_some(()))
+    })
+    .await?;
+    ensure!(pod_names(&pods, "app=db").await? == names(&["db-0"]));
+    // whenDeleted: Delete: the last claim goes with the set.
+    server.kubectl_ok(&["delete", "sts", "db"]);
+    eventually("no claims and no pods", SETTLE, || async {
+        let empty = claim_names(&claims).await?.is_empty() && pod_names(&pods, "app=db").await?.is_empty();
+        Ok(empty.then_some(()))
+    })
+    .await?;
+    kubelet.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_statefulset_deletes_claims_when_asked_embedded() -> Result<()> {
+    parallel_statefulset_deletes_claims_when_asked(Backend::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_statefulset_deletes_claims_when_asked_etcd() -> Result<()> {
+    parallel_statefulset_deletes_claims_when_asked(Backend::Etcd).await
 }
 
 /// node name -> image of the live daemon pods, bound by the scheduler.

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use super::events::{EventType, Recorder};
 use super::history::{self, HASH_LABEL};
-use super::replicaset::{is_available, is_ready};
+use super::replicaset::{claim, is_available, is_ready, set_owner};
 use super::scheduler::{matches_node_selector, tolerates};
 use super::{Error, Result, is_status};
 
@@ -181,6 +181,10 @@ pub fn max_unavailable(ds: &DaemonSet, desired: i32) -> i32 {
 /// What one reconcile should do.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
+    /// Matching orphans the DaemonSet takes over.
+    pub adopt: Vec<String>,
+    /// Pods it owns whose labels no longer match its selector.
+    pub release: Vec<String>,
     /// Nodes that need a daemon pod.
     pub create: Vec<String>,
     /// Pods to delete.
@@ -193,8 +197,17 @@ pub fn plan(ds: &DaemonSet, nodes: &[Node], pods: &[Pod], hash: &str, now: jiff:
     let mut plan = Plan::default();
     let uid = ds.uid().unwrap_or_default();
     let min_ready = ds.spec.min_ready_seconds.unwrap_or(0) as i64;
+    let claimed = claim(
+        &ds.spec.selector,
+        &uid,
+        ds.metadata.deletion_timestamp.is_some(),
+        pods,
+        |_| true,
+    );
+    plan.adopt = claimed.adopt;
+    plan.release = claimed.release;
     let mut by_node: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
-    for pod in pods.iter().filter(|p| controlled_by(*p, &uid) && !terminating(p)) {
+    for pod in claimed.pods.into_iter().filter(|p| !terminating(p)) {
         match target_node(pod) {
             Some(node) => by_node.entry(node).or_default().push(pod),
             None => plan.delete.push(pod.name_any()),
@@ -294,7 +307,12 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let revisions_api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut owner = ds
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.name"))?;
+    owner.block_owner_deletion = Some(true);
     let listed_revisions = revisions_api.list(&ListParams::default()).await?.items;
+    let listed_revisions = history::adopt_orphans(&revisions_api, &owner, &ds.spec.selector, listed_revisions).await?;
     let revisions = history::owned(&listed_revisions, &uid);
     let collisions = ds.status.as_ref().and_then(|s| s.collision_count).unwrap_or(0);
     let (update, collisions) =
@@ -311,6 +329,12 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action> {
     let listed = pods.list(&ListParams::default()).await?.items;
     let mut plan = plan(&ds, &nodes, &listed, &hash, jiff::Timestamp::now());
     plan.status.collision_count = Some(collisions);
+    for pod in &plan.adopt {
+        set_owner(&pods, &listed, pod, &owner, true).await?;
+    }
+    for pod in &plan.release {
+        set_owner(&pods, &listed, pod, &owner, false).await?;
+    }
     for node in &plan.create {
         match pods.create(&PostParams::default(), &new_pod(&ds, &hash, node)).await {
             Ok(p) => {
@@ -664,6 +688,16 @@ mod tests {
             });
             assert_eq!(max_unavailable(&d, 10), want, "{value}");
         }
+    }
+
+    #[test]
+    fn matching_orphans_are_adopted_in_place() {
+        let d = ds(None);
+        let mut orphan = daemon(&d, "orphan", "a", "h", true);
+        orphan.metadata.owner_references = None;
+        let p = plan(&d, &[node("a", &[], vec![])], &[orphan], "h", now());
+        assert_eq!(p.adopt, ["orphan"]);
+        assert!(p.create.is_empty() && p.delete.is_empty());
     }
 
     #[test]

@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::replicaset::selects;
 use super::{Error, Result, is_status};
 
 /// The label naming a pod's (and a revision's) revision.
@@ -61,6 +63,34 @@ pub fn owned<'a>(revisions: &'a [ControllerRevision], owner_uid: &str) -> Vec<&'
                 .any(|o| o.controller == Some(true) && o.uid == owner_uid)
         })
         .collect()
+}
+
+/// Takes over orphaned revisions whose labels `selector` matches (left by a parent deleted with
+/// `--cascade=orphan`), as Kubernetes' ClaimControllerRevisions; returns the list as it now is.
+pub async fn adopt_orphans(
+    api: &Api<ControllerRevision>,
+    owner: &OwnerReference,
+    selector: &LabelSelector,
+    mut revisions: Vec<ControllerRevision>,
+) -> Result<Vec<ControllerRevision>> {
+    for rev in revisions.iter_mut() {
+        let orphan = !rev.owner_references().iter().any(|o| o.controller == Some(true));
+        if !orphan || rev.metadata.deletion_timestamp.is_some() || !selects(selector, rev.labels()) {
+            continue;
+        }
+        let mut refs = rev.owner_references().to_vec();
+        refs.push(owner.clone());
+        let patch = json!({"metadata": {"ownerReferences": refs, "resourceVersion": rev.resource_version()}});
+        match api
+            .patch(&rev.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(adopted) => *rev = adopted,
+            Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(revisions)
 }
 
 /// The newest revision holding `data`, if any.

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use super::events::{EventType, Recorder};
 use super::history::{self, HASH_LABEL};
-use super::replicaset::{is_available, is_ready};
+use super::replicaset::{claim, is_available, is_ready, set_owner};
 use super::{Error, Result, is_status};
 
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
@@ -58,14 +58,6 @@ fn failed(pod: &Pod) -> bool {
 
 fn revision_of(pod: &Pod) -> Option<&str> {
     pod.labels().get(HASH_LABEL).map(String::as_str)
-}
-
-fn controlled_by(obj: &impl Resource, uid: &str) -> bool {
-    obj.meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
 fn set_ref(set: &StatefulSet, controller: bool) -> OwnerReference {
@@ -184,6 +176,10 @@ pub struct Revisions<'a> {
 /// What one reconcile should do.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
+    /// Orphans named as members that the set takes over.
+    pub adopt: Vec<String>,
+    /// Pods the set owns whose labels no longer match its selector.
+    pub release: Vec<String>,
     /// Missing claims, created before their pod.
     pub claims: Vec<PersistentVolumeClaim>,
     pub create: Vec<Pod>,
@@ -217,13 +213,18 @@ pub fn plan(
         .and_then(|r| r.partition)
         .unwrap_or(0)
         .max(0);
+    let deleting = set.metadata.deletion_timestamp.is_some();
+    let claimed = claim(&spec.selector, &uid, deleting, pods, |p| {
+        ordinal_of(&name, &p.name_any()).is_some()
+    });
+    plan.adopt = claimed.adopt;
+    plan.release = claimed.release;
     let mut members: BTreeMap<i32, &Pod> = BTreeMap::new();
-    for pod in pods.iter().filter(|p| controlled_by(*p, &uid)) {
+    for pod in claimed.pods {
         if let Some(ord) = ordinal_of(&name, &pod.name_any()) {
             members.insert(ord, pod);
         }
     }
-    let deleting = set.metadata.deletion_timestamp.is_some();
     let existing_claims: HashSet<String> = claims.iter().map(|c| c.name_any()).collect();
     // `halt`: OrderedReady waits for the pod just acted on (or an unready one) before more.
     let mut halt = deleting;
@@ -254,7 +255,31 @@ pub fn plan(
             Some(_) => {}
         }
     }
-    let (_, when_scaled) = retention(set);
+    let (when_deleted, when_scaled) = retention(set);
+    // Claims of current ordinals follow the policy as it is now: owned by the set only for
+    // whenDeleted=Delete, and never by a pod (left from a scale-down that was undone).
+    for ord in start..end {
+        for template in claims_for(set, ord) {
+            let claim_name = template.name_any();
+            let Some(live) = claims.iter().find(|c| c.name_any() == claim_name) else {
+                continue;
+            };
+            let pod_name = format!("{name}-{ord}");
+            let mut refs: Vec<_> = live
+                .owner_references()
+                .iter()
+                .filter(|o| o.uid != uid && !(o.kind == "Pod" && o.name == pod_name))
+                .cloned()
+                .collect();
+            if when_deleted {
+                refs.push(set_ref(set, false));
+            }
+            let uids = |r: &[OwnerReference]| r.iter().map(|o| o.uid.clone()).collect::<Vec<_>>();
+            if uids(&refs) != uids(live.owner_references()) {
+                plan.reown_claims.push((claim_name, refs));
+            }
+        }
+    }
     // Condemned pods go highest ordinal first; OrderedReady waits for each to be gone.
     for (&ord, p) in members.range(..start).chain(members.range(end..)).rev() {
         if halt {
@@ -270,7 +295,13 @@ pub fn plan(
                 if let Some(live) = claims.iter().find(|c| c.name_any() == claim_name)
                     && !live.owner_references().iter().any(|o| o.uid == owner.uid)
                 {
-                    let mut refs = live.owner_references().to_vec();
+                    // The pod alone owns it now: a set reference would keep it alive.
+                    let mut refs: Vec<_> = live
+                        .owner_references()
+                        .iter()
+                        .filter(|o| o.uid != uid)
+                        .cloned()
+                        .collect();
                     refs.push(owner.clone());
                     plan.reown_claims.push((claim_name, refs));
                 }
@@ -350,6 +381,13 @@ async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action> {
     let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let revisions_api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), &ns);
     let listed_revisions = revisions_api.list(&ListParams::default()).await?.items;
+    let listed_revisions = history::adopt_orphans(
+        &revisions_api,
+        &set_ref(&set, true),
+        &set.spec.selector,
+        listed_revisions,
+    )
+    .await?;
     let revisions = history::owned(&listed_revisions, &uid);
     let collisions = set.status.as_ref().and_then(|s| s.collision_count).unwrap_or(0);
     let (update, collisions) =
@@ -373,6 +411,13 @@ async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action> {
     };
     let mut plan = plan(&set, &listed, &claims, &revs, jiff::Timestamp::now());
     plan.status.collision_count = Some(collisions);
+    let owner = set_ref(&set, true);
+    for pod in &plan.adopt {
+        set_owner(&pods, &listed, pod, &owner, true).await?;
+    }
+    for pod in &plan.release {
+        set_owner(&pods, &listed, pod, &owner, false).await?;
+    }
     for claim in &plan.claims {
         let claim_name = claim.name_any();
         let pod = plan
@@ -691,7 +736,29 @@ mod tests {
         assert_eq!(p.delete, ["web-1"]);
         assert_eq!(p.reown_claims.len(), 1);
         assert_eq!(p.reown_claims[0].0, "data-web-1");
-        assert_eq!(p.reown_claims[0].1.last().unwrap().uid, "pod-1");
+        let owners: Vec<_> = p.reown_claims[0].1.iter().map(|o| o.uid.as_str()).collect();
+        assert_eq!(owners, ["pod-1"], "the set lets go of a scaled-down claim");
+    }
+
+    #[test]
+    fn claims_follow_a_changed_retention_policy() {
+        let mut s = set(1, false);
+        let t = s.spec.template.clone();
+        let pods = [member(&s, 0, "web-new", true)];
+        let retained = claims_for(&s, 0);
+        assert!(plan(&s, &pods, &retained, &revs(&t), now()).reown_claims.is_empty());
+        s.spec.persistent_volume_claim_retention_policy = Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+            when_deleted: Some("Delete".into()),
+            when_scaled: Some("Retain".into()),
+        });
+        let p = plan(&s, &pods, &retained, &revs(&t), now());
+        assert_eq!(p.reown_claims.len(), 1);
+        assert_eq!(p.reown_claims[0].1[0].uid, "sts-uid");
+        let owned = claims_for(&s, 0);
+        assert!(plan(&s, &pods, &owned, &revs(&t), now()).reown_claims.is_empty());
+        let retain = set(1, false);
+        let p = plan(&retain, &pods, &owned, &revs(&t), now());
+        assert_eq!(p.reown_claims, [("data-web-0".to_string(), vec![])]);
     }
 
     #[test]
@@ -769,10 +836,31 @@ mod tests {
         let mut broken = member(&s, 0, "web-new", false);
         broken.status.as_mut().unwrap().phase = Some("Failed".into());
         let mut foreign = member(&s, 1, "web-new", true);
-        foreign.metadata.owner_references = None;
+        foreign.metadata.owner_references = Some(vec![OwnerReference {
+            uid: "other".into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
         let p = plan(&s, &[broken, foreign], &[], &revs(&t), now());
         assert_eq!(p.delete, ["web-0"]);
-        assert!(p.create.is_empty());
+        assert!(p.create.is_empty() && p.adopt.is_empty());
+        assert_eq!(p.status.replicas, 1);
+    }
+
+    #[test]
+    fn orphans_named_as_members_are_adopted_and_relabelled_pods_released() {
+        let s = set(2, true);
+        let t = s.spec.template.clone();
+        let mut orphan = member(&s, 0, "web-new", true);
+        orphan.metadata.owner_references = None;
+        let mut stranger = member(&s, 7, "web-new", true);
+        stranger.metadata.name = Some("cache-0".into());
+        stranger.metadata.owner_references = None;
+        let mut relabelled = member(&s, 1, "web-new", true);
+        relabelled.metadata.labels = Some([("app".to_string(), "debug".to_string())].into());
+        let p = plan(&s, &[orphan, stranger, relabelled], &[], &revs(&t), now());
+        assert_eq!(p.adopt, ["web-0"]);
+        assert_eq!(p.release, ["web-1"]);
         assert_eq!(p.status.replicas, 1);
     }
 }
