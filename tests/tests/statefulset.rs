@@ -441,9 +441,47 @@ async fn daemonset_runs_on_eligible_nodes_and_rolls_out(backend: Backend) -> Res
     let history = server.kubectl_ok(&["rollout", "history", "ds/agent"]);
     ensure!(history.contains('1') && history.contains('2'), "{history}");
 
+    // With maxSurge the new pod starts beside the old one: every node keeps an available pod.
+    server.kubectl_ok(&[
+        "patch",
+        "ds",
+        "agent",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"maxSurge":1,"maxUnavailable":0}}}}"#,
+    ]);
+    let watcher = {
+        let sets = sets.clone();
+        tokio::spawn(async move {
+            let mut min = i32::MAX;
+            for _ in 0..300 {
+                if let Ok(ds) = sets.get("agent").await {
+                    let status = ds.status.unwrap_or_default();
+                    min = min.min(status.number_available.unwrap_or(0));
+                    if ds
+                        .spec
+                        .template
+                        .spec
+                        .is_some_and(|s| s.containers[0].image.as_deref() == Some("agent:3"))
+                        && status.updated_number_scheduled == Some(2)
+                        && status.number_available == Some(2)
+                    {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            min
+        })
+    };
+    server.kubectl_ok(&["set", "image", "ds/agent", "agent=agent:3"]);
+    server.kubectl_ok(&["rollout", "status", "ds/agent", "--timeout=30s"]);
+    daemons_become(&pods, &[("edge-1", "agent:3"), ("edge-2", "agent:3")]).await?;
+    let min_available = watcher.await?;
+    ensure!(min_available == 2, "available daemons dropped to {min_available}");
+
     // A removed node's pod goes.
     nodes.delete("edge-2", &DeleteParams::default()).await?;
-    daemons_become(&pods, &[("edge-1", "agent:2")]).await?;
+    daemons_become(&pods, &[("edge-1", "agent:3")]).await?;
     let described = server.kubectl_ok(&["describe", "ds", "agent"]);
     ensure!(described.contains("SuccessfulCreate"), "{described}");
     kubelet.abort();

@@ -159,23 +159,21 @@ fn failed(pod: &Pod) -> bool {
     pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
 }
 
-/// maxUnavailable of `desired` nodes, percentages rounded up; never 0 (there is no surge).
-pub fn max_unavailable(ds: &DaemonSet, desired: i32) -> i32 {
-    let value = ds
-        .spec
-        .update_strategy
-        .as_ref()
-        .and_then(|s| s.rolling_update.as_ref())
-        .and_then(|r| r.max_unavailable.as_ref());
-    let n = match value {
-        None => 1,
-        Some(IntOrString::Int(n)) => *n,
+/// maxSurge and maxUnavailable of `desired` nodes, percentages rounded up as in Kubernetes;
+/// without surge at least one pod may be unavailable, or nothing would ever be replaced.
+pub fn rolling_limits(ds: &DaemonSet, desired: i32) -> (i32, i32) {
+    let rolling = ds.spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref());
+    let scaled = |value: Option<&IntOrString>, default: i32| match value {
+        None => default,
+        Some(IntOrString::Int(n)) => (*n).max(0),
         Some(IntOrString::String(s)) => match s.strip_suffix('%').and_then(|p| p.parse::<i64>().ok()) {
-            Some(p) => ((p * desired as i64 + 99) / 100) as i32,
-            None => 1,
+            Some(p) => ((p.max(0) * desired as i64 + 99) / 100) as i32,
+            None => default,
         },
     };
-    n.max(1)
+    let surge = scaled(rolling.and_then(|r| r.max_surge.as_ref()), 0);
+    let unavailable = scaled(rolling.and_then(|r| r.max_unavailable.as_ref()), 1);
+    (surge, if surge == 0 { unavailable.max(1) } else { unavailable })
 }
 
 /// What one reconcile should do.
@@ -225,8 +223,19 @@ pub fn plan(ds: &DaemonSet, nodes: &[Node], pods: &[Pod], hash: &str, now: jiff:
         conditions: ds.status.as_ref().and_then(|s| s.conditions.clone()),
         ..Default::default()
     };
-    // The one pod kept on each eligible node.
-    let mut daemons: Vec<&Pod> = Vec::new();
+    let rolling = ds
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|s| s.type_.as_deref())
+        .unwrap_or("RollingUpdate")
+        == "RollingUpdate";
+    let desired = nodes.iter().filter(|n| should_run(ds, n)).count() as i32;
+    let (max_surge, max_unavailable) = rolling_limits(ds, desired);
+    let surge = rolling && max_surge > 0;
+    let updated = |p: &Pod| p.labels().get(HASH_LABEL).map(String::as_str) == Some(hash);
+    // Per eligible node with pods: the old and the updated pod kept there.
+    let mut slots: Vec<(String, Option<&Pod>, Option<&Pod>)> = Vec::new();
     let mut unavailable = 0;
     for node in nodes {
         let name = node.name_any();
@@ -241,46 +250,62 @@ pub fn plan(ds: &DaemonSet, nodes: &[Node], pods: &[Pod], hash: &str, now: jiff:
         status.desired_number_scheduled += 1;
         let (broken, mut live): (Vec<&Pod>, Vec<&Pod>) = on_node.into_iter().partition(|p| failed(p));
         plan.delete.extend(broken.iter().map(|p| p.name_any()));
-        // Extras go: keep a ready pod, the oldest first.
+        // One pod per node (an old and a new one while surging); a ready one, then the oldest, stays.
         live.sort_by_key(|p| (!is_ready(p), p.metadata.creation_timestamp.as_ref().map(|t| t.0)));
-        plan.delete.extend(live.iter().skip(1).map(|p| p.name_any()));
-        match live.first() {
-            None => {
-                unavailable += 1;
-                if broken.is_empty() {
-                    plan.create.push(name);
-                }
+        let kept: Vec<&Pod> = if surge {
+            let old = live.iter().find(|p| !updated(p)).copied();
+            let new = live.iter().find(|p| updated(p)).copied();
+            old.into_iter().chain(new).collect()
+        } else {
+            live.first().copied().into_iter().collect()
+        };
+        plan.delete.extend(
+            live.iter()
+                .filter(|p| !kept.iter().any(|k| std::ptr::eq(*k, **p)))
+                .map(|p| p.name_any()),
+        );
+        // Status looks at the pod that has been there longest, as Kubernetes does.
+        let Some(pod) = kept.first() else {
+            unavailable += 1;
+            if broken.is_empty() {
+                plan.create.push(name);
             }
-            Some(pod) => {
-                status.current_number_scheduled += 1;
-                let updated = pod.labels().get(HASH_LABEL).map(String::as_str) == Some(hash);
-                let available = is_available(pod, min_ready, now);
-                status.number_ready += i32::from(is_ready(pod));
-                *status.number_available.get_or_insert(0) += i32::from(available);
-                *status.updated_number_scheduled.get_or_insert(0) += i32::from(updated);
-                unavailable += i32::from(!available);
-                daemons.push(pod);
+            continue;
+        };
+        status.current_number_scheduled += 1;
+        let available = is_available(pod, min_ready, now);
+        status.number_ready += i32::from(is_ready(pod));
+        *status.number_available.get_or_insert(0) += i32::from(available);
+        *status.updated_number_scheduled.get_or_insert(0) += i32::from(updated(pod));
+        unavailable += i32::from(!available);
+        let old = kept.iter().find(|p| !updated(p)).copied();
+        let new = kept.iter().find(|p| updated(p)).copied();
+        slots.push((name, old, new));
+    }
+    if surge {
+        // A new pod starts next to each old one, at most maxSurge at a time; the old one goes
+        // once the new one is available. An unavailable old pod is replaced at no cost.
+        let mut surging = 0;
+        let mut candidates = Vec::new();
+        for (node, old, new) in slots {
+            match (old, new) {
+                (Some(old), None) if !is_available(old, min_ready, now) => plan.create.push(node),
+                (Some(_), None) => candidates.push(node),
+                (Some(old), Some(new)) if is_available(new, min_ready, now) => plan.delete.push(old.name_any()),
+                (Some(_), Some(_)) => surging += 1,
+                _ => {}
             }
         }
-    }
-    let rolling = ds
-        .spec
-        .update_strategy
-        .as_ref()
-        .and_then(|s| s.type_.as_deref())
-        .unwrap_or("RollingUpdate")
-        == "RollingUpdate";
-    if rolling {
-        let mut budget = max_unavailable(ds, status.desired_number_scheduled) - unavailable;
-        for pod in daemons {
-            if pod.labels().get(HASH_LABEL).map(String::as_str) == Some(hash) {
-                continue;
-            }
-            // An old pod that is unavailable anyway is replaced at no cost.
-            if !is_available(pod, min_ready, now) {
-                plan.delete.push(pod.name_any());
+        let room = (max_surge - surging).clamp(0, candidates.len() as i32) as usize;
+        plan.create.extend(candidates.into_iter().take(room));
+    } else if rolling {
+        // Old pods are deleted while fewer than maxUnavailable nodes lack an available pod.
+        let mut budget = max_unavailable - unavailable;
+        for old in slots.into_iter().filter_map(|(_, old, _)| old) {
+            if !is_available(old, min_ready, now) {
+                plan.delete.push(old.name_any());
             } else if budget > 0 {
-                plan.delete.push(pod.name_any());
+                plan.delete.push(old.name_any());
                 budget -= 1;
             }
         }
@@ -675,19 +700,54 @@ mod tests {
     }
 
     #[test]
-    fn max_unavailable_rounds_percentages_up_and_is_at_least_one() {
+    fn limits_round_percentages_up_and_allow_one_unavailable_without_surge() {
         let mut d = ds(None);
-        assert_eq!(max_unavailable(&d, 10), 1);
-        for (value, want) in [("25%", 3), ("0%", 1)] {
+        assert_eq!(rolling_limits(&d, 10), (0, 1));
+        for (surge, unavailable, want) in [("0", "25%", (0, 3)), ("0", "0%", (0, 1)), ("10%", "0", (1, 0))] {
+            let value = |v: &str| match v.parse() {
+                Ok(n) => IntOrString::Int(n),
+                Err(_) => IntOrString::String(v.into()),
+            };
             d.spec.update_strategy = Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(IntOrString::String(value.into())),
-                    max_surge: None,
+                    max_unavailable: Some(value(unavailable)),
+                    max_surge: Some(value(surge)),
                 }),
             });
-            assert_eq!(max_unavailable(&d, 10), want, "{value}");
+            assert_eq!(rolling_limits(&d, 10), want, "surge {surge}, unavailable {unavailable}");
         }
+    }
+
+    #[test]
+    fn surge_starts_new_pods_beside_old_ones_and_removes_old_ones_once_available() {
+        let mut d = ds(None);
+        d.spec.update_strategy = Some(DaemonSetUpdateStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateDaemonSet {
+                max_unavailable: Some(IntOrString::Int(0)),
+                max_surge: Some(IntOrString::Int(1)),
+            }),
+        });
+        let nodes: Vec<_> = ["a", "b", "c"].iter().map(|n| node(n, &[], vec![])).collect();
+        let mut pods: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|n| daemon(&d, &format!("old-{n}"), n, "old", true))
+            .collect();
+        let p = plan(&d, &nodes, &pods, "new", now());
+        assert_eq!((p.create.clone(), p.delete.clone()), (vec!["a".to_string()], vec![]));
+        pods.push(daemon(&d, "new-a", "a", "new", false));
+        let p = plan(&d, &nodes, &pods, "new", now());
+        assert!(p.create.is_empty() && p.delete.is_empty(), "one surge pod at a time");
+        assert_eq!(p.status.number_available, Some(3), "the old pods keep serving");
+        pods[3] = daemon(&d, "new-a", "a", "new", true);
+        let p = plan(&d, &nodes, &pods, "new", now());
+        assert_eq!(p.delete, ["old-a"]);
+        // An unavailable old pod gets its replacement outside the surge budget, which goes to c.
+        pods[1] = daemon(&d, "old-b", "b", "old", false);
+        let p = plan(&d, &nodes, &pods, "new", now());
+        assert_eq!(p.create, ["b", "c"]);
+        assert_eq!(p.delete, ["old-a"]);
     }
 
     #[test]
