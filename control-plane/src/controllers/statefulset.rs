@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodTemplateSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -87,6 +88,25 @@ fn retention(set: &StatefulSet) -> (bool, bool) {
         delete(policy.and_then(|p| p.when_deleted.as_ref())),
         delete(policy.and_then(|p| p.when_scaled.as_ref())),
     )
+}
+
+/// rollingUpdate.maxUnavailable of `replicas` (percentages round down), at least 1.
+pub fn max_unavailable(set: &StatefulSet, replicas: i32) -> i32 {
+    let value = set
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref())
+        .and_then(|r| r.max_unavailable.as_ref());
+    let n = match value {
+        None => 1,
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(s)) => s
+            .strip_suffix('%')
+            .and_then(|p| p.parse::<i64>().ok())
+            .map_or(1, |p| (p * replicas as i64 / 100) as i32),
+    };
+    n.max(1)
 }
 
 /// The claims pod `ordinal` of `set` mounts, as new objects.
@@ -310,16 +330,25 @@ pub fn plan(
         plan.delete.push(p.name_any());
         halt = !parallel;
     }
-    // RollingUpdate: from the highest ordinal down to the partition, one pod at a time.
+    // RollingUpdate: from the highest ordinal down to the partition, replacing old pods while
+    // fewer than maxUnavailable (default 1) members are unavailable (missing ones count).
     if rolling && !halt {
+        let min_ready = spec.min_ready_seconds.unwrap_or(0) as i64;
+        let healthy = |p: &Pod| !terminating(p) && running_and_ready(p) && is_available(p, min_ready, now);
+        let unavailable = (start..end)
+            .filter(|o| members.get(o).is_none_or(|p| !healthy(p)))
+            .count() as i32;
+        let mut budget = max_unavailable(set, replicas) - unavailable;
         for ord in (start + partition..end).rev() {
-            let Some(p) = members.get(&ord) else { continue };
-            if revision_of(p) != Some(rev.update) && !terminating(p) {
-                plan.delete.push(p.name_any());
+            if budget <= 0 {
                 break;
             }
-            if !running_and_ready(p) {
-                break;
+            if let Some(p) = members.get(&ord)
+                && revision_of(p) != Some(rev.update)
+                && !terminating(p)
+            {
+                plan.delete.push(p.name_any());
+                budget -= 1;
             }
         }
     }
@@ -794,6 +823,30 @@ mod tests {
         );
         let image = p.create[0].spec.as_ref().unwrap().containers[0].image.clone();
         assert_eq!(image.as_deref(), Some("nginx:0"));
+    }
+
+    #[test]
+    fn max_unavailable_replaces_several_ordinals_at_once() {
+        // Parallel: under OrderedReady an unready pod stops everything, as in Kubernetes.
+        let mut s = set(4, true);
+        s.spec.update_strategy = Some(StatefulSetUpdateStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                partition: Some(0),
+                max_unavailable: Some(IntOrString::String("50%".into())),
+            }),
+        });
+        assert_eq!(max_unavailable(&s, 4), 2);
+        assert_eq!(max_unavailable(&s, 1), 1, "never below one");
+        let old = template("nginx:0");
+        let mut pods: Vec<_> = (0..4).map(|i| member(&s, i, "web-old", true)).collect();
+        assert_eq!(plan(&s, &pods, &[], &revs(&old), now()).delete, ["web-3", "web-2"]);
+        pods[3] = member(&s, 3, "web-new", false);
+        assert_eq!(
+            plan(&s, &pods, &[], &revs(&old), now()).delete,
+            ["web-2"],
+            "an unready new web-3 uses half the budget"
+        );
     }
 
     #[test]
