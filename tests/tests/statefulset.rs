@@ -162,6 +162,8 @@ async fn statefulset_orders_pods_keeps_identity_and_rolls_out(backend: Backend) 
     );
     let history = server.kubectl_ok(&["rollout", "history", "sts/web"]);
     ensure!(history.contains('1') && history.contains('2'), "{history}");
+    let second = server.kubectl_ok(&["rollout", "history", "sts/web", "--revision=2"]);
+    ensure!(second.contains("nginx:2"), "{second}");
     let revisions = server.kubectl_ok(&["get", "controllerrevisions"]);
     ensure!(
         revisions.lines().filter(|l| l.contains("statefulset.apps/web")).count() == 2,
@@ -478,10 +480,15 @@ async fn daemonset_runs_on_eligible_nodes_and_rolls_out(backend: Backend) -> Res
     daemons_become(&pods, &[("edge-1", "agent:3"), ("edge-2", "agent:3")]).await?;
     let min_available = watcher.await?;
     ensure!(min_available == 2, "available daemons dropped to {min_available}");
+    let first = server.kubectl_ok(&["rollout", "history", "ds/agent", "--revision=1"]);
+    ensure!(first.contains("agent:1"), "{first}");
+    server.kubectl_ok(&["rollout", "undo", "ds/agent", "--to-revision=1"]);
+    server.kubectl_ok(&["rollout", "status", "ds/agent", "--timeout=30s"]);
+    daemons_become(&pods, &[("edge-1", "agent:1"), ("edge-2", "agent:1")]).await?;
 
     // A removed node's pod goes.
     nodes.delete("edge-2", &DeleteParams::default()).await?;
-    daemons_become(&pods, &[("edge-1", "agent:3")]).await?;
+    daemons_become(&pods, &[("edge-1", "agent:1")]).await?;
     let described = server.kubectl_ok(&["describe", "ds", "agent"]);
     ensure!(described.contains("SuccessfulCreate"), "{described}");
     kubelet.abort();
