@@ -200,15 +200,15 @@ pub fn plan(ds: &DaemonSet, nodes: &[Node], pods: &[Pod], hash: &str, now: jiff:
         &uid,
         ds.metadata.deletion_timestamp.is_some(),
         pods,
-        |_| true,
+        |p| target_node(p).is_some(),
     );
     plan.adopt = claimed.adopt;
     plan.release = claimed.release;
     let mut by_node: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    // A pod with no node to run on (not one this controller made) is left alone, as Kubernetes does.
     for pod in claimed.pods.into_iter().filter(|p| !terminating(p)) {
-        match target_node(pod) {
-            Some(node) => by_node.entry(node).or_default().push(pod),
-            None => plan.delete.push(pod.name_any()),
+        if let Some(node) = target_node(pod) {
+            by_node.entry(node).or_default().push(pod);
         }
     }
     let known: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
@@ -755,8 +755,11 @@ mod tests {
         let d = ds(None);
         let mut orphan = daemon(&d, "orphan", "a", "h", true);
         orphan.metadata.owner_references = None;
-        let p = plan(&d, &[node("a", &[], vec![])], &[orphan], "h", now());
-        assert_eq!(p.adopt, ["orphan"]);
+        let mut nowhere = orphan.clone();
+        nowhere.metadata.name = Some("nowhere".into());
+        nowhere.spec = Some(PodSpec::default());
+        let p = plan(&d, &[node("a", &[], vec![])], &[orphan, nowhere], "h", now());
+        assert_eq!(p.adopt, ["orphan"], "a pod bound to no node is not a daemon");
         assert!(p.create.is_empty() && p.delete.is_empty());
     }
 
