@@ -489,6 +489,17 @@ async fn daemonset_runs_on_eligible_nodes_and_rolls_out(backend: Backend) -> Res
     // A removed node's pod goes.
     nodes.delete("edge-2", &DeleteParams::default()).await?;
     daemons_become(&pods, &[("edge-1", "agent:1")]).await?;
+    // A matching orphan on a node the DaemonSet does not cover is adopted, then removed.
+    let stray: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "stray", "labels": {"app": "agent"}},
+        "spec": {"nodeName": "core-1", "containers": [{"name": "agent", "image": "agent:1"}]},
+    }))?;
+    pods.create(&Default::default(), &stray).await?;
+    eventually("the stray pod removed", SETTLE, || async {
+        Ok(pods.get_opt("stray").await?.is_none().then_some(()))
+    })
+    .await?;
     let described = server.kubectl_ok(&["describe", "ds", "agent"]);
     ensure!(described.contains("SuccessfulCreate"), "{described}");
     kubelet.abort();

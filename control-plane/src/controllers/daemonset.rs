@@ -22,7 +22,7 @@ use serde_json::json;
 
 use super::events::{EventType, Recorder};
 use super::history::{self, HASH_LABEL};
-use super::replicaset::{claim, is_available, is_ready, set_owner};
+use super::replicaset::{claim, is_available, is_ready, selects, set_owner};
 use super::scheduler::{matches_node_selector, tolerates};
 use super::{Error, Result, is_status};
 
@@ -438,6 +438,21 @@ pub async fn run(client: Client) -> Result<()> {
             Api::<ControllerRevision>::all(client.clone()),
             watcher::Config::default(),
         )
+        // Orphans pinned to a node: the DaemonSet whose selector matches may adopt them.
+        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default(), {
+            let sets = sets.clone();
+            move |pod: Pod| {
+                if pod.owner_references().iter().any(|o| o.controller == Some(true)) || target_node(&pod).is_none() {
+                    return Vec::new();
+                }
+                sets.state()
+                    .into_iter()
+                    .filter(|ds| ds.namespace() == pod.namespace())
+                    .filter(|ds| selects(&ds.spec.selector, pod.labels()))
+                    .map(|ds| ObjectRef::from_obj(ds.as_ref()))
+                    .collect()
+            }
+        })
         // Any node change may add or remove a daemon pod of every DaemonSet.
         .watches(
             Api::<Node>::all(client.clone()),

@@ -16,13 +16,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::events::{EventType, Recorder};
 use super::history::{self, HASH_LABEL};
-use super::replicaset::{claim, is_available, is_ready, set_owner};
+use super::replicaset::{claim, is_available, is_ready, selects, set_owner};
 use super::{Error, Result, is_status};
 
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
@@ -547,11 +548,30 @@ fn error_policy(set: Arc<StatefulSet>, e: &Error, _: Arc<Ctx>) -> Action {
 }
 
 pub async fn run(client: Client) -> Result<()> {
-    Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
+    let controller = Controller::new(Api::<StatefulSet>::all(client.clone()), watcher::Config::default());
+    let sets = controller.store();
+    controller
         .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .owns(
             Api::<ControllerRevision>::all(client.clone()),
             watcher::Config::default(),
+        )
+        // Orphans named as members: the set whose selector matches may adopt them.
+        .watches(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            move |pod: Pod| {
+                if pod.owner_references().iter().any(|o| o.controller == Some(true)) {
+                    return Vec::new();
+                }
+                sets.state()
+                    .into_iter()
+                    .filter(|set| set.namespace() == pod.namespace())
+                    .filter(|set| ordinal_of(&set.name_any(), &pod.name_any()).is_some())
+                    .filter(|set| selects(&set.spec.selector, pod.labels()))
+                    .map(|set| ObjectRef::from_obj(set.as_ref()))
+                    .collect()
+            },
         )
         .run(
             reconcile,
