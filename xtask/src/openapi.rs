@@ -39,7 +39,13 @@ const SERVED_KINDS: &[(&str, &[&str])] = &[
     ),
     (
         "io.k8s.api.apps.v1",
-        &["Deployment", "ReplicaSet", "StatefulSet", "DaemonSet"],
+        &[
+            "Deployment",
+            "ReplicaSet",
+            "StatefulSet",
+            "DaemonSet",
+            "ControllerRevision",
+        ],
     ),
     ("io.k8s.api.autoscaling.v1", &["Scale"]),
     ("io.k8s.api.discovery.v1", &["EndpointSlice"]),

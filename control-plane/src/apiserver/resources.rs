@@ -224,6 +224,17 @@ pub static RESOURCES: &[Resource] = &[
         [Status]
     ),
     resource!(
+        "apps",
+        "v1",
+        "ControllerRevision",
+        "controllerrevisions",
+        "controllerrevision",
+        true,
+        [],
+        [],
+        []
+    ),
+    resource!(
         "discovery.k8s.io",
         "v1",
         "EndpointSlice",

@@ -112,6 +112,9 @@ fn columns(r: &Resource) -> Vec<Column> {
                 col("Images", "string", 1),
             ]
         }
+        ("apps", "ControllerRevision") => {
+            vec![name, col("Controller", "string", 0), col("Revision", "integer", 0), age]
+        }
         ("apps", "DaemonSet") => vec![
             name,
             col("Desired", "integer", 0),
@@ -530,6 +533,19 @@ fn cells(r: &Resource, obj: &Value, now: i64) -> Vec<Value> {
                 json!(containers),
                 json!(images),
             ]
+        }
+        ("apps", "ControllerRevision") => {
+            // `<kind>.<group>/<name>` of the controlling owner, as kubectl prints it.
+            let controller = array(obj, "/metadata/ownerReferences")
+                .find(|o| o.get("controller").and_then(Value::as_bool) == Some(true))
+                .map(|o| {
+                    let kind = s(o, "/kind").unwrap_or_default().to_lowercase();
+                    let group = s(o, "/apiVersion").unwrap_or_default();
+                    let group = group.rsplit_once('/').map(|(g, _)| format!(".{g}")).unwrap_or_default();
+                    format!("{kind}{group}/{}", s(o, "/name").unwrap_or_default())
+                })
+                .unwrap_or_else(|| "<none>".into());
+            vec![name, json!(controller), json!(i(obj, "/revision")), json!(created)]
         }
         ("apps", "DaemonSet") => vec![
             name,

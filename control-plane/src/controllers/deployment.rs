@@ -16,7 +16,6 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::events::{EventType, Recorder};
 use super::{Error, Result, is_status};
@@ -35,13 +34,7 @@ fn bare(template: &PodTemplateSpec) -> PodTemplateSpec {
 
 /// A short, DNS-safe hash of the template.
 pub fn template_hash(template: &PodTemplateSpec) -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let digest = Sha256::digest(serde_json::to_vec(&bare(template)).expect("a template serializes"));
-    let n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
-    n.to_string()
-        .bytes()
-        .map(|b| ALPHABET[b as usize % ALPHABET.len()] as char)
-        .collect()
+    super::history::short_hash(&serde_json::to_vec(&bare(template)).expect("a template serializes"))
 }
 
 fn revision(rs: &ReplicaSet) -> i64 {

@@ -1,15 +1,19 @@
 //! Weir's control loops, run in-process by `weir server`: default ServiceAccounts, namespace
-//! lifecycle, the garbage collector, EndpointSlices, Deployments, ReplicaSets and the scheduler. They reach the API only through kube-rs,
+//! lifecycle, the garbage collector, EndpointSlices, Deployments, ReplicaSets, StatefulSets,
+//! DaemonSets and the scheduler. They reach the API only through kube-rs,
 //! exactly as they would against Kubernetes, and never touch the store.
 
+pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
 pub mod events;
 pub mod garbagecollector;
+pub mod history;
 pub mod namespace;
 pub mod replicaset;
 pub mod scheduler;
 pub mod serviceaccount;
+pub mod statefulset;
 
 use std::future::Future;
 use std::time::Duration;
@@ -56,6 +60,14 @@ pub fn run(client: Client) {
     spawn_supervised("scheduler", {
         let client = client.clone();
         move || scheduler::run(client.clone())
+    });
+    spawn_supervised("statefulset", {
+        let client = client.clone();
+        move || statefulset::run(client.clone())
+    });
+    spawn_supervised("daemonset", {
+        let client = client.clone();
+        move || daemonset::run(client.clone())
     });
     spawn_supervised("endpointslice", move || endpointslice::run(client.clone()));
 }

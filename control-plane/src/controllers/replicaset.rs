@@ -46,7 +46,7 @@ pub fn selects(selector: &LabelSelector, labels: &std::collections::BTreeMap<Str
         })
 }
 
-fn is_ready(pod: &Pod) -> bool {
+pub(crate) fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -54,7 +54,7 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 /// Ready for at least `min_ready_seconds` at `now`.
-fn is_available(pod: &Pod, min_ready_seconds: i64, now: jiff::Timestamp) -> bool {
+pub(crate) fn is_available(pod: &Pod, min_ready_seconds: i64, now: jiff::Timestamp) -> bool {
     let Some(cond) = pod
         .status
         .as_ref()
@@ -70,7 +70,7 @@ fn is_available(pod: &Pod, min_ready_seconds: i64, now: jiff::Timestamp) -> bool
             .is_none_or(|t| t.0 + jiff::SignedDuration::from_secs(min_ready_seconds) <= now)
 }
 
-fn is_active(pod: &Pod) -> bool {
+pub(crate) fn is_active(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none()
         && !matches!(
             pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -80,6 +80,78 @@ fn is_active(pod: &Pod) -> bool {
 
 fn controller_of(pod: &Pod) -> Option<&OwnerReference> {
     pod.owner_references().iter().find(|o| o.controller == Some(true))
+}
+
+/// The pods a controller (`uid`, `selector`) has after adoption and release, as Kubernetes'
+/// ClaimPods: its own pods that still match, plus matching live orphans that `member` accepts.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Claimed<'a> {
+    pub pods: Vec<&'a Pod>,
+    /// Orphans to take over (also in `pods`).
+    pub adopt: Vec<String>,
+    /// Owned pods whose labels no longer match.
+    pub release: Vec<String>,
+}
+
+pub(crate) fn claim<'a>(
+    selector: &LabelSelector,
+    uid: &str,
+    owner_deleting: bool,
+    pods: &'a [Pod],
+    member: impl Fn(&Pod) -> bool,
+) -> Claimed<'a> {
+    let mut claimed = Claimed::default();
+    for pod in pods {
+        let matches = selects(selector, pod.labels());
+        match controller_of(pod) {
+            Some(o) if o.uid == uid => {
+                if matches {
+                    claimed.pods.push(pod);
+                } else {
+                    claimed.release.push(pod.name_any());
+                }
+            }
+            None if matches && !owner_deleting && is_active(pod) && member(pod) => {
+                claimed.adopt.push(pod.name_any());
+                claimed.pods.push(pod);
+            }
+            _ => {}
+        }
+    }
+    claimed
+}
+
+/// Adds `owner` to the named pod's ownerReferences (adopt) or removes `owner.uid` from them
+/// (release), guarded by the listed resourceVersion; a pod gone or changed meanwhile is skipped.
+pub(crate) async fn set_owner(
+    pods: &Api<Pod>,
+    listed: &[Pod],
+    name: &str,
+    owner: &OwnerReference,
+    adopt: bool,
+) -> Result<()> {
+    let Some(current) = listed.iter().find(|p| p.name_any() == name) else {
+        return Ok(());
+    };
+    let mut refs: Vec<_> = current
+        .owner_references()
+        .iter()
+        .filter(|o| o.uid != owner.uid)
+        .cloned()
+        .collect();
+    if adopt {
+        refs.push(owner.clone());
+    }
+    let patch = json!({"metadata": {"ownerReferences": refs, "resourceVersion": current.resource_version()}});
+    match pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            let action = if adopt { "adopted" } else { "released" };
+            tracing::info!(namespace = ?current.namespace(), owner = %owner.name, pod = %name, "{action}");
+            Ok(())
+        }
+        Err(e) if is_status(&e, 404) || is_status(&e, 409) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// What one reconcile should do.
@@ -102,24 +174,10 @@ pub fn plan(rs: &ReplicaSet, pods: &[Pod], now: jiff::Timestamp) -> Plan {
     let spec = Some(&rs.spec);
     let selector = spec.map(|s| s.selector.clone()).unwrap_or_default();
     let deleting = rs.metadata.deletion_timestamp.is_some();
-    let mut active: Vec<&Pod> = Vec::new();
-    for pod in pods {
-        let matches = selects(&selector, pod.labels());
-        match controller_of(pod) {
-            Some(o) if o.uid == uid => {
-                if !matches {
-                    plan.release.push(pod.name_any());
-                } else if is_active(pod) {
-                    active.push(pod);
-                }
-            }
-            None if matches && !deleting && is_active(pod) => {
-                plan.adopt.push(pod.name_any());
-                active.push(pod);
-            }
-            _ => {}
-        }
-    }
+    let claimed = claim(&selector, &uid, deleting, pods, |_| true);
+    plan.adopt = claimed.adopt;
+    plan.release = claimed.release;
+    let active: Vec<&Pod> = claimed.pods.into_iter().filter(|p| is_active(p)).collect();
     let want = spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as usize;
     if !deleting {
         if active.len() < want {
@@ -202,38 +260,12 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let listed = pods.list(&ListParams::default()).await?.items;
     let plan = plan(&rs, &listed, jiff::Timestamp::now());
-    let uid = rs.uid().unwrap_or_default();
+    let owner = owner_ref(&rs);
     for pod in &plan.adopt {
-        let current = listed
-            .iter()
-            .find(|p| &p.name_any() == pod)
-            .expect("planned from the list");
-        let mut refs = current.owner_references().to_vec();
-        refs.push(owner_ref(&rs));
-        let patch = json!({"metadata": {"ownerReferences": refs, "resourceVersion": current.resource_version()}});
-        match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => tracing::info!(namespace = %ns, replicaset = %name, pod = %pod, "adopted"),
-            Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
-            Err(e) => return Err(e.into()),
-        }
+        set_owner(&pods, &listed, pod, &owner, true).await?;
     }
     for pod in &plan.release {
-        let current = listed
-            .iter()
-            .find(|p| &p.name_any() == pod)
-            .expect("planned from the list");
-        let refs: Vec<_> = current
-            .owner_references()
-            .iter()
-            .filter(|o| o.uid != uid)
-            .cloned()
-            .collect();
-        let patch = json!({"metadata": {"ownerReferences": refs, "resourceVersion": current.resource_version()}});
-        match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => tracing::info!(namespace = %ns, replicaset = %name, pod = %pod, "released"),
-            Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
-            Err(e) => return Err(e.into()),
-        }
+        set_owner(&pods, &listed, pod, &owner, false).await?;
     }
     // Creates go out in batches of 1, 2, 4, ... as Kubernetes' slowStartBatch does: a pod that
     // cannot be created (quota, invalid template) fails the first small batch instead of
