@@ -49,7 +49,8 @@ async fn three_nodes(client: &Client) -> Result<()> {
         json!({}),
         json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]),
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 async fn pods_bind_to_fitting_nodes(backend: Backend) -> Result<()> {
