@@ -179,12 +179,15 @@ struct NodeLifecycle {
     taint_seen: HashMap<(String, String, String), jiff::Timestamp>,
     /// Pods whose deletion was requested, until the cache sees them go.
     evicted: HashSet<String>,
+    /// The earliest tolerationSeconds deadline still ahead, to wake up for.
+    next_eviction: Option<jiff::Timestamp>,
 }
 
 impl NodeLifecycle {
     async fn pass(&mut self) -> Result<()> {
         let now = jiff::Timestamp::now();
         let clock = Instant::now();
+        self.next_eviction = None;
         let nodes = self.nodes.state();
         let names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
         self.probes.retain(|n, _| names.contains(n));
@@ -292,9 +295,15 @@ impl NodeLifecycle {
                 .as_ref()
                 .and_then(|s| s.tolerations.as_deref())
                 .unwrap_or_default();
-            if eviction(tolerations, &taints, now) == Eviction::Now {
-                self.evict(pod).await?;
-                self.evicted.insert(uid);
+            match eviction(tolerations, &taints, now) {
+                Eviction::Now => {
+                    self.evict(pod).await?;
+                    self.evicted.insert(uid);
+                }
+                Eviction::At(at) => {
+                    self.next_eviction = Some(self.next_eviction.map_or(at, |n| n.min(at)));
+                }
+                Eviction::Never => {}
             }
         }
         Ok(())
@@ -404,9 +413,11 @@ pub async fn run(client: Client, grace: Duration) -> Result<()> {
         ready: HashMap::new(),
         taint_seen: HashMap::new(),
         evicted: HashSet::new(),
+        next_eviction: None,
     };
     // Silence is only noticed by the clock: check a few times per grace period (at most every 5 s,
-    // Kubernetes' node monitor period), and at once on any change (a new taint, a new pod).
+    // Kubernetes' node monitor period), at once on any change (a new taint, a new pod), and
+    // when a pod's tolerationSeconds run out.
     let period = (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let result = loop {
         if watching.is_finished() {
@@ -415,7 +426,13 @@ pub async fn run(client: Client, grace: Duration) -> Result<()> {
         if let Err(e) = controller.pass().await {
             tracing::warn!(error = %e, "node lifecycle pass failed");
         }
-        let _ = tokio::time::timeout(period, changed.notified()).await;
+        let wait = match controller.next_eviction {
+            Some(at) => Duration::try_from(at.duration_since(jiff::Timestamp::now()))
+                .unwrap_or_default()
+                .min(period),
+            None => period,
+        };
+        let _ = tokio::time::timeout(wait, changed.notified()).await;
     };
     watching.abort();
     result
