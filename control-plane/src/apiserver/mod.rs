@@ -447,3 +447,52 @@ async fn compactor(store: Arc<dyn Store>, interval: Duration) {
         previous = store.current_revision().await.ok();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerConfig,
+    }
+
+    #[test]
+    fn durations_take_units_or_plain_seconds() {
+        assert_eq!(parse_duration("40s"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0s").unwrap_err().contains("longer than zero"));
+        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn node_and_load_balancer_flags_reach_the_controllers() {
+        let cli = Cli::try_parse_from(["weir"]).unwrap();
+        let c = cli.server.controllers();
+        assert_eq!(c.node_monitor_grace_period, Duration::from_secs(40));
+        assert!(c.load_balancer_pool.is_none());
+        assert_eq!(cli.server.default_unreachable_toleration_seconds, 300);
+        let cli = Cli::try_parse_from([
+            "weir",
+            "--node-monitor-grace-period",
+            "3s",
+            "--load-balancer-pool",
+            "192.0.2.0/28,198.51.100.10-198.51.100.20",
+            "--default-not-ready-toleration-seconds",
+            "2",
+        ])
+        .unwrap();
+        let c = cli.server.controllers();
+        assert_eq!(c.node_monitor_grace_period, Duration::from_secs(3));
+        assert!(c.load_balancer_pool.unwrap().contains("198.51.100.15".parse().unwrap()));
+        assert_eq!(cli.server.default_not_ready_toleration_seconds, 2);
+        let bad = Cli::try_parse_from(["weir", "--load-balancer-pool", "192.0.2.0/33"]);
+        let message = bad.err().expect("rejected").to_string();
+        assert!(message.contains("--load-balancer-pool"), "{message}");
+    }
+}

@@ -465,6 +465,33 @@ mod tests {
     }
 
     #[test]
+    fn claims_read_requests_classes_and_held_addresses() {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop",
+                         "annotations": {REQUESTED_IPS: "192.0.2.1, 2001:db8::1"}},
+            "spec": {"type": "LoadBalancer", "loadBalancerIP": "192.0.2.9", "ipFamilies": ["IPv4", "IPv6"]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}, {"hostname": "lb.example"}]}},
+        }))
+        .unwrap();
+        let c = Claim::of(&svc);
+        assert_eq!(c.key, "shop/web");
+        assert!(c.managed && !c.foreign);
+        // The annotation wins over the deprecated spec.loadBalancerIP.
+        assert_eq!(c.requested, Ok(vec![ip("192.0.2.1"), ip("2001:db8::1")]));
+        assert_eq!(c.families, [false, true]);
+        assert_eq!(c.holds, [ip("192.0.2.1")]);
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "other", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": "example.com/lb", "loadBalancerIP": "x"},
+        }))
+        .unwrap();
+        let c = Claim::of(&svc);
+        assert!(!c.managed && c.foreign);
+        assert!(c.requested.is_err());
+        assert_eq!(c.families, [false]);
+    }
+
+    #[test]
     fn pools_parse_cidrs_ranges_and_addresses() {
         let p = Pool::parse("192.0.2.0/30, 198.51.100.10-198.51.100.11,203.0.113.7,2001:db8::/126").unwrap();
         assert!(p.contains(ip("192.0.2.0")) && p.contains(ip("192.0.2.3")) && !p.contains(ip("192.0.2.4")));
