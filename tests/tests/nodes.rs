@@ -1,13 +1,14 @@
 //! Node lifecycle in `weir server` against a real server with fake Nodes that heartbeat through
 //! Leases: a node that goes silent turns NotReady, is tainted unreachable and loses its pods
 //! after their default tolerationSeconds (they come back on the other node); heartbeats
-//! returning clear the taint; a NoExecute taint a pod does not tolerate evicts it at once.
+//! returning clear the taint; a NoExecute taint a pod does not tolerate evicts it at once, one
+//! it tolerates for 2 s after 2 s; a node reporting Ready=False is tainted not-ready.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use weir_tests::{Backend, TestServer, eventually, fake};
@@ -228,7 +229,7 @@ async fn no_execute_taint_evicts_untolerating_pods(backend: Backend) -> Result<(
     let server = TestServer::start_with_args(backend, FAST).await?;
     let client = server.kube_client().await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let _n1 = fast_node(&client, "n1").await?;
+    let mut n1 = fast_node(&client, "n1").await?;
     create_pod(&pods, "plain", json!([])).await?;
     create_pod(
         &pods,
@@ -265,6 +266,24 @@ async fn no_execute_taint_evicts_untolerating_pods(backend: Backend) -> Result<(
     ensure!(pods.get_opt("stubborn").await?.is_some(), "stubborn evicted");
     let described = server.kubectl_ok(&["describe", "pod", "stubborn"]);
     ensure!(described.contains("maintenance:NoExecute op=Exists"), "{described}");
+
+    // A kubelet that reports NotReady (while heartbeating) gets the not-ready taints.
+    n1.stop_heartbeat();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "KubeletNotReady",
+        "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
+    nodes
+        .patch_status("n1", &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    eventually("n1 tainted not-ready", SETTLE, || async {
+        let taints = taint_keys(&nodes.get("n1").await?);
+        Ok((taints.contains(&"node.kubernetes.io/not-ready:NoExecute".to_string())
+            && taints.contains(&"node.kubernetes.io/not-ready:NoSchedule".to_string())
+            && !taints.iter().any(|t| t.starts_with("node.kubernetes.io/unreachable")))
+        .then_some(()))
+    })
+    .await?;
     Ok(())
 }
 
