@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -49,7 +49,8 @@ async fn three_nodes(client: &Client) -> Result<()> {
         json!({}),
         json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]),
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 async fn pods_bind_to_fitting_nodes(backend: Backend) -> Result<()> {
@@ -426,4 +427,116 @@ async fn deployment_rolls_out_and_back_embedded() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployment_rolls_out_and_back_etcd() -> Result<()> {
     deployment_rolls_out_and_back(Backend::Etcd).await
+}
+
+fn progressing(d: &Deployment) -> (String, String, String) {
+    d.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_.as_deref() == Some("Progressing")))
+        .map(|c| {
+            (
+                c.status.clone().unwrap_or_default(),
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// `kubectl rollout pause` holds a template change back (scaling still works) until
+/// `kubectl rollout resume`; a Deployment whose pods never become ready exceeds its progress
+/// deadline and `kubectl rollout status` says so.
+async fn deployment_pauses_and_times_out(backend: Backend) -> Result<()> {
+    let server = TestServer::start(backend).await?;
+    let client = server.kube_client().await?;
+    fake::node(&client, "node-0", "8", "16Gi", json!({}), json!([])).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    let kubelet = fake::mark_bound_pods_ready(pods.clone());
+    let deployment = |name: &str, extra: Value| {
+        let mut spec = json!({"replicas": 2, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "c", "image": "nginx:1"}]}}});
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}, "spec": spec}).to_string()
+    };
+    server.kubectl_stdin_ok(&["apply", "-f", "-"], &deployment("web", json!({})));
+    server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
+
+    server.kubectl_ok(&["rollout", "pause", "deployment/web"]);
+    eventually("Progressing DeploymentPaused", SETTLE, || async {
+        let (status, reason, message) = progressing(&deployments.get("web").await?);
+        Ok((status == "Unknown" && reason == "DeploymentPaused" && message == "Deployment is paused").then_some(()))
+    })
+    .await?;
+    server.kubectl_ok(&["set", "image", "deployment/web", "c=nginx:2"]);
+    server.kubectl_ok(&["scale", "deployment/web", "--replicas=3"]);
+    eventually("paused deployment scaled, not rolled", SETTLE, || async {
+        let d = deployments.get("web").await?;
+        let seen = d.status.as_ref().and_then(|s| s.observed_generation) == d.metadata.generation;
+        let list = sets.list(&ListParams::default().labels("app=web")).await?.items;
+        let one = list.len() == 1 && list[0].spec.replicas == Some(3);
+        Ok((seen && one).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let list = sets.list(&ListParams::default().labels("app=web")).await?.items;
+    ensure!(list.len() == 1, "a new ReplicaSet while paused: {}", list.len());
+
+    server.kubectl_ok(&["rollout", "resume", "deployment/web"]);
+    server.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=30s"]);
+    eventually("3 pods on nginx:2", SETTLE, || async {
+        let images = ready_images(&pods).await?;
+        Ok((images.len() == 3 && images.iter().all(|i| i == "nginx:2")).then_some(()))
+    })
+    .await?;
+    let (status, reason, _) = progressing(&deployments.get("web").await?);
+    ensure!(
+        status == "True" && reason == "NewReplicaSetAvailable",
+        "{status} {reason}"
+    );
+
+    // Pods that never bind never become ready: 2 s later the deadline has passed.
+    let started = Instant::now();
+    server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &deployment(
+            "stuck",
+            json!({"progressDeadlineSeconds": 2,
+                   "template": {"metadata": {"labels": {"app": "stuck"}},
+                                "spec": {"nodeSelector": {"disk": "none"},
+                                         "containers": [{"name": "c", "image": "nginx:1"}]}}}),
+        ),
+    );
+    let out = server.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=30s"]);
+    let failed_after = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "rollout status succeeded: {stderr}");
+    ensure!(
+        stderr.contains("deployment \"stuck\" exceeded its progress deadline"),
+        "{stderr}"
+    );
+    ensure!(failed_after < Duration::from_secs(15), "took {failed_after:?}");
+    let (status, reason, message) = progressing(&deployments.get("stuck").await?);
+    ensure!(
+        status == "False" && reason == "ProgressDeadlineExceeded" && message.ends_with("has timed out progressing."),
+        "{status} {reason} {message}"
+    );
+    eprintln!("progress deadline 2 s: rollout status failed after {failed_after:?}");
+    kubelet.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_pauses_and_times_out_embedded() -> Result<()> {
+    deployment_pauses_and_times_out(Backend::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_pauses_and_times_out_etcd() -> Result<()> {
+    deployment_pauses_and_times_out(Backend::Etcd).await
 }

@@ -34,6 +34,7 @@ pub struct ApiServer {
     pub allocator: Allocator,
     pub discovery: Discovery,
     pub schemas: &'static Schemas,
+    pub admission: strategy::Admission,
 }
 
 pub type Query = HashMap<String, String>;
@@ -719,6 +720,7 @@ impl ApiServer {
             }
         }
         strategy::apply_defaults(r, &mut obj);
+        strategy::admit_create(r, &mut obj, &self.admission);
         let causes = strategy::validate(r, &obj);
         if !causes.is_empty() {
             return Err(ApiError::invalid(r.group, r.kind, name, causes));

@@ -56,6 +56,50 @@ pub struct ServerConfig {
     /// Seconds between store compactions; each keeps one interval of history for watches.
     #[arg(long, default_value_t = 300)]
     pub compaction_interval: u64,
+    /// How long a node may go without a heartbeat (its Lease in kube-node-lease renewed, or its
+    /// Ready condition's lastHeartbeatTime changed) before it is marked Unknown and tainted
+    /// unreachable: `40s`, `3s`, `1m30s`, or plain seconds.
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    pub node_monitor_grace_period: Duration,
+    /// tolerationSeconds of the `node.kubernetes.io/not-ready:NoExecute` toleration added to
+    /// every pod that does not have one (how long it stays on a NotReady node).
+    #[arg(long, default_value_t = 300)]
+    pub default_not_ready_toleration_seconds: u32,
+    /// tolerationSeconds of the `node.kubernetes.io/unreachable:NoExecute` toleration added to
+    /// every pod that does not have one (how long it stays on an unreachable node).
+    #[arg(long, default_value_t = 300)]
+    pub default_unreachable_toleration_seconds: u32,
+    /// Addresses for Services of type LoadBalancer: comma-separated CIDRs (`192.0.2.0/28`),
+    /// ranges (`198.51.100.10-198.51.100.20`) and single addresses, IPv4 and IPv6.
+    #[arg(long, env = "WEIR_LOAD_BALANCER_POOL", value_parser = crate::controllers::loadbalancer::Pool::parse)]
+    pub load_balancer_pool: Option<crate::controllers::loadbalancer::Pool>,
+}
+
+/// A duration flag: `40s`, `1m30s`, `500ms` (jiff's friendly format) or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let d = if let Ok(secs) = s.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let d: jiff::SignedDuration = s
+            .parse()
+            .map_err(|e| format!("{s:?} is not a duration like 40s, 1m30s or 500ms: {e}"))?;
+        Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))?
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?} must be longer than zero"));
+    }
+    Ok(d)
+}
+
+impl ServerConfig {
+    /// What the controllers need from the flags.
+    pub fn controllers(&self) -> crate::controllers::Config {
+        crate::controllers::Config {
+            node_monitor_grace_period: self.node_monitor_grace_period,
+            load_balancer_pool: self.load_balancer_pool.clone(),
+        }
+    }
 }
 
 /// Open the store named by the configuration.
@@ -118,6 +162,10 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         allocator: allocator::Allocator::new(store.clone()),
         discovery: discovery::Discovery::build(schemas, handler::SERVER_VERSION),
         schemas,
+        admission: strategy::Admission {
+            not_ready_toleration_seconds: config.default_not_ready_toleration_seconds,
+            unreachable_toleration_seconds: config.default_unreachable_toleration_seconds,
+        },
     });
 
     let listener = TcpListener::bind(SocketAddr::new(config.bind_address, config.secure_port))
@@ -156,7 +204,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     };
     let kubeconfig = config.data_dir.join("admin.kubeconfig");
     pki.write_admin_kubeconfig(&kubeconfig, &url)?;
-    tokio::spawn(start_controllers(kubeconfig.clone()));
+    tokio::spawn(start_controllers(kubeconfig.clone(), config.controllers()));
     tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
     println!(
         "weir: API server at {url}\nweir: admin kubeconfig: {}\n  export KUBECONFIG={}",
@@ -368,10 +416,10 @@ async fn bootstrap(api: &Arc<ApiServer>, bind: std::net::IpAddr, port: u16) -> R
 
 /// Start the controllers in-process; they reach the API like any other client, through the
 /// admin kubeconfig just written (the listener is bound, so their requests queue until served).
-async fn start_controllers(kubeconfig: PathBuf) {
+async fn start_controllers(kubeconfig: PathBuf, config: crate::controllers::Config) {
     loop {
         match controller_client(&kubeconfig).await {
-            Ok(client) => return crate::controllers::run(client),
+            Ok(client) => return crate::controllers::run(client, config),
             Err(e) => {
                 tracing::warn!(error = %e, "building the controllers' client failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -397,5 +445,54 @@ async fn compactor(store: Arc<dyn Store>, interval: Duration) {
             tracing::warn!(revision = rev, error = %e, "compaction failed");
         }
         previous = store.current_revision().await.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerConfig,
+    }
+
+    #[test]
+    fn durations_take_units_or_plain_seconds() {
+        assert_eq!(parse_duration("40s"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0s").unwrap_err().contains("longer than zero"));
+        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn node_and_load_balancer_flags_reach_the_controllers() {
+        let cli = Cli::try_parse_from(["weir"]).unwrap();
+        let c = cli.server.controllers();
+        assert_eq!(c.node_monitor_grace_period, Duration::from_secs(40));
+        assert!(c.load_balancer_pool.is_none());
+        assert_eq!(cli.server.default_unreachable_toleration_seconds, 300);
+        let cli = Cli::try_parse_from([
+            "weir",
+            "--node-monitor-grace-period",
+            "3s",
+            "--load-balancer-pool",
+            "192.0.2.0/28,198.51.100.10-198.51.100.20",
+            "--default-not-ready-toleration-seconds",
+            "2",
+        ])
+        .unwrap();
+        let c = cli.server.controllers();
+        assert_eq!(c.node_monitor_grace_period, Duration::from_secs(3));
+        assert!(c.load_balancer_pool.unwrap().contains("198.51.100.15".parse().unwrap()));
+        assert_eq!(cli.server.default_not_ready_toleration_seconds, 2);
+        let bad = Cli::try_parse_from(["weir", "--load-balancer-pool", "192.0.2.0/33"]);
+        let message = bad.err().expect("rejected").to_string();
+        assert!(message.contains("--load-balancer-pool"), "{message}");
     }
 }

@@ -182,6 +182,60 @@ pub fn apply_defaults(r: &Resource, obj: &mut Value) {
     }
 }
 
+/// Admission settings applied to new objects (kube-apiserver's admission plugins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// DefaultTolerationSeconds: for `node.kubernetes.io/not-ready:NoExecute`.
+    pub not_ready_toleration_seconds: u32,
+    /// DefaultTolerationSeconds: for `node.kubernetes.io/unreachable:NoExecute`.
+    pub unreachable_toleration_seconds: u32,
+}
+
+impl Default for Admission {
+    fn default() -> Admission {
+        Admission {
+            not_ready_toleration_seconds: 300,
+            unreachable_toleration_seconds: 300,
+        }
+    }
+}
+
+pub const TAINT_NOT_READY: &str = "node.kubernetes.io/not-ready";
+pub const TAINT_UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+
+/// Admission on create only (an update never gains these): DefaultTolerationSeconds gives every
+/// pod that does not already tolerate them `not-ready` and `unreachable` NoExecute tolerations,
+/// so a node failure evicts its pods after a bounded time rather than at once.
+pub fn admit_create(r: &Resource, obj: &mut Value, admission: &Admission) {
+    if (r.group, r.kind) != ("", "Pod") {
+        return;
+    }
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let tolerations = spec.entry("tolerations").or_insert_with(|| json!([]));
+    if !tolerations.is_array() {
+        // Left for validation to reject.
+        return;
+    }
+    let list = tolerations.as_array_mut().expect("checked");
+    for (key, seconds) in [
+        (TAINT_NOT_READY, admission.not_ready_toleration_seconds),
+        (TAINT_UNREACHABLE, admission.unreachable_toleration_seconds),
+    ] {
+        // As the Kubernetes plugin: any toleration for this key (or for every key) with a
+        // NoExecute or empty effect counts, whatever its operator or seconds.
+        let tolerated = list.iter().any(|t| {
+            let k = t.get("key").and_then(Value::as_str).unwrap_or_default();
+            let effect = t.get("effect").and_then(Value::as_str).unwrap_or_default();
+            (k.is_empty() || k == key) && (effect.is_empty() || effect == "NoExecute")
+        });
+        if !tolerated {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}));
+        }
+    }
+}
+
 fn qos_class(spec: &Value) -> &'static str {
     let containers: Vec<&Value> = spec
         .get("containers")
@@ -1015,6 +1069,41 @@ pub fn spec_changed(old: &Value, new: &Value) -> bool {
 mod tests {
     use super::*;
     use crate::apiserver::resources::find;
+
+    #[test]
+    fn new_pods_get_default_not_ready_and_unreachable_tolerations() {
+        let r = find("", "v1", "pods").unwrap();
+        let admission = Admission {
+            not_ready_toleration_seconds: 2,
+            unreachable_toleration_seconds: 300,
+        };
+        let mut pod = json!({"spec": {"containers": [{"name": "c", "image": "x"}]}});
+        admit_create(r, &mut pod, &admission);
+        assert_eq!(
+            pod["spec"]["tolerations"],
+            json!([
+                {"key": TAINT_NOT_READY, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2},
+                {"key": TAINT_UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+            ])
+        );
+        // A pod that already tolerates one (here: forever) keeps its own.
+        let own = json!({"key": TAINT_UNREACHABLE, "operator": "Exists", "effect": "NoExecute"});
+        let mut pod = json!({"spec": {"containers": [], "tolerations": [own.clone()]}});
+        admit_create(r, &mut pod, &admission);
+        let t = pod["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0], own);
+        assert_eq!(t[1]["key"], TAINT_NOT_READY);
+        // Tolerating everything covers both.
+        let mut pod = json!({"spec": {"tolerations": [{"operator": "Exists"}]}});
+        admit_create(r, &mut pod, &admission);
+        assert_eq!(pod["spec"]["tolerations"].as_array().unwrap().len(), 1);
+        // Other kinds are untouched.
+        let d = find("apps", "v1", "deployments").unwrap();
+        let mut dep = json!({"spec": {}});
+        admit_create(d, &mut dep, &admission);
+        assert_eq!(dep, json!({"spec": {}}));
+    }
 
     #[test]
     fn pod_without_containers_is_invalid_with_field_cause() {

@@ -92,6 +92,224 @@ pub struct Plan {
     /// Old, empty ReplicaSets beyond revisionHistoryLimit.
     pub delete: Vec<String>,
     pub status: DeploymentStatus,
+    /// When the progress deadline would pass without progress: reconcile again then.
+    pub recheck: Option<Duration>,
+}
+
+pub const PROGRESSING: &str = "Progressing";
+/// Kubernetes' Progressing reasons (pkg/controller/deployment/util).
+pub const NEW_RS_CREATED: &str = "NewReplicaSetCreated";
+pub const FOUND_NEW_RS: &str = "FoundNewReplicaSet";
+pub const RS_UPDATED: &str = "ReplicaSetUpdated";
+pub const NEW_RS_AVAILABLE: &str = "NewReplicaSetAvailable";
+pub const TIMED_OUT: &str = "ProgressDeadlineExceeded";
+pub const PAUSED: &str = "DeploymentPaused";
+pub const RESUMED: &str = "DeploymentResumed";
+
+/// A progress deadline that counts (Kubernetes: set and not MaxInt32).
+fn progress_deadline(d: &Deployment) -> Option<i32> {
+    d.spec.progress_deadline_seconds.filter(|s| *s != i32::MAX)
+}
+
+/// Kubernetes' SetDeploymentCondition: the same status and reason changes nothing; the same
+/// status keeps its lastTransitionTime.
+fn set_condition(conditions: &mut Vec<DeploymentCondition>, mut c: DeploymentCondition) {
+    if let Some(old) = conditions.iter().find(|o| o.type_ == c.type_) {
+        if old.status == c.status && old.reason == c.reason {
+            return;
+        }
+        if old.status == c.status {
+            c.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    conditions.retain(|o| o.type_ != c.type_);
+    conditions.push(c);
+}
+
+fn condition(type_: &str, status: &str, reason: &str, message: String, now: jiff::Timestamp) -> DeploymentCondition {
+    DeploymentCondition {
+        type_: Some(type_.into()),
+        status: Some(status.into()),
+        reason: Some(reason.into()),
+        message: Some(message),
+        last_transition_time: Some(Time(now)),
+        last_update_time: Some(Time(now)),
+    }
+}
+
+/// While paused nothing rolls: the sets only follow spec.replicas. One active (or, with none
+/// active, the newest) set takes it all; several share the difference in proportion to their
+/// sizes, within replicas + maxSurge, the newest taking the remainder (Kubernetes' `scale`).
+fn paused_scale(d: &Deployment, sets: &[ReplicaSet], current: Option<&ReplicaSet>) -> Vec<(String, i32)> {
+    let replicas = d.spec.replicas.unwrap_or(1);
+    let mut active: Vec<&ReplicaSet> = sets.iter().filter(|rs| spec_replicas(rs) > 0).collect();
+    active.sort_by_key(|rs| std::cmp::Reverse(revision(rs)));
+    if active.len() <= 1 {
+        let target = active
+            .first()
+            .copied()
+            .or(current)
+            .or_else(|| sets.iter().max_by_key(|rs| revision(rs)));
+        return match target {
+            Some(rs) if spec_replicas(rs) != replicas => vec![(rs.name_any(), replicas)],
+            _ => vec![],
+        };
+    }
+    let recreate = d.spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
+    let allowed = replicas + if recreate { 0 } else { surge_and_unavailable(d).0 };
+    let total: i32 = active.iter().map(|rs| spec_replicas(rs)).sum();
+    let delta = allowed - total;
+    if delta == 0 || total == 0 {
+        return vec![];
+    }
+    let mut left = delta;
+    let mut out = Vec::new();
+    for rs in active.iter().skip(1) {
+        let share = (delta as i64 * spec_replicas(rs) as i64 / total as i64) as i32;
+        let next = (spec_replicas(rs) + share).max(0);
+        left -= next - spec_replicas(rs);
+        if next != spec_replicas(rs) {
+            out.push((rs.name_any(), next));
+        }
+    }
+    let newest = active[0];
+    let next = (spec_replicas(newest) + left).max(0);
+    if next != spec_replicas(newest) {
+        out.push((newest.name_any(), next));
+    }
+    out
+}
+
+/// The Progressing condition, as Kubernetes' checkPausedConditions, getNewReplicaSet and
+/// syncRolloutStatus decide it from the previous status and the new one; returns when to look
+/// again for a missed progress deadline.
+fn progress(
+    d: &Deployment,
+    status: &DeploymentStatus,
+    conditions: &mut Vec<DeploymentCondition>,
+    new_rs: Option<&str>,
+    created: bool,
+    now: jiff::Timestamp,
+) -> Option<Duration> {
+    let Some(deadline) = progress_deadline(d) else {
+        conditions.retain(|c| c.type_.as_deref() != Some(PROGRESSING));
+        return None;
+    };
+    let reason_of = |cs: &[DeploymentCondition]| {
+        cs.iter()
+            .find(|c| c.type_.as_deref() == Some(PROGRESSING))
+            .and_then(|c| c.reason.clone())
+            .unwrap_or_default()
+    };
+    let paused = d.spec.paused == Some(true);
+    let reason = reason_of(conditions);
+    if reason != TIMED_OUT {
+        if paused && reason != PAUSED {
+            let c = condition(PROGRESSING, "Unknown", PAUSED, "Deployment is paused".into(), now);
+            set_condition(conditions, c);
+        } else if !paused && reason == PAUSED {
+            let c = condition(PROGRESSING, "Unknown", RESUMED, "Deployment is resumed".into(), now);
+            set_condition(conditions, c);
+        }
+    }
+    if paused {
+        return None;
+    }
+    let name = d.name_any();
+    match new_rs {
+        Some(rs) if created => set_condition(
+            conditions,
+            condition(
+                PROGRESSING,
+                "True",
+                NEW_RS_CREATED,
+                format!("Created new replica set \"{rs}\""),
+                now,
+            ),
+        ),
+        Some(rs) if !conditions.iter().any(|c| c.type_.as_deref() == Some(PROGRESSING)) => set_condition(
+            conditions,
+            condition(
+                PROGRESSING,
+                "True",
+                FOUND_NEW_RS,
+                format!("Found new replica set \"{rs}\""),
+                now,
+            ),
+        ),
+        _ => {}
+    }
+    let old = d.status.clone().unwrap_or_default();
+    let replicas = d.spec.replicas.unwrap_or(1);
+    let (new_replicas, new_updated) = (status.replicas.unwrap_or(0), status.updated_replicas.unwrap_or(0));
+    let current = conditions
+        .iter()
+        .find(|c| c.type_.as_deref() == Some(PROGRESSING))
+        .cloned();
+    let already_complete =
+        new_replicas == new_updated && current.as_ref().and_then(|c| c.reason.as_deref()) == Some(NEW_RS_AVAILABLE);
+    if already_complete {
+        return None;
+    }
+    let complete = new_updated == replicas
+        && new_replicas == replicas
+        && status.available_replicas.unwrap_or(0) == replicas
+        && status.observed_generation >= d.metadata.generation;
+    let old_olds = old.replicas.unwrap_or(0) - old.updated_replicas.unwrap_or(0);
+    let progressing = new_updated > old.updated_replicas.unwrap_or(0)
+        || new_replicas - new_updated < old_olds
+        || status.ready_replicas.unwrap_or(0) > old.ready_replicas.unwrap_or(0)
+        || status.available_replicas.unwrap_or(0) > old.available_replicas.unwrap_or(0);
+    let which = match new_rs {
+        Some(rs) => format!("ReplicaSet \"{rs}\""),
+        None => format!("Deployment \"{name}\""),
+    };
+    if complete {
+        let rs = new_rs.unwrap_or_default();
+        let c = condition(
+            PROGRESSING,
+            "True",
+            NEW_RS_AVAILABLE,
+            format!("ReplicaSet \"{rs}\" has successfully progressed."),
+            now,
+        );
+        set_condition(conditions, c);
+        return None;
+    }
+    if progressing {
+        // Progress moves lastUpdateTime even with the same reason (Kubernetes special-cases it).
+        let mut c = condition(PROGRESSING, "True", RS_UPDATED, format!("{which} is progressing."), now);
+        if let Some(cur) = &current
+            && cur.status.as_deref() == Some("True")
+        {
+            c.last_transition_time = cur.last_transition_time.clone();
+        }
+        conditions.retain(|c| c.type_.as_deref() != Some(PROGRESSING));
+        conditions.push(c);
+        return Some(Duration::from_secs(deadline.max(0) as u64));
+    }
+    let current = current?;
+    match current.reason.as_deref() {
+        Some(TIMED_OUT) | Some(NEW_RS_AVAILABLE) => None,
+        _ => {
+            let from = current.last_update_time.as_ref().map_or(now, |t| t.0);
+            let due = from + jiff::SignedDuration::from_secs(deadline.max(0) as i64);
+            if due < now {
+                let c = condition(
+                    PROGRESSING,
+                    "False",
+                    TIMED_OUT,
+                    format!("{which} has timed out progressing."),
+                    now,
+                );
+                set_condition(conditions, c);
+                None
+            } else {
+                let left = Duration::try_from(due.duration_since(now)).unwrap_or_default();
+                Some(left + Duration::from_millis(100))
+            }
+        }
+    }
 }
 
 /// Pure decision over the Deployment and the ReplicaSets it controls.
@@ -128,7 +346,9 @@ pub fn plan(d: &Deployment, sets: &[ReplicaSet], now: jiff::Timestamp) -> Plan {
         let allowed = replicas + surge - total;
         (new_spec + allowed.max(0)).min(replicas).max(new_spec.min(replicas))
     };
+    let paused = spec.paused == Some(true);
     match current {
+        None if paused => {}
         None => {
             let hash = template_hash(&template);
             let mut t = template.clone();
@@ -165,17 +385,19 @@ pub fn plan(d: &Deployment, sets: &[ReplicaSet], now: jiff::Timestamp) -> Plan {
             });
         }
         Some(rs) => {
-            if new_target != new_spec {
+            if new_target != new_spec && !paused {
                 plan.scale.push((rs.name_any(), new_target));
             }
-            if revision(rs) < max_revision || revision(rs) == 0 {
+            if (revision(rs) < max_revision || revision(rs) == 0) && !paused {
                 plan.set_revision = Some((rs.name_any(), max_revision + 1));
             }
         }
     }
 
     // Old ReplicaSets shrink while enough pods stay available.
-    if recreate {
+    if paused {
+        plan.scale = paused_scale(d, sets, current);
+    } else if recreate {
         for rs in &olds {
             if spec_replicas(rs) != 0 {
                 plan.scale.push((rs.name_any(), 0));
@@ -223,69 +445,57 @@ pub fn plan(d: &Deployment, sets: &[ReplicaSet], now: jiff::Timestamp) -> Plan {
         available += a;
     }
     let updated = current.map_or(0, |rs| status_of(rs).0);
-    let complete = updated == replicas && have == replicas && current.is_some_and(|rs| status_of(rs).2 == replicas);
-    let old_conditions = d.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
-    let condition = |type_: &str, status: bool, reason: &str, message: String| {
-        let status = if status { "True" } else { "False" };
-        let previous = old_conditions.iter().find(|c| c.type_.as_deref() == Some(type_));
-        let unchanged =
-            previous.is_some_and(|c| c.status.as_deref() == Some(status) && c.reason.as_deref() == Some(reason));
-        match previous {
-            Some(c) if unchanged => c.clone(),
-            _ => DeploymentCondition {
-                type_: Some(type_.into()),
-                status: Some(status.into()),
-                reason: Some(reason.into()),
-                message: Some(message),
-                last_transition_time: Some(Time(now)),
-                last_update_time: Some(Time(now)),
-            },
-        }
-    };
     let min_available = replicas - if recreate { replicas } else { unavailable };
-    let name = d.name_any();
-    let new_name = current.map(|rs| rs.name_any()).unwrap_or_default();
-    plan.status = DeploymentStatus {
+    let old_status = d.status.clone().unwrap_or_default();
+    let mut conditions = old_status.conditions.clone().unwrap_or_default();
+    if available >= min_available {
+        set_condition(
+            &mut conditions,
+            condition(
+                "Available",
+                "True",
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.".into(),
+                now,
+            ),
+        );
+    } else {
+        set_condition(
+            &mut conditions,
+            condition(
+                "Available",
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.".into(),
+                now,
+            ),
+        );
+    }
+    let status = DeploymentStatus {
         observed_generation: d.metadata.generation,
         replicas: Some(have),
         updated_replicas: Some(updated),
         ready_replicas: Some(ready),
         available_replicas: Some(available),
         unavailable_replicas: Some((replicas - available).max(0)),
-        collision_count: d.status.as_ref().and_then(|s| s.collision_count),
+        collision_count: old_status.collision_count,
         terminating_replicas: None,
-        conditions: Some(vec![
-            if available >= min_available {
-                condition(
-                    "Available",
-                    true,
-                    "MinimumReplicasAvailable",
-                    "Deployment has minimum availability.".into(),
-                )
-            } else {
-                condition(
-                    "Available",
-                    false,
-                    "MinimumReplicasUnavailable",
-                    "Deployment does not have minimum availability.".into(),
-                )
-            },
-            if complete {
-                condition(
-                    "Progressing",
-                    true,
-                    "NewReplicaSetAvailable",
-                    format!("ReplicaSet \"{new_name}\" has successfully progressed."),
-                )
-            } else {
-                condition(
-                    "Progressing",
-                    true,
-                    "ReplicaSetUpdated",
-                    format!("Deployment \"{name}\" is progressing."),
-                )
-            },
-        ]),
+        conditions: None,
+    };
+    let new_name = current
+        .map(|rs| rs.name_any())
+        .or_else(|| plan.create.as_ref().map(|rs| rs.name_any()));
+    plan.recheck = progress(
+        d,
+        &status,
+        &mut conditions,
+        new_name.as_deref(),
+        plan.create.is_some(),
+        now,
+    );
+    plan.status = DeploymentStatus {
+        conditions: Some(conditions),
+        ..status
     };
     plan
 }
@@ -381,7 +591,8 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action> {
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(Action::requeue(Duration::from_secs(30)))
+    let every = Duration::from_secs(30);
+    Ok(Action::requeue(plan.recheck.map_or(every, |r| r.min(every))))
 }
 
 fn error_policy(d: Arc<Deployment>, e: &Error, _: Arc<Ctx>) -> Action {
@@ -452,16 +663,146 @@ mod tests {
                         max_unavailable: Some(IntOrString::Int(unavailable)),
                     }),
                 }),
+                progress_deadline_seconds: Some(600),
                 ..Default::default()
             },
             ..Default::default()
         }
     }
 
+    fn progressing(p: &Plan) -> DeploymentCondition {
+        p.status
+            .conditions
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|c| c.type_.as_deref() == Some(PROGRESSING))
+            .cloned()
+            .expect("a Progressing condition")
+    }
+
+    #[test]
+    fn a_paused_deployment_does_not_roll_but_still_scales() {
+        let mut d = deployment("nginx:2", 1, 0);
+        d.spec.paused = Some(true);
+        let old = replica_set(&d, "nginx:1", 3, 3, 1);
+        let p = plan(&d, std::slice::from_ref(&old), jiff::Timestamp::now());
+        assert!(
+            p.create.is_none() && p.scale.is_empty() && p.set_revision.is_none(),
+            "{p:?}"
+        );
+        let c = progressing(&p);
+        assert_eq!(
+            (c.status.as_deref(), c.reason.as_deref(), c.message.as_deref()),
+            (Some("Unknown"), Some(PAUSED), Some("Deployment is paused"))
+        );
+        d.spec.replicas = Some(5);
+        let p = plan(&d, std::slice::from_ref(&old), jiff::Timestamp::now());
+        assert!(p.create.is_none());
+        assert_eq!(p.scale, [(old.name_any(), 5)]);
+        // Paused mid-rollout: both sets grow in proportion, within replicas + maxSurge.
+        let new = replica_set(&d, "nginx:2", 2, 2, 2);
+        let older = replica_set(&d, "nginx:1", 2, 2, 1);
+        d.spec.replicas = Some(7);
+        let p = plan(&d, &[older.clone(), new.clone()], jiff::Timestamp::now());
+        assert_eq!(p.scale, [(older.name_any(), 4), (new.name_any(), 4)]);
+
+        // Resumed: the rollout starts, and says so.
+        d.spec.paused = Some(false);
+        d.spec.replicas = Some(3);
+        d.status = Some(p.status);
+        let p = plan(&d, std::slice::from_ref(&old), jiff::Timestamp::now());
+        let new = p.create.as_ref().expect("a new set");
+        let c = progressing(&p);
+        assert_eq!(c.reason.as_deref(), Some(NEW_RS_CREATED));
+        assert_eq!(
+            c.message.unwrap(),
+            format!("Created new replica set \"{}\"", new.name_any())
+        );
+    }
+
+    #[test]
+    fn resuming_without_changes_reports_deployment_resumed() {
+        let mut d = deployment("nginx:1", 1, 0);
+        d.spec.paused = Some(true);
+        let rs = replica_set(&d, "nginx:1", 3, 3, 1);
+        let p = plan(&d, std::slice::from_ref(&rs), jiff::Timestamp::now());
+        d.status = Some(p.status);
+        d.spec.paused = Some(false);
+        // Complete already: Resumed turns into NewReplicaSetAvailable.
+        let p = plan(&d, std::slice::from_ref(&rs), jiff::Timestamp::now());
+        assert_eq!(progressing(&p).reason.as_deref(), Some(NEW_RS_AVAILABLE));
+        // Not complete and no progress: Resumed stays, with a deadline to watch.
+        let stuck = replica_set(&d, "nginx:1", 3, 0, 1);
+        d.spec.paused = Some(true);
+        let p = plan(&d, std::slice::from_ref(&stuck), jiff::Timestamp::now());
+        d.status = Some(p.status);
+        d.spec.paused = Some(false);
+        let p = plan(&d, std::slice::from_ref(&stuck), jiff::Timestamp::now());
+        let c = progressing(&p);
+        assert_eq!(
+            (c.status.as_deref(), c.reason.as_deref(), c.message.as_deref()),
+            (Some("Unknown"), Some(RESUMED), Some("Deployment is resumed"))
+        );
+        assert!(p.recheck.is_some());
+    }
+
+    #[test]
+    fn no_progress_within_the_deadline_times_out() {
+        let mut d = deployment("nginx:1", 1, 0);
+        d.spec.progress_deadline_seconds = Some(2);
+        let t0: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let rs = replica_set(&d, "nginx:1", 3, 0, 1);
+        // First sight of the pods (progress): ReplicaSetUpdated, look again in 2 s.
+        let p = plan(&d, std::slice::from_ref(&rs), t0);
+        let c = progressing(&p);
+        assert_eq!(c.reason.as_deref(), Some(RS_UPDATED));
+        assert_eq!(
+            c.message.unwrap(),
+            format!("ReplicaSet \"{}\" is progressing.", rs.name_any())
+        );
+        assert_eq!(p.recheck, Some(Duration::from_secs(2)));
+        d.status = Some(p.status);
+        // Nothing moves: still fine after 1 s, timed out after 3 s.
+        let p = plan(&d, std::slice::from_ref(&rs), t0 + jiff::SignedDuration::from_secs(1));
+        assert_eq!(progressing(&p).reason.as_deref(), Some(RS_UPDATED));
+        assert!(p.recheck.unwrap() <= Duration::from_millis(1100));
+        let p = plan(&d, std::slice::from_ref(&rs), t0 + jiff::SignedDuration::from_secs(3));
+        let c = progressing(&p);
+        assert_eq!(
+            (c.status.as_deref(), c.reason.as_deref()),
+            (Some("False"), Some(TIMED_OUT))
+        );
+        assert_eq!(
+            c.message.unwrap(),
+            format!("ReplicaSet \"{}\" has timed out progressing.", rs.name_any())
+        );
+        assert_eq!(p.recheck, None);
+        // Pods becoming ready later is progress again.
+        d.status = Some(p.status);
+        let ready = replica_set(&d, "nginx:1", 3, 3, 1);
+        let p = plan(
+            &d,
+            std::slice::from_ref(&ready),
+            t0 + jiff::SignedDuration::from_secs(9),
+        );
+        assert_eq!(progressing(&p).reason.as_deref(), Some(NEW_RS_AVAILABLE));
+        // Pausing does not hide a timeout.
+        let mut timed_out = d.clone();
+        timed_out.spec.paused = Some(true);
+        let p = plan(
+            &timed_out,
+            std::slice::from_ref(&rs),
+            t0 + jiff::SignedDuration::from_secs(9),
+        );
+        assert_eq!(progressing(&p).reason.as_deref(), Some(TIMED_OUT));
+    }
+
     /// The ReplicaSet the controller would create for `image`, at `replicas` all available.
     fn replica_set(d: &Deployment, image: &str, replicas: i32, available: i32, revision: i64) -> ReplicaSet {
         let mut d = d.clone();
         d.spec.template = template(image);
+        d.spec.paused = None;
         let mut rs = plan(&d, &[], jiff::Timestamp::UNIX_EPOCH).create.expect("a new set");
         rs.metadata.uid = Some(format!("uid-{image}"));
         rs.metadata.annotations = Some([(REVISION.to_string(), revision.to_string())].into());

@@ -1,6 +1,7 @@
 //! Weir's control loops, run in-process by `weir server`: default ServiceAccounts, namespace
 //! lifecycle, the garbage collector, EndpointSlices, Deployments, ReplicaSets, StatefulSets,
-//! DaemonSets and the scheduler. They reach the API only through kube-rs,
+//! DaemonSets, the scheduler, node lifecycle (heartbeats, taints, eviction) and LoadBalancer
+//! addresses. They reach the API only through kube-rs,
 //! exactly as they would against Kubernetes, and never touch the store.
 
 pub mod daemonset;
@@ -9,7 +10,9 @@ pub mod endpointslice;
 pub mod events;
 pub mod garbagecollector;
 pub mod history;
+pub mod loadbalancer;
 pub mod namespace;
+pub mod nodelifecycle;
 pub mod replicaset;
 pub mod scheduler;
 pub mod serviceaccount;
@@ -34,9 +37,35 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Controller settings taken from `weir server`'s flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// No heartbeat for this long: the node is Unknown and tainted unreachable.
+    pub node_monitor_grace_period: Duration,
+    /// Addresses for Services of type LoadBalancer; none configured leaves them pending.
+    pub load_balancer_pool: Option<loadbalancer::Pool>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            node_monitor_grace_period: Duration::from_secs(40),
+            load_balancer_pool: None,
+        }
+    }
+}
+
 /// Starts every controller; each is restarted (after a pause) when it fails or panics, so a
 /// broken controller never takes the API server down.
-pub fn run(client: Client) {
+pub fn run(client: Client, config: Config) {
+    spawn_supervised("nodelifecycle", {
+        let (client, grace) = (client.clone(), config.node_monitor_grace_period);
+        move || nodelifecycle::run(client.clone(), grace)
+    });
+    spawn_supervised("loadbalancer", {
+        let (client, pool) = (client.clone(), config.load_balancer_pool);
+        move || loadbalancer::run(client.clone(), pool.clone())
+    });
     spawn_supervised("serviceaccount", {
         let client = client.clone();
         move || serviceaccount::run(client.clone())
