@@ -1,5 +1,5 @@
 //! Weir's control loops, run in-process by `weir server`: default ServiceAccounts, namespace
-//! lifecycle, the garbage collector, EndpointSlices, Deployments, ReplicaSets and the scheduler. They reach the API only through kube-rs,
+//! lifecycle, the garbage collector, EndpointSlices, Deployments, ReplicaSets, the scheduler and the PersistentVolume binder and provisioner. They reach the API only through kube-rs,
 //! exactly as they would against Kubernetes, and never touch the store.
 
 pub mod deployment;
@@ -10,6 +10,7 @@ pub mod namespace;
 pub mod replicaset;
 pub mod scheduler;
 pub mod serviceaccount;
+pub mod volume;
 
 use std::future::Future;
 use std::time::Duration;
@@ -56,6 +57,10 @@ pub fn run(client: Client) {
     spawn_supervised("scheduler", {
         let client = client.clone();
         move || scheduler::run(client.clone())
+    });
+    spawn_supervised("volume", {
+        let client = client.clone();
+        move || volume::run(client.clone())
     });
     spawn_supervised("endpointslice", move || endpointslice::run(client.clone()));
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodCondition, Taint, Toleration,
+    Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodCondition, Taint, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -303,10 +303,12 @@ pub fn matches_node_selector(pod: &Pod, node: &Node) -> bool {
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
         .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
-    match required {
-        None => true,
-        Some(r) => r.node_selector_terms.iter().any(|t| term_matches(t, node)),
-    }
+    required.is_none_or(|r| node_selector_matches(r, node))
+}
+
+/// Whether any of the selector's terms matches `node` (the terms are ORed).
+pub fn node_selector_matches(selector: &NodeSelector, node: &Node) -> bool {
+    selector.node_selector_terms.iter().any(|t| term_matches(t, node))
 }
 
 fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
@@ -634,7 +636,7 @@ pub async fn run(client: Client) -> Result<()> {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        Affinity, Container, NodeAffinity, NodeCondition, NodeSelector, NodeSpec, NodeStatus, PodSpec,
+        Affinity, Container, NodeAffinity, NodeCondition, NodeSpec, NodeStatus, PodSpec,
         ResourceRequirements,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
