@@ -123,8 +123,18 @@ pub const DEFAULT_CLASS_ANNOTATION: &str = "storageclass.kubernetes.io/is-defaul
 pub fn default_storage_class<'a>(classes: impl IntoIterator<Item = &'a Value>) -> Option<String> {
     classes
         .into_iter()
-        .filter(|c| str_at(c, &format!("/metadata/annotations/{}", DEFAULT_CLASS_ANNOTATION.replace('/', "~1"))) == Some("true"))
-        .filter_map(|c| Some((str_at(c, "/metadata/creationTimestamp").unwrap_or(""), str_at(c, "/metadata/name")?)))
+        .filter(|c| {
+            str_at(
+                c,
+                &format!("/metadata/annotations/{}", DEFAULT_CLASS_ANNOTATION.replace('/', "~1")),
+            ) == Some("true")
+        })
+        .filter_map(|c| {
+            Some((
+                str_at(c, "/metadata/creationTimestamp").unwrap_or(""),
+                str_at(c, "/metadata/name")?,
+            ))
+        })
         .max_by(|(ta, na), (tb, nb)| ta.cmp(tb).then_with(|| nb.cmp(na)))
         .map(|(_, name)| name.to_string())
 }

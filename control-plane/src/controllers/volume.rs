@@ -117,12 +117,7 @@ fn volume_class(pv: &PersistentVolume) -> &str {
 }
 
 pub fn claim_volume(claim: &PersistentVolumeClaim) -> Option<&str> {
-    claim
-        .spec
-        .as_ref()?
-        .volume_name
-        .as_deref()
-        .filter(|v| !v.is_empty())
+    claim.spec.as_ref()?.volume_name.as_deref().filter(|v| !v.is_empty())
 }
 
 fn claim_ref(pv: &PersistentVolume) -> Option<&ObjectReference> {
@@ -142,7 +137,9 @@ pub fn refers_to(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> bool {
     claim_ref(pv).is_some_and(|r| {
         r.name.as_deref() == claim.metadata.name.as_deref()
             && r.namespace.as_deref() == claim.metadata.namespace.as_deref()
-            && r.uid.as_deref().is_none_or(|u| u.is_empty() || Some(u) == claim.metadata.uid.as_deref())
+            && r.uid
+                .as_deref()
+                .is_none_or(|u| u.is_empty() || Some(u) == claim.metadata.uid.as_deref())
     })
 }
 
@@ -179,8 +176,7 @@ pub fn mismatch(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> Option<
     }
     let pv_spec = pv.spec.as_ref();
     let claim_spec = claim.spec.as_ref();
-    if mode_of(pv_spec.and_then(|s| s.volume_mode.as_ref()))
-        != mode_of(claim_spec.and_then(|s| s.volume_mode.as_ref()))
+    if mode_of(pv_spec.and_then(|s| s.volume_mode.as_ref())) != mode_of(claim_spec.and_then(|s| s.volume_mode.as_ref()))
     {
         return Some("incompatible volumeMode".into());
     }
@@ -229,7 +225,9 @@ pub fn best_volume<'a>(
         })
         .min_by(|a, b| {
             let size = |pv: &PersistentVolume| capacity(pv).map_or(0.0, |(s, _)| s);
-            size(a).total_cmp(&size(b)).then_with(|| a.name_any().cmp(&b.name_any()))
+            size(a)
+                .total_cmp(&size(b))
+                .then_with(|| a.name_any().cmp(&b.name_any()))
         })
 }
 
@@ -310,7 +308,11 @@ fn bind(pv: &PersistentVolume, claim: &PersistentVolumeClaim, volume_chosen: boo
 }
 
 /// The PV that local-path provisions for `claim` on `node`, or why it cannot.
-pub fn local_path_volume(claim: &PersistentVolumeClaim, class: &StorageClass, node: Option<&str>) -> Result<PersistentVolume, String> {
+pub fn local_path_volume(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    node: Option<&str>,
+) -> Result<PersistentVolume, String> {
     if class.volume_binding_mode.as_deref() != Some("WaitForFirstConsumer") {
         return Err(format!(
             "{LOCAL_PATH_PROVISIONER} needs volumeBindingMode WaitForFirstConsumer in StorageClass {:?}: a local volume must be made on the node its first pod runs on",
@@ -415,7 +417,10 @@ fn sync_volume(pv: &PersistentVolume, claims: &HashMap<(String, String), &Arc<Pe
     let Some(r) = claim_ref(pv) else {
         return set_phase("Available", None).into_iter().collect();
     };
-    let key = (r.namespace.clone().unwrap_or_default(), r.name.clone().unwrap_or_default());
+    let key = (
+        r.namespace.clone().unwrap_or_default(),
+        r.name.clone().unwrap_or_default(),
+    );
     let claim = claims.get(&key);
     let uid = r.uid.as_deref().unwrap_or("");
     if uid.is_empty() {
@@ -511,7 +516,8 @@ pub fn plan(o: &Observed) -> Vec<Vec<Action>> {
         .iter()
         .map(|c| ((c.namespace().unwrap_or_default(), c.name_any()), c))
         .collect();
-    let volumes_by_name: HashMap<String, &Arc<PersistentVolume>> = o.volumes.iter().map(|v| (v.name_any(), v)).collect();
+    let volumes_by_name: HashMap<String, &Arc<PersistentVolume>> =
+        o.volumes.iter().map(|v| (v.name_any(), v)).collect();
     let classes: HashMap<String, &Arc<StorageClass>> = o.classes.iter().map(|c| (c.name_any(), c)).collect();
     let nodes: HashMap<String, &Arc<Node>> = o.nodes.iter().map(|n| (n.name_any(), n)).collect();
     let mut groups: Vec<Vec<Action>> = o
@@ -521,10 +527,17 @@ pub fn plan(o: &Observed) -> Vec<Vec<Action>> {
         .filter(|g| !g.is_empty())
         .collect();
     // Volumes already spoken for: a claim's volumeName, or a full claimRef to a live claim.
-    let mut taken: HashSet<String> = o.claims.iter().filter_map(|c| claim_volume(c).map(String::from)).collect();
+    let mut taken: HashSet<String> = o
+        .claims
+        .iter()
+        .filter_map(|c| claim_volume(c).map(String::from))
+        .collect();
     taken.extend(o.volumes.iter().filter_map(|pv| {
         let r = claim_ref(pv)?;
-        let key = (r.namespace.clone().unwrap_or_default(), r.name.clone().unwrap_or_default());
+        let key = (
+            r.namespace.clone().unwrap_or_default(),
+            r.name.clone().unwrap_or_default(),
+        );
         claims_by_key
             .get(&key)
             .is_some_and(|c| c.uid() == r.uid)
@@ -565,7 +578,11 @@ pub fn plan(o: &Observed) -> Vec<Vec<Action>> {
     groups
 }
 
-fn sync_claim_with_volume(claim: &PersistentVolumeClaim, pv: Option<&Arc<PersistentVolume>>, name: &str) -> Vec<Action> {
+fn sync_claim_with_volume(
+    claim: &PersistentVolumeClaim,
+    pv: Option<&Arc<PersistentVolume>>,
+    name: &str,
+) -> Vec<Action> {
     let bound = annotation(&claim.metadata, BIND_COMPLETED) == Some("yes");
     let Some(pv) = pv else {
         return if bound {
@@ -691,22 +708,34 @@ pub async fn run(client: Client) -> Result<()> {
     let (nodes, node_writer) = reflector::store::<Node>();
     let changed = Arc::new(Notify::new());
     let streams = futures::stream::select_all([
-        reflector(volume_writer, watcher(Api::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .map(|_| ())
-            .boxed(),
-        reflector(claim_writer, watcher(Api::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .map(|_| ())
-            .boxed(),
-        reflector(class_writer, watcher(Api::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .map(|_| ())
-            .boxed(),
-        reflector(node_writer, watcher(Api::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .map(|_| ())
-            .boxed(),
+        reflector(
+            volume_writer,
+            watcher(Api::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .map(|_| ())
+        .boxed(),
+        reflector(
+            claim_writer,
+            watcher(Api::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .map(|_| ())
+        .boxed(),
+        reflector(
+            class_writer,
+            watcher(Api::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .map(|_| ())
+        .boxed(),
+        reflector(
+            node_writer,
+            watcher(Api::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .map(|_| ())
+        .boxed(),
     ]);
     let notify = changed.clone();
     let watching = tokio::spawn(streams.for_each(move |()| {
@@ -798,7 +827,11 @@ async fn execute(
                 status,
             } => {
                 Api::<PersistentVolumeClaim>::namespaced(client.clone(), &namespace)
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"status": status})),
+                    )
                     .await?;
             }
             Action::Event {
@@ -882,7 +915,10 @@ mod tests {
         Arc::new(Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                labels: Some(BTreeMap::from([("kubernetes.io/hostname".to_string(), name.to_string())])),
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/hostname".to_string(),
+                    name.to_string(),
+                )])),
                 ..Default::default()
             },
             spec: Some(NodeSpec::default()),
@@ -890,7 +926,11 @@ mod tests {
         })
     }
 
-    fn plan_of(volumes: &[Arc<PersistentVolume>], claims: &[Arc<PersistentVolumeClaim>], classes: &[Arc<StorageClass>]) -> Vec<Vec<Action>> {
+    fn plan_of(
+        volumes: &[Arc<PersistentVolume>],
+        claims: &[Arc<PersistentVolumeClaim>],
+        classes: &[Arc<StorageClass>],
+    ) -> Vec<Vec<Action>> {
         plan(&Observed {
             volumes,
             claims,
@@ -901,7 +941,9 @@ mod tests {
 
     fn bound_volume(groups: &[Vec<Action>], claim: &str) -> Option<String> {
         groups.iter().flatten().find_map(|a| match a {
-            Action::UpdateClaim { name, volume_name, .. } if name == claim && !volume_name.is_empty() => Some(volume_name.clone()),
+            Action::UpdateClaim { name, volume_name, .. } if name == claim && !volume_name.is_empty() => {
+                Some(volume_name.clone())
+            }
             _ => None,
         })
     }
@@ -945,9 +987,13 @@ mod tests {
         assert_eq!(claim_ref(new).unwrap().uid.as_deref(), Some("uid-data"));
         assert_eq!(annotation(&new.metadata, BOUND_BY_CONTROLLER), Some("yes"));
         assert!(matches!(&group[1], Action::VolumePhase { phase: "Bound", .. }));
-        let Action::UpdateClaim { annotations, .. } = &group[2] else { panic!() };
+        let Action::UpdateClaim { annotations, .. } = &group[2] else {
+            panic!()
+        };
         assert_eq!(annotations.get(BIND_COMPLETED).map(String::as_str), Some("yes"));
-        let Action::ClaimStatus { status, .. } = &group[3] else { panic!() };
+        let Action::ClaimStatus { status, .. } = &group[3] else {
+            panic!()
+        };
         assert_eq!(status["phase"], "Bound");
         assert_eq!(status["capacity"]["storage"], "1Gi");
     }
@@ -961,7 +1007,10 @@ mod tests {
         ];
         let groups = plan_of(&volumes, &claims, &[]);
         assert_eq!(
-            [bound_volume(&groups, "a"), bound_volume(&groups, "b")].iter().flatten().count(),
+            [bound_volume(&groups, "a"), bound_volume(&groups, "b")]
+                .iter()
+                .flatten()
+                .count(),
             1
         );
     }
@@ -1017,7 +1066,10 @@ mod tests {
             .expect("a provisioned volume");
         assert_eq!(made.name_any(), "pvc-uid-data");
         let spec = made.spec.as_ref().unwrap();
-        assert_eq!(spec.host_path.as_ref().unwrap().path, "/var/lib/weir/storage/pvc-uid-data_default_data");
+        assert_eq!(
+            spec.host_path.as_ref().unwrap().path,
+            "/var/lib/weir/storage/pvc-uid-data_default_data"
+        );
         assert_eq!(spec.capacity.as_ref().unwrap()["storage"].0, "2Gi");
         assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Delete"));
         assert_eq!(spec.claim_ref.as_ref().unwrap().uid.as_deref(), Some("uid-data"));
@@ -1045,9 +1097,16 @@ mod tests {
         assert!(err.contains("absolute"), "{err}");
         class.parameters = Some(BTreeMap::from([("path".to_string(), "/data/".to_string())]));
         let made = local_path_volume(&claim, &class, Some("a")).unwrap();
-        assert_eq!(made.spec.unwrap().host_path.unwrap().path, "/data/pvc-uid-data_default_data");
+        assert_eq!(
+            made.spec.unwrap().host_path.unwrap().path,
+            "/data/pvc-uid-data_default_data"
+        );
         let rwx = pvc("data", "2Gi", Some(LOCAL_PATH_CLASS), &["ReadWriteMany"]);
-        assert!(local_path_volume(&rwx, &class, Some("a")).unwrap_err().contains("ReadWriteMany"));
+        assert!(
+            local_path_volume(&rwx, &class, Some("a"))
+                .unwrap_err()
+                .contains("ReadWriteMany")
+        );
     }
 
     #[test]
@@ -1076,7 +1135,10 @@ mod tests {
         };
         let volumes = [on("on-a", "a"), on("on-b", "b")];
         let mut claim = (*pvc("data", "1Gi", Some("local"), &["ReadWriteOnce"])).clone();
-        assert_eq!(bound_volume(&plan_of(&volumes, &[Arc::new(claim.clone())], &classes), "data"), None);
+        assert_eq!(
+            bound_volume(&plan_of(&volumes, &[Arc::new(claim.clone())], &classes), "data"),
+            None
+        );
         claim.metadata.annotations = Some(BTreeMap::from([(SELECTED_NODE.to_string(), "b".to_string())]));
         assert_eq!(
             bound_volume(&plan_of(&volumes, &[Arc::new(claim)], &classes), "data").as_deref(),
@@ -1114,10 +1176,12 @@ mod tests {
         let mut successor = (*pvc("gone", "1Gi", Some("m"), &["ReadWriteOnce"])).clone();
         successor.metadata.uid = Some("uid-successor".into());
         let groups = plan_of(&[bound_pair("Retain", false)], &[Arc::new(successor)], &[]);
-        assert!(groups
-            .iter()
-            .flatten()
-            .any(|a| matches!(a, Action::VolumePhase { phase: "Released", .. })));
+        assert!(
+            groups
+                .iter()
+                .flatten()
+                .any(|a| matches!(a, Action::VolumePhase { phase: "Released", .. }))
+        );
     }
 
     #[test]
