@@ -157,21 +157,35 @@ pub struct NodeState {
     pub pods: i64,
     /// Bound pods per controller owner uid, for spreading.
     pub by_owner: HashMap<String, i64>,
+    /// The node's allocatable resources and pod count, parsed once (they are read for every pod).
+    alloc: (Resources, Option<i64>),
 }
 
 impl NodeState {
     pub fn new(node: Arc<Node>) -> NodeState {
+        let status = node.status.as_ref();
+        let alloc = status.and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()));
+        let pods = alloc
+            .and_then(|a| a.get("pods"))
+            .and_then(|q| parse_quantity(&q.0))
+            .map(|p| p as i64);
+        let alloc = (Resources::from_map(alloc), pods);
         NodeState {
             node,
             requested: Resources::default(),
             requested_nonzero: Resources::default(),
             pods: 0,
             by_owner: HashMap::new(),
+            alloc,
         }
     }
 
     pub fn name(&self) -> String {
         self.node.name_any()
+    }
+
+    fn name_str(&self) -> &str {
+        self.node.metadata.name.as_deref().unwrap_or("")
     }
 
     /// Counts `pod` as running here.
@@ -185,13 +199,7 @@ impl NodeState {
     }
 
     fn allocatable(&self) -> (Resources, Option<i64>) {
-        let status = self.node.status.as_ref();
-        let alloc = status.and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()));
-        let pods = alloc
-            .and_then(|a| a.get("pods"))
-            .and_then(|q| parse_quantity(&q.0))
-            .map(|p| p as i64);
-        (Resources::from_map(alloc), pods)
+        self.alloc
     }
 }
 
@@ -365,7 +373,7 @@ fn preferred_node_affinity(pod: &Pod, node: &Node) -> i64 {
 }
 
 /// Higher is better: least allocated (0-100) plus spreading of the pod's controller (0-100).
-fn score(pod: &Pod, load: &PodLoad, n: &NodeState, max_same_owner: i64) -> i64 {
+fn score(owner: Option<&str>, load: &PodLoad, n: &NodeState, max_same_owner: i64) -> i64 {
     let (alloc, _) = n.allocatable();
     let free = |cap: i64, used: i64| {
         if cap <= 0 { 0 } else { ((cap - used).max(0) * 100) / cap }
@@ -373,9 +381,9 @@ fn score(pod: &Pod, load: &PodLoad, n: &NodeState, max_same_owner: i64) -> i64 {
     let least_allocated = (free(alloc.cpu_milli, n.requested_nonzero.cpu_milli + load.nonzero.cpu_milli)
         + free(alloc.memory, n.requested_nonzero.memory + load.nonzero.memory))
         / 2;
-    let spread = match controller_uid(pod) {
+    let spread = match owner {
         Some(uid) if max_same_owner > 0 => {
-            let here = n.by_owner.get(&uid).copied().unwrap_or(0);
+            let here = n.by_owner.get(uid).copied().unwrap_or(0);
             (max_same_owner - here) * 100 / max_same_owner
         }
         _ => 100,
@@ -471,7 +479,7 @@ pub fn schedule(pod: &Pod, nodes: &[NodeState], cluster: &Cluster) -> Decision {
         .into_iter()
         .enumerate()
         .map(|(k, i)| {
-            let mut s = score(pod, &load, &nodes[i], max_same_owner);
+            let mut s = score(owner.as_deref(), &load, &nodes[i], max_same_owner);
             if max_node_pref > 0 {
                 s += NODE_AFFINITY_WEIGHT * node_pref[k] * 100 / max_node_pref;
             }
@@ -480,7 +488,7 @@ pub fn schedule(pod: &Pod, nodes: &[NodeState], cluster: &Cluster) -> Decision {
             }
             (s, i)
         })
-        .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| nodes[*b].name().cmp(&nodes[*a].name())))
+        .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| nodes[*b].name_str().cmp(nodes[*a].name_str())))
         .map(|(_, i)| i)
         .expect("at least one fitting node");
     Decision::Bind(best)
@@ -845,9 +853,10 @@ mod tests {
         }))
     }
 
-    fn with_node(mut n: NodeState, f: impl FnOnce(&mut Node)) -> NodeState {
-        f(Arc::make_mut(&mut n.node));
-        n
+    fn with_node(n: NodeState, f: impl FnOnce(&mut Node)) -> NodeState {
+        let mut node = (*n.node).clone();
+        f(&mut node);
+        NodeState::new(Arc::new(node))
     }
 
     fn pod(cpu: &str, memory: &str) -> Pod {
@@ -1470,6 +1479,40 @@ mod tests {
             ClaimsOnNode::Conflict
         );
         assert_eq!(state(&[], &[]), ClaimsOnNode::Conflict);
+    }
+
+    #[test]
+    #[ignore = "timing, run by hand"]
+    fn timing_many_pods_on_many_nodes() {
+        let mut nodes: Vec<NodeState> = (0..1000).map(|i| node(&format!("n{i:04}"), "64", "256Gi")).collect();
+        let mut cluster = Cluster::default();
+        let start = std::time::Instant::now();
+        let n = 2000;
+        for k in 0..n {
+            let p = labeled(pod("10m", "16Mi"), &[("app", if k % 2 == 0 { "web" } else { "db" })]);
+            let Decision::Bind(i) = schedule(&p, &nodes, &cluster) else {
+                panic!()
+            };
+            place(&mut nodes, &mut cluster, p, i);
+        }
+        let el = start.elapsed();
+        eprintln!(
+            "{n} pods on 1000 nodes: {el:?}, {:.0} pods/s",
+            n as f64 / el.as_secs_f64()
+        );
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            let p = with_affinity(
+                labeled(pod("10m", "16Mi"), &[("app", "spread")]),
+                anti("kubernetes.io/hostname", "spread"),
+            );
+            let Decision::Bind(i) = schedule(&p, &nodes, &cluster) else {
+                panic!()
+            };
+            place(&mut nodes, &mut cluster, p, i);
+        }
+        let el = start.elapsed();
+        eprintln!("200 anti-affine pods: {el:?}, {:.0} pods/s", 200.0 / el.as_secs_f64());
     }
 
     #[test]

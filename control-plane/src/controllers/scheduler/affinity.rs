@@ -186,27 +186,44 @@ impl Terms {
     }
 }
 
-type Domain = (String, String);
+/// Topology domains: label key → values. Nested so that lookups borrow a node's labels
+/// instead of building keys.
+#[derive(Default)]
+struct Domains<T>(HashMap<String, HashMap<String, T>>);
+
+impl<T: Default> Domains<T> {
+    fn entry(&mut self, nodes: &[NodeState], node: usize, key: &str) -> Option<&mut T> {
+        let v = nodes[node].node.labels().get(key)?;
+        Some(self.0.entry(key.to_string()).or_default().entry(v.clone()).or_default())
+    }
+
+    fn insert(&mut self, nodes: &[NodeState], node: usize, key: &str) {
+        self.entry(nodes, node, key);
+    }
+
+    fn get(&self, key: &str, value: &str) -> Option<&T> {
+        self.0.get(key)?.get(value)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// What the placed pods mean for one incoming pod, per topology domain (label key, value).
 #[derive(Default)]
 pub struct PodAffinity {
     /// Domains where an existing pod's required anti-affinity rejects the incoming pod.
-    existing_anti: HashSet<Domain>,
+    existing_anti: Domains<()>,
     /// The incoming pod's required affinity: topology keys, and domains with a matching pod.
     affinity_keys: Vec<String>,
-    affinity_domains: HashSet<Domain>,
+    affinity_domains: Domains<()>,
     /// No placed pod matches, but the pod matches its own terms: the first of its group.
     affinity_first_of_group: bool,
     anti_keys: Vec<String>,
-    anti_domains: HashSet<Domain>,
+    anti_domains: Domains<()>,
     /// Preferred terms (both ways) and existing pods' required affinity, summed per domain.
-    scores: HashMap<Domain, i64>,
-}
-
-fn domain(nodes: &[NodeState], node: usize, key: &str) -> Option<Domain> {
-    let v = nodes[node].node.labels().get(key)?;
-    Some((key.to_string(), v.clone()))
+    scores: Domains<i64>,
 }
 
 impl PodAffinity {
@@ -218,7 +235,7 @@ impl PodAffinity {
         for (i, theirs) in &placed.with_terms {
             let (_, node) = &placed.pods[*i];
             for t in theirs.required_anti.iter().filter(|t| t.matches(pod)) {
-                out.existing_anti.extend(domain(nodes, *node, &t.topology_key));
+                out.existing_anti.insert(nodes, *node, &t.topology_key);
             }
             // kube-scheduler's hardPodAffinityWeight: an existing pod's required affinity to the
             // incoming one counts as a preference of weight 1.
@@ -228,8 +245,8 @@ impl PodAffinity {
                 (&theirs.preferred_anti, -1),
             ] {
                 for t in terms.iter().filter(|t| t.matches(pod)) {
-                    if let Some(d) = domain(nodes, *node, &t.topology_key) {
-                        *out.scores.entry(d).or_default() += sign * t.weight;
+                    if let Some(s) = out.scores.entry(nodes, *node, &t.topology_key) {
+                        *s += sign * t.weight;
                     }
                 }
             }
@@ -237,7 +254,7 @@ impl PodAffinity {
         for t in &own.required_affinity {
             out.affinity_keys.push(t.topology_key.clone());
             for (_, node) in placed.candidates(t).filter(|(p, _)| t.matches(p)) {
-                out.affinity_domains.extend(domain(nodes, *node, &t.topology_key));
+                out.affinity_domains.insert(nodes, *node, &t.topology_key);
             }
         }
         out.affinity_first_of_group =
@@ -245,14 +262,14 @@ impl PodAffinity {
         for t in &own.required_anti {
             out.anti_keys.push(t.topology_key.clone());
             for (_, node) in placed.candidates(t).filter(|(p, _)| t.matches(p)) {
-                out.anti_domains.extend(domain(nodes, *node, &t.topology_key));
+                out.anti_domains.insert(nodes, *node, &t.topology_key);
             }
         }
         for (terms, sign) in [(&own.preferred_affinity, 1), (&own.preferred_anti, -1)] {
             for t in terms {
                 for (_, node) in placed.candidates(t).filter(|(p, _)| t.matches(p)) {
-                    if let Some(d) = domain(nodes, *node, &t.topology_key) {
-                        *out.scores.entry(d).or_default() += sign * t.weight;
+                    if let Some(s) = out.scores.entry(nodes, *node, &t.topology_key) {
+                        *s += sign * t.weight;
                     }
                 }
             }
@@ -269,25 +286,21 @@ impl PodAffinity {
             for key in &self.affinity_keys {
                 match labels.get(key) {
                     None => return Some("node(s) didn't match pod affinity rules"),
-                    Some(v) => all_present &= self.affinity_domains.contains(&(key.clone(), v.clone())),
+                    Some(v) => all_present &= self.affinity_domains.get(key, v).is_some(),
                 }
             }
             if !all_present && !self.affinity_first_of_group {
                 return Some("node(s) didn't match pod affinity rules");
             }
         }
-        if self.anti_keys.iter().any(|key| {
-            labels
-                .get(key)
-                .is_some_and(|v| self.anti_domains.contains(&(key.clone(), v.clone())))
-        }) {
+        if self
+            .anti_keys
+            .iter()
+            .any(|key| labels.get(key).is_some_and(|v| self.anti_domains.get(key, v).is_some()))
+        {
             return Some("node(s) didn't match pod anti-affinity rules");
         }
-        if !self.existing_anti.is_empty()
-            && labels
-                .iter()
-                .any(|(k, v)| self.existing_anti.contains(&(k.clone(), v.clone())))
-        {
+        if !self.existing_anti.is_empty() && labels.iter().any(|(k, v)| self.existing_anti.get(k, v).is_some()) {
             return Some("node(s) didn't satisfy existing pods anti-affinity rules");
         }
         None
@@ -298,10 +311,7 @@ impl PodAffinity {
         if self.scores.is_empty() {
             return 0;
         }
-        node.labels()
-            .iter()
-            .filter_map(|(k, v)| self.scores.get(&(k.clone(), v.clone())))
-            .sum()
+        node.labels().iter().filter_map(|(k, v)| self.scores.get(k, v)).sum()
     }
 
     pub fn has_scores(&self) -> bool {

@@ -77,6 +77,9 @@ impl PodVolumes {
     /// The pod's claims, or why no node can take the pod (kube-scheduler's PreFilter messages).
     pub fn of(pod: &Pod, storage: &Storage) -> Result<PodVolumes, String> {
         let mut out = PodVolumes::default();
+        if !uses_claims(pod) {
+            return Ok(out);
+        }
         let ns = pod.namespace().unwrap_or_default();
         let mut seen = HashSet::new();
         let mut unbound_immediate = false;
@@ -112,6 +115,9 @@ impl PodVolumes {
         }
         if !self.bound.iter().all(|pv| volume_fits_node(pv, node)) {
             return Some("node(s) had volume node affinity conflict");
+        }
+        if self.delayed.is_empty() {
+            return None;
         }
         let name = node.name_any();
         for claim in &self.delayed {
