@@ -418,10 +418,16 @@ const POD_AFFINITY_WEIGHT: i64 = 2;
 /// Filters then scores `nodes` for `pod`; ties go to the node that sorts first by name.
 pub fn schedule(pod: &Pod, nodes: &[NodeState], cluster: &Cluster) -> Decision {
     let load = PodLoad::of(pod);
-    let volumes = match PodVolumes::of(pod, &cluster.storage) {
+    let mut volumes = match PodVolumes::of(pod, &cluster.storage) {
         Ok(v) => v,
         Err(why) => return Decision::Unschedulable(format!("0/{} nodes are available: {why}.", nodes.len())),
     };
+    // A node selected for a waiting claim that has since gone is no longer binding.
+    if let Some(n) = volumes.selected.as_deref()
+        && !nodes.iter().any(|s| s.name_str() == n)
+    {
+        volumes.selected = None;
+    }
     let affinity = PodAffinity::new(pod, nodes, &cluster.placed, &cluster.namespaces);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut fitting = Vec::new();
@@ -1452,6 +1458,8 @@ mod tests {
         selected.metadata.annotations = Some([(SELECTED_NODE.to_string(), "b".to_string())].into());
         let cluster = storage_cluster(&[Arc::new(selected)], &[]);
         assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "b");
+        // ... unless that node is gone.
+        assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes[..1], &cluster)), "a");
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct PodVolumes {
     missing_volume: bool,
     /// Unbound claims whose class waits for the first consumer: the scheduler picks their node.
     pub delayed: Vec<Arc<PersistentVolumeClaim>>,
+    /// The node an earlier pod of a waiting claim was placed on: later pods follow it there.
+    pub selected: Option<String>,
 }
 
 impl PodVolumes {
@@ -98,7 +100,12 @@ impl PodVolumes {
                     Some(pv) => out.bound.push(pv.clone()),
                     None => out.missing_volume = true,
                 },
-                None if storage.is_delayed(claim) => out.delayed.push(claim.clone()),
+                None if storage.is_delayed(claim) => {
+                    if let Some(n) = claim.annotations().get(SELECTED_NODE) {
+                        out.selected = Some(n.clone());
+                    }
+                    out.delayed.push(claim.clone());
+                }
                 None => unbound_immediate = true,
             }
         }
@@ -119,12 +126,14 @@ impl PodVolumes {
         if self.delayed.is_empty() {
             return None;
         }
-        let name = node.name_any();
+        if self
+            .selected
+            .as_deref()
+            .is_some_and(|s| Some(s) != node.metadata.name.as_deref())
+        {
+            return Some("node(s) had volume node affinity conflict");
+        }
         for claim in &self.delayed {
-            // Another pod of this claim already chose its node.
-            if claim.annotations().get(SELECTED_NODE).is_some_and(|n| *n != name) {
-                return Some("node(s) had volume node affinity conflict");
-            }
             let static_only = storage
                 .classes
                 .get(claim_class(claim))
