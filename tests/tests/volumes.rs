@@ -169,8 +169,29 @@ async fn local_path_claims_follow_their_first_pod(backend: Backend) -> Result<()
     server.kubectl_stdin_ok(&["apply", "-f", "-"], &pod_with_claim("reader", "data", "100m"));
     ensure!(node_of(&pods, "reader").await? == node);
 
-    server.kubectl_ok(&["delete", "pod", "writer", "reader", "early", "--wait=false"]);
+    // In use: deleting the claim leaves it Terminating until its pods are gone.
+    ensure!(
+        claim.finalizers() == ["kubernetes.io/pvc-protection"],
+        "{:?}",
+        claim.finalizers()
+    );
+    ensure!(
+        pv.finalizers() == ["kubernetes.io/pv-protection"],
+        "{:?}",
+        pv.finalizers()
+    );
     server.kubectl_ok(&["delete", "pvc", "data", "--wait=false"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let terminating = claims.get("data").await?;
+    ensure!(terminating.metadata.deletion_timestamp.is_some());
+    ensure!(volumes.get_opt(&volume_name).await?.is_some());
+    let early = unschedulable_message(&pods, "early").await?;
+    ensure!(early.contains("not found"), "{early}");
+    server.kubectl_ok(&["delete", "pod", "writer", "reader", "early", "--wait=false"]);
+    eventually("claim gone with its pods", SETTLE, || async {
+        Ok(claims.get_opt("data").await?.is_none().then_some(()))
+    })
+    .await?;
     eventually("provisioned volume deleted with its claim", SETTLE, || async {
         Ok(volumes.get_opt(&volume_name).await?.is_none().then_some(()))
     })

@@ -719,6 +719,7 @@ impl ApiServer {
             }
         }
         strategy::apply_defaults(r, &mut obj);
+        strategy::admit_new(r, &mut obj);
         if r.group.is_empty() && r.kind == "PersistentVolumeClaim" && strategy::wants_default_class(&obj) {
             let classes = resources::find("storage.k8s.io", "v1", "storageclasses").expect("storageclasses exist");
             let (items, _) = self.cache.list(&classes.key_prefix(), None).await;

@@ -115,6 +115,29 @@ fn default(obj: &mut Map<String, Value>, key: &str, value: Value) {
     }
 }
 
+/// Finalizers Kubernetes' StorageObjectInUseProtection admission puts on new claims and
+/// volumes; the volume controller removes them once nothing uses the object.
+pub const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
+pub const PV_PROTECTION: &str = "kubernetes.io/pv-protection";
+
+/// Create-only admission: the in-use protection finalizer of claims and volumes.
+pub fn admit_new(r: &Resource, obj: &mut Value) {
+    let finalizer = match (r.group, r.kind) {
+        ("", "PersistentVolumeClaim") => PVC_PROTECTION,
+        ("", "PersistentVolume") => PV_PROTECTION,
+        _ => return,
+    };
+    let meta = ensure_object(obj, "metadata");
+    let list = meta.entry("finalizers").or_insert_with(|| json!([]));
+    if !list.is_array() {
+        *list = json!([]);
+    }
+    let list = list.as_array_mut().expect("just made an array");
+    if !list.iter().any(|f| f == finalizer) {
+        list.push(json!(finalizer));
+    }
+}
+
 /// The annotation that marks a StorageClass as the default (DefaultStorageClass admission).
 pub const DEFAULT_CLASS_ANNOTATION: &str = "storageclass.kubernetes.io/is-default-class";
 

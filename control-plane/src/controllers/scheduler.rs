@@ -1459,7 +1459,10 @@ mod tests {
         let cluster = storage_cluster(&[Arc::new(selected)], &[]);
         assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "b");
         // ... unless that node is gone.
-        assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes[..1], &cluster)), "a");
+        assert_eq!(
+            bound_to(&nodes, schedule(&claim_pod("data"), &nodes[..1], &cluster)),
+            "a"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     HostPathVolumeSource, Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectReference,
-    PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec, VolumeNodeAffinity,
+    PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec, Pod, VolumeNodeAffinity,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -30,6 +30,7 @@ use super::events::{EventType, Recorder, reference};
 use super::replicaset::selects;
 use super::scheduler::{node_selector_matches, parse_quantity};
 use super::{Error, Result, is_status};
+use crate::apiserver::strategy::{PV_PROTECTION, PVC_PROTECTION};
 
 /// The default StorageClass created at server start.
 pub const LOCAL_PATH_CLASS: &str = "local-path";
@@ -59,6 +60,13 @@ pub enum Action {
         message: Option<String>,
     },
     DeleteVolume(String),
+    /// Drop an in-use protection finalizer from a claim (`namespace` set) or a volume.
+    RemoveFinalizer {
+        namespace: Option<String>,
+        name: String,
+        finalizers: Vec<String>,
+        finalizer: &'static str,
+    },
     CreateVolume(Box<PersistentVolume>),
     /// Merge `volumeName` and annotations into the claim.
     UpdateClaim {
@@ -86,6 +94,7 @@ pub struct Observed<'a> {
     pub claims: &'a [Arc<PersistentVolumeClaim>],
     pub classes: &'a [Arc<StorageClass>],
     pub nodes: &'a [Arc<Node>],
+    pub pods: &'a [Arc<Pod>],
 }
 
 fn storage(map: Option<&BTreeMap<String, Quantity>>) -> Option<(f64, Quantity)> {
@@ -461,7 +470,17 @@ fn reclaim(pv: &PersistentVolume) -> Vec<Action> {
     let object = reference(pv);
     match policy {
         "Delete" if annotation(&pv.metadata, PROVISIONED_BY) == Some(LOCAL_PATH_PROVISIONER) => {
-            vec![Action::DeleteVolume(name)]
+            // Released first: the volume's protection finalizer holds a Bound volume.
+            let mut group = Vec::new();
+            if phase(pv) != "Released" {
+                group.push(Action::VolumePhase {
+                    name: name.clone(),
+                    phase: "Released",
+                    message: None,
+                });
+            }
+            group.push(Action::DeleteVolume(name));
+            group
         }
         "Retain" if phase(pv) == "Released" => Vec::new(),
         "Retain" => vec![Action::VolumePhase {
@@ -509,6 +528,50 @@ fn lost(claim: &PersistentVolumeClaim, reason: &'static str, message: String) ->
     ]
 }
 
+fn release_finalizer(meta: &ObjectMeta, finalizer: &'static str) -> Option<Action> {
+    let finalizers = meta.finalizers.as_ref()?;
+    (meta.deletion_timestamp.is_some() && finalizers.iter().any(|f| f == finalizer)).then(|| Action::RemoveFinalizer {
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone().unwrap_or_default(),
+        finalizers: finalizers.clone(),
+        finalizer,
+    })
+}
+
+/// In-use protection, as Kubernetes' pvc-protection and pv-protection controllers: a claim being
+/// deleted stays while a scheduled, unfinished pod mounts it; a volume while it is Bound.
+fn protection(o: &Observed) -> Vec<Vec<Action>> {
+    let mut in_use: HashSet<(String, &str)> = HashSet::new();
+    for pod in o.pods {
+        let Some(spec) = pod.spec.as_ref() else { continue };
+        let finished = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if spec.node_name.as_deref().unwrap_or("").is_empty() || finished {
+            continue;
+        }
+        for v in spec.volumes.iter().flatten() {
+            if let Some(c) = &v.persistent_volume_claim {
+                in_use.insert((pod.namespace().unwrap_or_default(), c.claim_name.as_str()));
+            }
+        }
+    }
+    let claims = o.claims.iter().filter(|c| {
+        !in_use.contains(&(
+            c.namespace().unwrap_or_default(),
+            c.metadata.name.as_deref().unwrap_or(""),
+        ))
+    });
+    let claims = claims.filter_map(|c| release_finalizer(&c.metadata, PVC_PROTECTION));
+    let volumes = o
+        .volumes
+        .iter()
+        .filter(|v| phase(v) != "Bound")
+        .filter_map(|v| release_finalizer(&v.metadata, PV_PROTECTION));
+    claims.chain(volumes).map(|a| vec![a]).collect()
+}
+
 /// Every group of writes that brings volumes and claims closer to agreement.
 pub fn plan(o: &Observed) -> Vec<Vec<Action>> {
     let claims_by_key: HashMap<(String, String), &Arc<PersistentVolumeClaim>> = o
@@ -526,6 +589,7 @@ pub fn plan(o: &Observed) -> Vec<Vec<Action>> {
         .map(|pv| sync_volume(pv, &claims_by_key))
         .filter(|g| !g.is_empty())
         .collect();
+    groups.extend(protection(o));
     // Volumes already spoken for: a claim's volumeName, or a full claimRef to a live claim.
     let mut taken: HashSet<String> = o
         .claims
@@ -706,6 +770,7 @@ pub async fn run(client: Client) -> Result<()> {
     let (claims, claim_writer) = reflector::store::<PersistentVolumeClaim>();
     let (classes, class_writer) = reflector::store::<StorageClass>();
     let (nodes, node_writer) = reflector::store::<Node>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
     let changed = Arc::new(Notify::new());
     let streams = futures::stream::select_all([
         reflector(
@@ -736,6 +801,21 @@ pub async fn run(client: Client) -> Result<()> {
         .default_backoff()
         .map(|_| ())
         .boxed(),
+        // Only pod deletions and bindings matter (for claims in use); pods change often, so the
+        // pass runs on those only.
+        reflector(
+            pod_writer,
+            watcher(Api::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .filter_map(|e| {
+            futures::future::ready(match e {
+                Ok(watcher::Event::Delete(_)) => Some(()),
+                Ok(watcher::Event::Apply(p)) if p.spec.as_ref().is_some_and(|s| s.node_name.is_some()) => Some(()),
+                _ => None,
+            })
+        })
+        .boxed(),
     ]);
     let notify = changed.clone();
     let watching = tokio::spawn(streams.for_each(move |()| {
@@ -746,6 +826,7 @@ pub async fn run(client: Client) -> Result<()> {
     claims.wait_until_ready().await.ok();
     classes.wait_until_ready().await.ok();
     nodes.wait_until_ready().await.ok();
+    pods.wait_until_ready().await.ok();
     let recorder = Recorder::new(client.clone(), COMPONENT);
     // Events already recorded per (object uid, reason, message): a pass repeats its decisions,
     // the Events should not be repeated with it.
@@ -754,12 +835,19 @@ pub async fn run(client: Client) -> Result<()> {
         if watching.is_finished() {
             break Err(Error::Ended("the persistent volume controller's watches"));
         }
-        let (vs, cs, ss, ns) = (volumes.state(), claims.state(), classes.state(), nodes.state());
+        let (vs, cs, ss, ns, ps) = (
+            volumes.state(),
+            claims.state(),
+            classes.state(),
+            nodes.state(),
+            pods.state(),
+        );
         let groups = plan(&Observed {
             volumes: &vs,
             claims: &cs,
             classes: &ss,
             nodes: &ns,
+            pods: &ps,
         });
         let live: HashSet<String> = cs
             .iter()
@@ -799,6 +887,33 @@ async fn execute(
             Action::DeleteVolume(name) => {
                 tracing::info!(volume = %name, "deleting released volume");
                 match pvs.delete(&name, &DeleteParams::default()).await {
+                    Err(e) if !is_status(&e, 404) => return Err(e.into()),
+                    _ => {}
+                }
+            }
+            Action::RemoveFinalizer {
+                namespace,
+                name,
+                finalizers,
+                finalizer,
+            } => {
+                let kept: Vec<&String> = finalizers.iter().filter(|f| *f != finalizer).collect();
+                // Guarded by `test`, so a finalizer another controller adds meanwhile is kept.
+                let patch = Patch::<()>::Json(
+                    serde_json::from_value(json!([
+                        {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+                        {"op": "replace", "path": "/metadata/finalizers", "value": kept},
+                    ]))
+                    .expect("a well-formed JSON patch"),
+                );
+                let result = match namespace {
+                    Some(ns) => Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+                        .patch(&name, &PatchParams::default(), &patch)
+                        .await
+                        .map(|_| ()),
+                    None => pvs.patch(&name, &PatchParams::default(), &patch).await.map(|_| ()),
+                };
+                match result {
                     Err(e) if !is_status(&e, 404) => return Err(e.into()),
                     _ => {}
                 }
@@ -936,6 +1051,7 @@ mod tests {
             claims,
             classes,
             nodes: &[node("a"), node("b")],
+            pods: &[],
         })
     }
 
@@ -1169,7 +1285,8 @@ mod tests {
         let groups = plan_of(&[bound_pair("Retain", false)], &[], &[]);
         assert!(matches!(&groups[0][0], Action::VolumePhase { phase: "Released", .. }));
         let groups = plan_of(&[bound_pair("Delete", true)], &[], &[]);
-        assert_eq!(groups[0], [Action::DeleteVolume("v1".into())]);
+        assert!(matches!(&groups[0][0], Action::VolumePhase { phase: "Released", .. }));
+        assert_eq!(groups[0][1], Action::DeleteVolume("v1".into()));
         let groups = plan_of(&[bound_pair("Delete", false)], &[], &[]);
         assert!(matches!(&groups[0][0], Action::VolumePhase { phase: "Failed", .. }));
         // A claim of the same name but another uid is a different claim.
@@ -1182,6 +1299,79 @@ mod tests {
                 .flatten()
                 .any(|a| matches!(a, Action::VolumePhase { phase: "Released", .. }))
         );
+    }
+
+    #[test]
+    fn a_claim_in_use_keeps_its_finalizer_until_its_pods_are_gone() {
+        let mut claim = (*pvc("data", "1Gi", Some("m"), &["ReadWriteOnce"])).clone();
+        claim.metadata.finalizers = Some(vec![PVC_PROTECTION.into(), "example.com/other".into()]);
+        claim.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        ));
+        let claims = [Arc::new(claim)];
+        let user = |node: Option<&str>, phase: &str| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": "p", "namespace": "default"},
+                    "spec": {"nodeName": node, "containers": [{"name": "c"}],
+                             "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "data"}}]},
+                    "status": {"phase": phase},
+                }))
+                .unwrap(),
+            )
+        };
+        let released = |pods: &[Arc<Pod>]| {
+            plan(&Observed {
+                volumes: &[],
+                claims: &claims,
+                classes: &[],
+                nodes: &[],
+                pods,
+            })
+            .into_iter()
+            .flatten()
+            .any(|a| {
+                matches!(
+                    a,
+                    Action::RemoveFinalizer {
+                        finalizer: PVC_PROTECTION,
+                        ..
+                    }
+                )
+            })
+        };
+        assert!(!released(&[user(Some("a"), "Running")]));
+        // Unscheduled and finished pods do not hold the claim.
+        assert!(released(&[user(None, "Pending")]));
+        assert!(released(&[user(Some("a"), "Succeeded")]));
+        assert!(released(&[]));
+    }
+
+    #[test]
+    fn a_volume_being_deleted_keeps_its_finalizer_while_bound() {
+        let mut v = (*pv("v1", "1Gi", "m", &["ReadWriteOnce"])).clone();
+        v.metadata.finalizers = Some(vec![PV_PROTECTION.into()]);
+        v.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        ));
+        let released = |phase: &str| {
+            let mut v = v.clone();
+            v.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            });
+            plan_of(&[Arc::new(v)], &[], &[]).into_iter().flatten().any(|a| {
+                matches!(
+                    a,
+                    Action::RemoveFinalizer {
+                        finalizer: PV_PROTECTION,
+                        ..
+                    }
+                )
+            })
+        };
+        assert!(!released("Bound"));
+        assert!(released("Released"));
     }
 
     #[test]
