@@ -283,6 +283,20 @@ async fn static_volumes_bind_by_size_and_modes(backend: Backend) -> Result<()> {
         "{failed:?}"
     );
 
+    // local-path needs to know the node: with Immediate binding it refuses, and says why.
+    server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: local-now\nprovisioner: weir.dev/local-path\nvolumeBindingMode: Immediate\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: now\nspec:\n  storageClassName: local-now\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n",
+    );
+    let refused = event(&client, "now", "ProvisioningFailed").await?;
+    ensure!(
+        refused
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("WaitForFirstConsumer")),
+        "{refused:?}"
+    );
+
     // Retain: the volume outlives its claim, Released.
     server.kubectl_ok(&["delete", "pvc", "fits"]);
     eventually("pv-5g Released", SETTLE, || async {

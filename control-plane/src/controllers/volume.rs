@@ -763,6 +763,12 @@ fn unbound_claim(
     group
 }
 
+fn mounts_claim(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .is_some_and(|s| s.volumes.iter().flatten().any(|v| v.persistent_volume_claim.is_some()))
+}
+
 /// The controller loop: a full pass on every change to volumes, claims, classes or nodes, and at
 /// least every 15 s (Kubernetes' resync period for this controller).
 pub async fn run(client: Client) -> Result<()> {
@@ -801,8 +807,8 @@ pub async fn run(client: Client) -> Result<()> {
         .default_backoff()
         .map(|_| ())
         .boxed(),
-        // Only pod deletions and bindings matter (for claims in use); pods change often, so the
-        // pass runs on those only.
+        // Only bindings and deletions of pods that mount claims matter (claims in use); pods
+        // change often, so the pass runs on those only.
         reflector(
             pod_writer,
             watcher(Api::all(client.clone()), watcher::Config::default()),
@@ -810,8 +816,12 @@ pub async fn run(client: Client) -> Result<()> {
         .default_backoff()
         .filter_map(|e| {
             futures::future::ready(match e {
-                Ok(watcher::Event::Delete(_)) => Some(()),
-                Ok(watcher::Event::Apply(p)) if p.spec.as_ref().is_some_and(|s| s.node_name.is_some()) => Some(()),
+                Ok(watcher::Event::Delete(p)) if mounts_claim(&p) => Some(()),
+                Ok(watcher::Event::Apply(p))
+                    if mounts_claim(&p) && p.spec.as_ref().is_some_and(|s| s.node_name.is_some()) =>
+                {
+                    Some(())
+                }
                 _ => None,
             })
         })
