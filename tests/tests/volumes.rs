@@ -169,6 +169,22 @@ async fn local_path_claims_follow_their_first_pod(backend: Backend) -> Result<()
     server.kubectl_stdin_ok(&["apply", "-f", "-"], &pod_with_claim("reader", "data", "100m"));
     ensure!(node_of(&pods, "reader").await? == node);
 
+    // Two pods sharing a new claim land together, even when the second prefers another node.
+    let together = [
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: shared\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n".to_string(),
+        pod_with_claim("first", "shared", "100m"),
+        // Drawn to the writer's node, but the claim it shares with "first" decides.
+        pod_with_claim("second", "shared", "100m").replace(
+            "spec:\n",
+            &format!("spec:\n  affinity:\n    nodeAffinity:\n      preferredDuringSchedulingIgnoredDuringExecution:\n      - weight: 100\n        preference:\n          matchFields:\n          - {{key: metadata.name, operator: In, values: [{node}]}}\n"),
+        ),
+    ]
+    .join("---\n");
+    server.kubectl_stdin_ok(&["apply", "-f", "-"], &together);
+    let first = node_of(&pods, "first").await?;
+    ensure!(first != node, "{first}");
+    ensure!(node_of(&pods, "second").await? == first);
+
     // In use: deleting the claim leaves it Terminating until its pods are gone.
     ensure!(
         claim.finalizers() == ["kubernetes.io/pvc-protection"],

@@ -657,8 +657,14 @@ impl Scheduler {
                         Vec::new()
                     };
                     let awaiting_volumes = !delayed.is_empty();
-                    if awaiting_volumes && !self.select_node(pod, &delayed, &node).await {
-                        continue;
+                    if awaiting_volumes {
+                        if !self.select_node(pod, &delayed, &node).await {
+                            continue;
+                        }
+                        // Later pods of this pass that share a claim follow it to the node.
+                        for claim in &delayed {
+                            cluster.storage.select(claim, &node);
+                        }
                     }
                     self.assumed.insert(
                         pod.uid().unwrap_or_default(),
@@ -1463,6 +1469,16 @@ mod tests {
             bound_to(&nodes, schedule(&claim_pod("data"), &nodes[..1], &cluster)),
             "a"
         );
+    }
+
+    #[test]
+    fn a_node_selected_in_this_pass_binds_the_claims_other_pods() {
+        let nodes = vec![node("a", "4", "8Gi"), node("b", "4", "8Gi")];
+        let mut cluster = storage_cluster(&[claim("data", "local-path", None)], &[]);
+        assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "a");
+        let waiting = PodVolumes::of(&claim_pod("data"), &cluster.storage).unwrap().delayed;
+        cluster.storage.select(&waiting[0], "b");
+        assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "b");
     }
 
     #[test]

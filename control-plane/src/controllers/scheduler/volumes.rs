@@ -40,6 +40,16 @@ impl Storage {
         }
     }
 
+    /// Records that `node` was selected for `claim` (what the API will show once the write is seen).
+    pub fn select(&mut self, claim: &PersistentVolumeClaim, node: &str) {
+        let key = (claim.namespace().unwrap_or_default(), claim.name_any());
+        if let Some(c) = self.claims.get_mut(&key) {
+            Arc::make_mut(c)
+                .annotations_mut()
+                .insert(SELECTED_NODE.to_string(), node.to_string());
+        }
+    }
+
     fn volume(&self, name: &str) -> Option<&Arc<PersistentVolume>> {
         self.volume_index.get(name).map(|&i| &self.volumes[i])
     }
