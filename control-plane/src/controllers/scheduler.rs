@@ -625,6 +625,11 @@ impl Scheduler {
             }
         });
         let (mut states, placed) = node_states(&nodes, &pods, &self.assumed, &namespaces);
+        let mut storage = storage;
+        let occupying = pods.iter().filter(|p| bound_node(p).is_some());
+        for pod in occupying.chain(self.assumed.values().map(|a| &a.pod)) {
+            storage.mount(pod);
+        }
         let mut cluster = Cluster {
             storage,
             namespaces,
@@ -648,6 +653,7 @@ impl Scheduler {
                 Decision::Bind(i) => {
                     states[i].add(pod, PodLoad::of(pod));
                     cluster.placed.add(pod.clone(), i, &cluster.namespaces);
+                    cluster.storage.mount(pod);
                     let node = states[i].name();
                     let delayed = if volumes::uses_claims(pod) {
                         PodVolumes::of(pod, &cluster.storage)
@@ -1479,6 +1485,25 @@ mod tests {
         let waiting = PodVolumes::of(&claim_pod("data"), &cluster.storage).unwrap().delayed;
         cluster.storage.select(&waiting[0], "b");
         assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "b");
+    }
+
+    #[test]
+    fn a_read_write_once_pod_claim_serves_one_pod_only() {
+        let nodes = vec![node("a", "4", "8Gi")];
+        let mut rwop = (*claim("solo", "local-path", Some("pv"))).clone();
+        rwop.spec.as_mut().unwrap().access_modes = Some(vec!["ReadWriteOncePod".into()]);
+        let mut cluster = storage_cluster(&[Arc::new(rwop)], &[volume_on("pv", "local-path", "a")]);
+        assert!(matches!(
+            schedule(&claim_pod("solo"), &nodes, &cluster),
+            Decision::Bind(0)
+        ));
+        cluster.storage.mount(&claim_pod("solo"));
+        assert_eq!(
+            schedule(&claim_pod("solo"), &nodes, &cluster),
+            Decision::Unschedulable(
+                "0/1 nodes are available: node has pod using PersistentVolumeClaim with the same name and ReadWriteOncePod access mode.".into()
+            )
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! bound to a volume with node affinity pins the pod to matching nodes; a claim waiting for its
 //! first consumer fits any node its class can provision on, or where a static volume fits; the
 //! scheduler then names the chosen node on the claim and binds the pod once the claim is Bound.
+//! A ReadWriteOncePod claim admits one pod at a time (the VolumeRestrictions plugin).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub struct Storage {
     volumes: Vec<Arc<PersistentVolume>>,
     volume_index: HashMap<String, usize>,
     classes: HashMap<String, Arc<StorageClass>>,
+    /// Claims mounted by pods on nodes (bound or placed in this pass), by namespace and name.
+    mounted: HashSet<(String, String)>,
 }
 
 impl Storage {
@@ -37,6 +40,18 @@ impl Storage {
             volume_index: volumes.iter().enumerate().map(|(i, v)| (v.name_any(), i)).collect(),
             volumes: volumes.to_vec(),
             classes: classes.iter().map(|c| (c.name_any(), c.clone())).collect(),
+            mounted: HashSet::new(),
+        }
+    }
+
+    /// Records that `pod` runs on a node with its claims mounted.
+    pub fn mount(&mut self, pod: &Pod) {
+        if !uses_claims(pod) {
+            return;
+        }
+        let ns = pod.namespace().unwrap_or_default();
+        for name in claim_names(pod) {
+            self.mounted.insert((ns.clone(), name.to_string()));
         }
     }
 
@@ -104,6 +119,17 @@ impl PodVolumes {
             };
             if claim.metadata.deletion_timestamp.is_some() {
                 return Err(format!("persistentvolumeclaim {name:?} is being deleted"));
+            }
+            let read_write_once_pod = claim
+                .spec
+                .as_ref()
+                .and_then(|s| s.access_modes.as_ref())
+                .is_some_and(|m| m.iter().any(|m| m == "ReadWriteOncePod"));
+            if read_write_once_pod && storage.mounted.contains(&(ns.clone(), name.to_string())) {
+                return Err(
+                    "node has pod using PersistentVolumeClaim with the same name and ReadWriteOncePod access mode"
+                        .into(),
+                );
             }
             match claim_volume(claim) {
                 Some(v) => match storage.volume(v) {
