@@ -721,6 +721,16 @@ impl ApiServer {
         }
         strategy::apply_defaults(r, &mut obj);
         strategy::admit_create(r, &mut obj, &self.admission);
+        strategy::admit_new(r, &mut obj);
+        if r.group.is_empty() && r.kind == "PersistentVolumeClaim" && strategy::wants_default_class(&obj) {
+            let classes = resources::find("storage.k8s.io", "v1", "storageclasses").expect("storageclasses exist");
+            let (items, _) = self.cache.list(&classes.key_prefix(), None).await;
+            if let Some(class) = strategy::default_storage_class(items.iter().map(|(_, o)| &o.value))
+                && let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut)
+            {
+                spec.insert("storageClassName".into(), json!(class));
+            }
+        }
         let causes = strategy::validate(r, &obj);
         if !causes.is_empty() {
             return Err(ApiError::invalid(r.group, r.kind, name, causes));

@@ -355,7 +355,8 @@ async fn serve(shared: Arc<Shared>, client_cert: bool, req: http::Request<hyper:
     response.map(Body::new)
 }
 
-/// First-start objects: the four system namespaces and the `kubernetes` Service.
+/// First-start objects: the four system namespaces, the `kubernetes` Service and the default
+/// StorageClass `local-path`. Each is created only if absent, so a user's edits survive restarts.
 async fn bootstrap(api: &Arc<ApiServer>, bind: std::net::IpAddr, port: u16) -> Result<()> {
     let create = |path: &str, body: serde_json::Value| {
         let api = api.clone();
@@ -398,6 +399,14 @@ async fn bootstrap(api: &Arc<ApiServer>, bind: std::net::IpAddr, port: u16) -> R
         "/api/v1/namespaces/default/services",
         json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
                "spec": {"clusterIP": allocator::KUBERNETES_SERVICE_IP, "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}}),
+    )
+    .await?;
+    create(
+        "/apis/storage.k8s.io/v1/storageclasses",
+        json!({"metadata": {"name": crate::controllers::volume::LOCAL_PATH_CLASS,
+                            "annotations": {strategy::DEFAULT_CLASS_ANNOTATION: "true"}},
+               "provisioner": crate::controllers::volume::LOCAL_PATH_PROVISIONER,
+               "reclaimPolicy": "Delete", "volumeBindingMode": "WaitForFirstConsumer"}),
     )
     .await?;
     let ip = if bind.is_unspecified() {

@@ -115,6 +115,59 @@ fn default(obj: &mut Map<String, Value>, key: &str, value: Value) {
     }
 }
 
+/// Finalizers Kubernetes' StorageObjectInUseProtection admission puts on new claims and
+/// volumes; the volume controller removes them once nothing uses the object.
+pub const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
+pub const PV_PROTECTION: &str = "kubernetes.io/pv-protection";
+
+/// Create-only admission: the in-use protection finalizer of claims and volumes.
+pub fn admit_new(r: &Resource, obj: &mut Value) {
+    let finalizer = match (r.group, r.kind) {
+        ("", "PersistentVolumeClaim") => PVC_PROTECTION,
+        ("", "PersistentVolume") => PV_PROTECTION,
+        _ => return,
+    };
+    let meta = ensure_object(obj, "metadata");
+    let list = meta.entry("finalizers").or_insert_with(|| json!([]));
+    if !list.is_array() {
+        *list = json!([]);
+    }
+    let list = list.as_array_mut().expect("just made an array");
+    if !list.iter().any(|f| f == finalizer) {
+        list.push(json!(finalizer));
+    }
+}
+
+/// The annotation that marks a StorageClass as the default (DefaultStorageClass admission).
+pub const DEFAULT_CLASS_ANNOTATION: &str = "storageclass.kubernetes.io/is-default-class";
+
+/// The class a new PVC without `storageClassName` gets, as Kubernetes' DefaultStorageClass
+/// admission picks it: among classes annotated default, the newest (then the first by name).
+pub fn default_storage_class<'a>(classes: impl IntoIterator<Item = &'a Value>) -> Option<String> {
+    classes
+        .into_iter()
+        .filter(|c| {
+            str_at(
+                c,
+                &format!("/metadata/annotations/{}", DEFAULT_CLASS_ANNOTATION.replace('/', "~1")),
+            ) == Some("true")
+        })
+        .filter_map(|c| {
+            Some((
+                str_at(c, "/metadata/creationTimestamp").unwrap_or(""),
+                str_at(c, "/metadata/name")?,
+            ))
+        })
+        .max_by(|(ta, na), (tb, nb)| ta.cmp(tb).then_with(|| nb.cmp(na)))
+        .map(|(_, name)| name.to_string())
+}
+
+/// Whether a new PVC asks for the default class: `storageClassName` absent or null (an empty
+/// string explicitly asks for no class).
+pub fn wants_default_class(pvc: &Value) -> bool {
+    pvc.pointer("/spec/storageClassName").is_none_or(Value::is_null)
+}
+
 /// Fill in Kubernetes' defaults for a new or updated object.
 pub fn apply_defaults(r: &Resource, obj: &mut Value) {
     match (r.group, r.kind) {

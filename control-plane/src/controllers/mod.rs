@@ -1,7 +1,7 @@
 //! Weir's control loops, run in-process by `weir server`: default ServiceAccounts, namespace
 //! lifecycle, the garbage collector, EndpointSlices, Deployments, ReplicaSets, StatefulSets,
-//! DaemonSets, the scheduler, node lifecycle (heartbeats, taints, eviction) and LoadBalancer
-//! addresses. They reach the API only through kube-rs,
+//! DaemonSets, the scheduler, node lifecycle (heartbeats, taints, eviction), LoadBalancer
+//! addresses and the PersistentVolume binder and provisioner. They reach the API only through kube-rs,
 //! exactly as they would against Kubernetes, and never touch the store.
 
 pub mod daemonset;
@@ -17,6 +17,7 @@ pub mod replicaset;
 pub mod scheduler;
 pub mod serviceaccount;
 pub mod statefulset;
+pub mod volume;
 
 use std::future::Future;
 use std::time::Duration;
@@ -97,6 +98,10 @@ pub fn run(client: Client, config: Config) {
     spawn_supervised("daemonset", {
         let client = client.clone();
         move || daemonset::run(client.clone())
+    });
+    spawn_supervised("volume", {
+        let client = client.clone();
+        move || volume::run(client.clone())
     });
     spawn_supervised("endpointslice", move || endpointslice::run(client.clone()));
 }

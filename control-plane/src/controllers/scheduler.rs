@@ -1,15 +1,21 @@
 //! The scheduler: binds every unscheduled Pod of `default-scheduler` to a Node through
 //! `pods/binding`, or marks it `PodScheduled=False` (Unschedulable) with an Event saying why.
-//! It decides in memory over reflector caches and writes only bindings, Pod status and Events.
+//! It decides in memory over reflector caches and writes only bindings, Pod status, Events and
+//! the selected-node annotation of claims that wait for their first consumer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod affinity;
+mod volumes;
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodCondition, Taint, Toleration,
+    Namespace, Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume, PersistentVolumeClaim,
+    Pod, PodCondition, Taint, Toleration,
 };
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -20,7 +26,10 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::events::{EventType, Recorder};
+use super::volume::SELECTED_NODE;
 use super::{Error, Result, is_status};
+pub use affinity::{NamespaceLabels, PlacedPods, PodAffinity};
+pub use volumes::{ClaimsOnNode, PodVolumes, Storage, claims_on_node};
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
 /// What scoring assumes for a container without requests, as kube-scheduler does, so that
@@ -150,8 +159,8 @@ pub struct NodeState {
     pub pods: i64,
     /// Bound pods per controller owner uid, for spreading.
     pub by_owner: HashMap<String, i64>,
-    /// Parsed once per pass rather than once per pod and node.
-    allocatable: (Resources, Option<i64>),
+    /// The node's allocatable resources and pod count, parsed once (they are read for every pod).
+    alloc: (Resources, Option<i64>),
 }
 
 impl NodeState {
@@ -162,19 +171,23 @@ impl NodeState {
             .and_then(|a| a.get("pods"))
             .and_then(|q| parse_quantity(&q.0))
             .map(|p| p as i64);
-        let allocatable = (Resources::from_map(alloc), pods);
+        let alloc = (Resources::from_map(alloc), pods);
         NodeState {
             node,
             requested: Resources::default(),
             requested_nonzero: Resources::default(),
             pods: 0,
             by_owner: HashMap::new(),
-            allocatable,
+            alloc,
         }
     }
 
     pub fn name(&self) -> String {
         self.node.name_any()
+    }
+
+    fn name_str(&self) -> &str {
+        self.node.metadata.name.as_deref().unwrap_or("")
     }
 
     /// Counts `pod` as running here.
@@ -188,11 +201,7 @@ impl NodeState {
     }
 
     fn allocatable(&self) -> (Resources, Option<i64>) {
-        self.allocatable
-    }
-
-    fn name_str(&self) -> &str {
-        self.node.metadata.name.as_deref().unwrap_or_default()
+        self.alloc
     }
 }
 
@@ -313,10 +322,12 @@ pub fn matches_node_selector(pod: &Pod, node: &Node) -> bool {
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
         .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
-    match required {
-        None => true,
-        Some(r) => r.node_selector_terms.iter().any(|t| term_matches(t, node)),
-    }
+    required.is_none_or(|r| node_selector_matches(r, node))
+}
+
+/// Whether any of the selector's terms matches `node` (the terms are ORed).
+pub fn node_selector_matches(selector: &NodeSelector, node: &Node) -> bool {
+    selector.node_selector_terms.iter().any(|t| term_matches(t, node))
 }
 
 fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
@@ -349,6 +360,20 @@ fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool
     }
 }
 
+/// The summed weights of the preferred node affinity terms `node` matches.
+fn preferred_node_affinity(pod: &Pod, node: &Node) -> i64 {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| a.preferred_during_scheduling_ignored_during_execution.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|t| term_matches(&t.preference, node))
+        .map(|t| i64::from(t.weight))
+        .sum()
+}
+
 /// Higher is better: least allocated (0-100) plus spreading of the pod's controller (0-100).
 fn score(owner: Option<&str>, load: &PodLoad, n: &NodeState, max_same_owner: i64) -> i64 {
     let (alloc, _) = n.allocatable();
@@ -378,7 +403,20 @@ pub enum Decision {
     Unschedulable(String),
 }
 
-/// Filters then scores `nodes` for `pod`; ties go to the node that sorts first by name.
+/// What scheduling needs besides the nodes: claims and volumes, namespace labels, and the pods
+/// placed on the nodes (indexed as the nodes passed to `schedule`).
+#[derive(Default)]
+pub struct Cluster {
+    pub storage: Storage,
+    pub namespaces: NamespaceLabels,
+    pub placed: PlacedPods,
+}
+
+/// kube-scheduler's default weights of the node affinity and inter-pod affinity scores, relative
+/// to the resource and spreading scores (weight 1 each).
+const NODE_AFFINITY_WEIGHT: i64 = 2;
+const POD_AFFINITY_WEIGHT: i64 = 2;
+
 /// How many fitting nodes to find before scoring, as kube-scheduler's adaptive
 /// percentageOfNodesToScore: all of up to 100 nodes, then a share falling from 50% to 5%.
 pub fn nodes_to_find(total: usize) -> usize {
@@ -389,14 +427,26 @@ pub fn nodes_to_find(total: usize) -> usize {
     (total * percent / 100).max(100)
 }
 
-/// Binds `pod` to the best of the first fitting nodes found from `start` on (rotating `start`
-/// spreads the search as kube-scheduler's nextStartNodeIndex does), or says why none fits.
-pub fn schedule(pod: &Pod, nodes: &[NodeState]) -> Decision {
-    schedule_from(pod, nodes, 0)
+/// Filters then scores `nodes` for `pod`; ties go to the node that sorts first by name.
+pub fn schedule(pod: &Pod, nodes: &[NodeState], cluster: &Cluster) -> Decision {
+    schedule_from(pod, nodes, cluster, 0)
 }
 
-pub fn schedule_from(pod: &Pod, nodes: &[NodeState], start: usize) -> Decision {
+/// [`schedule`], filtering from node `start` on and scoring the first [`nodes_to_find`] nodes
+/// that fit (rotating `start` spreads the search, as kube-scheduler's nextStartNodeIndex does).
+pub fn schedule_from(pod: &Pod, nodes: &[NodeState], cluster: &Cluster, start: usize) -> Decision {
     let load = PodLoad::of(pod);
+    let mut volumes = match PodVolumes::of(pod, &cluster.storage) {
+        Ok(v) => v,
+        Err(why) => return Decision::Unschedulable(format!("0/{} nodes are available: {why}.", nodes.len())),
+    };
+    // A node selected for a waiting claim that has since gone is no longer binding.
+    if let Some(n) = volumes.selected.as_deref()
+        && !nodes.iter().any(|s| s.name_str() == n)
+    {
+        volumes.selected = None;
+    }
+    let affinity = PodAffinity::new(pod, nodes, &cluster.placed, &cluster.namespaces);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut fitting = Vec::new();
     let enough = nodes_to_find(nodes.len());
@@ -406,7 +456,14 @@ pub fn schedule_from(pod: &Pod, nodes: &[NodeState], start: usize) -> Decision {
             break;
         }
         let n = &nodes[i];
-        let why = misfits(pod, &load, n);
+        let mut why = misfits(pod, &load, n);
+        if why.is_empty()
+            && let Some(r) = volumes
+                .misfit(&n.node, &cluster.storage)
+                .or_else(|| affinity.misfit(&n.node))
+        {
+            why.push(r.to_string());
+        }
         if why.is_empty() {
             fitting.push(i);
         }
@@ -432,9 +489,35 @@ pub fn schedule_from(pod: &Pod, nodes: &[NodeState], start: usize) -> Decision {
             .max()
             .unwrap_or(0)
     });
+    // Preferences are normalized over the fitting nodes, as kube-scheduler's NormalizeScore does:
+    // node affinity to 0-100 of the best match, inter-pod affinity to 0-100 between the extremes.
+    let node_pref: Vec<i64> = fitting
+        .iter()
+        .map(|&i| preferred_node_affinity(pod, &nodes[i].node))
+        .collect();
+    let max_node_pref = node_pref.iter().copied().max().unwrap_or(0);
+    let pod_pref: Vec<i64> = if affinity.has_scores() {
+        fitting.iter().map(|&i| affinity.score(&nodes[i].node)).collect()
+    } else {
+        vec![0; fitting.len()]
+    };
+    let (lo, hi) = (
+        pod_pref.iter().copied().min().unwrap_or(0),
+        pod_pref.iter().copied().max().unwrap_or(0),
+    );
     let best = fitting
         .into_iter()
-        .map(|i| (score(owner.as_deref(), &load, &nodes[i], max_same_owner), i))
+        .enumerate()
+        .map(|(k, i)| {
+            let mut s = score(owner.as_deref(), &load, &nodes[i], max_same_owner);
+            if max_node_pref > 0 {
+                s += NODE_AFFINITY_WEIGHT * node_pref[k] * 100 / max_node_pref;
+            }
+            if hi > lo {
+                s += POD_AFFINITY_WEIGHT * (pod_pref[k] - lo) * 100 / (hi - lo);
+            }
+            (s, i)
+        })
         .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| nodes[*b].name_str().cmp(nodes[*a].name_str())))
         .map(|(_, i)| i)
         .expect("at least one fitting node");
@@ -442,32 +525,26 @@ pub fn schedule_from(pod: &Pod, nodes: &[NodeState], start: usize) -> Decision {
 }
 
 /// Every node with what the bound pods (and those bound by this scheduler but not yet seen in
-/// the cache, `assumed`) take of it.
+/// the cache, `assumed`) take of it, and those pods indexed for affinity.
 pub fn node_states(
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
-    assumed: &HashMap<String, (String, PodLoad, Option<String>)>,
-) -> Vec<NodeState> {
+    assumed: &HashMap<String, Assumed>,
+    namespaces: &NamespaceLabels,
+) -> (Vec<NodeState>, PlacedPods) {
     let mut states: Vec<NodeState> = nodes.iter().cloned().map(NodeState::new).collect();
     states.sort_by_key(|s| s.name());
     let index: HashMap<String, usize> = states.iter().enumerate().map(|(i, s)| (s.name(), i)).collect();
-    for pod in pods {
-        if let Some(i) = bound_node(pod).and_then(|n| index.get(n)) {
-            states[*i].add(pod, PodLoad::of(pod));
-        }
-    }
-    for (node, load, owner) in assumed.values() {
+    let mut placed = PlacedPods::default();
+    let bound = pods.iter().filter_map(|p| Some((p, bound_node(p)?)));
+    let assumed = assumed.values().map(|a| (&a.pod, a.node.as_str()));
+    for (pod, node) in bound.chain(assumed) {
         if let Some(&i) = index.get(node) {
-            let s = &mut states[i];
-            s.requested = s.requested.add(load.exact);
-            s.requested_nonzero = s.requested_nonzero.add(load.nonzero);
-            s.pods += 1;
-            if let Some(uid) = owner {
-                *s.by_owner.entry(uid.clone()).or_default() += 1;
-            }
+            states[i].add(pod, PodLoad::of(pod));
+            placed.add(pod.clone(), i, namespaces);
         }
     }
-    states
+    (states, placed)
 }
 
 /// The PodScheduled=False condition to write, unless the pod already carries it.
@@ -503,13 +580,30 @@ pub fn unschedulable_condition(pod: &Pod, message: &str) -> Option<Vec<PodCondit
     Some(out)
 }
 
+/// A pod this scheduler placed that the cache does not show bound yet.
+pub struct Assumed {
+    pub node: String,
+    pub pod: Arc<Pod>,
+    /// Placed, but its claims are still being bound on the node: bind when they are.
+    awaiting_volumes: bool,
+    since: Instant,
+}
+
+/// How long a pod waits for its claims to be bound before it is scheduled afresh (kube-scheduler's
+/// bind timeout).
+const VOLUME_BINDING_TIMEOUT: Duration = Duration::from_secs(600);
+
 struct Scheduler {
     client: Client,
     recorder: Recorder,
     pods: Store<Pod>,
     nodes: Store<Node>,
-    /// Pods bound by us that the cache does not show bound yet: uid → (node, load, owner uid).
-    assumed: HashMap<String, (String, PodLoad, Option<String>)>,
+    claims: Store<PersistentVolumeClaim>,
+    volumes: Store<PersistentVolume>,
+    classes: Store<StorageClass>,
+    namespaces: Store<Namespace>,
+    /// By pod uid.
+    assumed: HashMap<String, Assumed>,
     /// When each pending pod was last reported unschedulable, by uid.
     marked: HashMap<String, Instant>,
     /// Where the next pod's search for fitting nodes starts.
@@ -527,13 +621,61 @@ impl Scheduler {
     async fn pass(&mut self) -> Result<()> {
         let pods = self.pods.state();
         let nodes = self.nodes.state();
-        let pending_uids: HashSet<String> = pods.iter().filter(|p| is_pending(p)).filter_map(|p| p.uid()).collect();
-        self.assumed.retain(|uid, _| pending_uids.contains(uid));
-        self.marked.retain(|uid, _| pending_uids.contains(uid));
-        let mut states = node_states(&nodes, &pods, &self.assumed);
-        let mut pending: Vec<&Arc<Pod>> = pods
+        let storage = Storage::new(&self.claims.state(), &self.volumes.state(), &self.classes.state());
+        let namespaces: NamespaceLabels = self
+            .namespaces
+            .state()
             .iter()
-            .filter(|p| is_pending(p) && !self.assumed.contains_key(&p.uid().unwrap_or_default()))
+            .map(|n| (n.name_any(), n.labels().clone()))
+            .collect();
+        let live: HashMap<String, &Arc<Pod>> = pods
+            .iter()
+            .filter(|p| is_pending(p))
+            .filter_map(|p| Some((p.uid()?, p)))
+            .collect();
+        self.assumed.retain(|uid, _| live.contains_key(uid));
+        self.marked.retain(|uid, _| live.contains_key(uid));
+        // Pods waiting for their claims: bind those whose claims are now bound on their node,
+        // schedule again those whose claims went elsewhere.
+        let mut binds = Vec::new();
+        let by_name: HashMap<String, &Arc<Node>> = nodes.iter().map(|n| (n.name_any(), n)).collect();
+        self.assumed.retain(|uid, a| {
+            if !a.awaiting_volumes {
+                return true;
+            }
+            let Some(node) = by_name.get(&a.node) else {
+                return false;
+            };
+            match claims_on_node(live[uid], node, &storage) {
+                ClaimsOnNode::Ready => {
+                    a.awaiting_volumes = false;
+                    binds.push(bind(
+                        self.client.clone(),
+                        self.recorder.clone(),
+                        live[uid].clone(),
+                        a.node.clone(),
+                    ));
+                    true
+                }
+                ClaimsOnNode::Waiting => a.since.elapsed() < VOLUME_BINDING_TIMEOUT,
+                ClaimsOnNode::Conflict => false,
+            }
+        });
+        let (mut states, placed) = node_states(&nodes, &pods, &self.assumed, &namespaces);
+        let mut storage = storage;
+        let occupying = pods.iter().filter(|p| bound_node(p).is_some());
+        for pod in occupying.chain(self.assumed.values().map(|a| &a.pod)) {
+            storage.mount(pod);
+        }
+        let mut cluster = Cluster {
+            storage,
+            namespaces,
+            placed,
+        };
+        let mut pending: Vec<&Arc<Pod>> = live
+            .iter()
+            .filter(|(uid, _)| !self.assumed.contains_key(*uid))
+            .map(|(_, p)| *p)
             .collect();
         pending.sort_by(|a, b| {
             a.metadata
@@ -543,19 +685,45 @@ impl Scheduler {
                 .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
                 .then_with(|| a.name_any().cmp(&b.name_any()))
         });
-        let mut binds = Vec::new();
         let mut marks = Vec::new();
         for pod in pending {
             let start = self.next_start;
             self.next_start = (self.next_start + nodes_to_find(states.len())) % states.len().max(1);
-            match schedule_from(pod, &states, start) {
+            match schedule_from(pod, &states, &cluster, start) {
                 Decision::Bind(i) => {
-                    let load = PodLoad::of(pod);
-                    states[i].add(pod, load);
+                    states[i].add(pod, PodLoad::of(pod));
+                    cluster.placed.add(pod.clone(), i, &cluster.namespaces);
+                    cluster.storage.mount(pod);
                     let node = states[i].name();
-                    self.assumed
-                        .insert(pod.uid().unwrap_or_default(), (node.clone(), load, controller_uid(pod)));
-                    binds.push(bind(self.client.clone(), self.recorder.clone(), pod.clone(), node));
+                    let delayed = if volumes::uses_claims(pod) {
+                        PodVolumes::of(pod, &cluster.storage)
+                            .map(|v| v.delayed)
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    let awaiting_volumes = !delayed.is_empty();
+                    if awaiting_volumes {
+                        if !self.select_node(pod, &delayed, &node).await {
+                            continue;
+                        }
+                        // Later pods of this pass that share a claim follow it to the node.
+                        for claim in &delayed {
+                            cluster.storage.select(claim, &node);
+                        }
+                    }
+                    self.assumed.insert(
+                        pod.uid().unwrap_or_default(),
+                        Assumed {
+                            node: node.clone(),
+                            pod: pod.clone(),
+                            awaiting_volumes,
+                            since: Instant::now(),
+                        },
+                    );
+                    if !awaiting_volumes {
+                        binds.push(bind(self.client.clone(), self.recorder.clone(), pod.clone(), node));
+                    }
                 }
                 Decision::Unschedulable(message) => {
                     let uid = pod.uid().unwrap_or_default();
@@ -595,6 +763,27 @@ impl Scheduler {
             }
         }
         marked.into_iter().collect()
+    }
+
+    /// Names `node` on each claim that waits for its first consumer, so that it is provisioned or
+    /// bound there; the pod is bound once they all are. False if a claim could not be written.
+    async fn select_node(&self, pod: &Pod, claims: &[Arc<PersistentVolumeClaim>], node: &str) -> bool {
+        for claim in claims {
+            if claim.annotations().get(SELECTED_NODE).map(String::as_str) == Some(node) {
+                continue;
+            }
+            let patch = json!({"metadata": {"annotations": {SELECTED_NODE: node}}});
+            let ns = claim.namespace().unwrap_or_default();
+            if let Err(e) = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &ns)
+                .patch(&claim.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(namespace = %ns, pod = %pod.name_any(), claim = %claim.name_any(), error = %e, "selecting a node for a claim failed");
+                return false;
+            }
+        }
+        tracing::debug!(namespace = %pod.namespace().unwrap_or_default(), pod = %pod.name_any(), %node, "waiting for claims to be bound");
+        true
     }
 }
 
@@ -655,44 +844,53 @@ async fn bind(client: Client, recorder: Recorder, pod: Arc<Pod>, node: String) -
 }
 
 pub async fn run(client: Client) -> Result<()> {
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let (nodes, node_writer) = reflector::store::<Node>();
     let changed = Arc::new(Notify::new());
-    let pod_events = reflector(
-        pod_writer,
-        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .map(|_| ());
-    let node_events = reflector(
-        node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .map(|_| ());
+    let mut streams = Vec::new();
+    macro_rules! watched {
+        ($kind:ty) => {{
+            let (store, writer) = reflector::store::<$kind>();
+            streams.push(
+                reflector(
+                    writer,
+                    watcher(Api::<$kind>::all(client.clone()), watcher::Config::default()),
+                )
+                .default_backoff()
+                .map(|_| ())
+                .boxed(),
+            );
+            store
+        }};
+    }
+    let pods = watched!(Pod);
+    let nodes = watched!(Node);
+    let claims = watched!(PersistentVolumeClaim);
+    let volumes = watched!(PersistentVolume);
+    let classes = watched!(StorageClass);
+    let namespaces = watched!(Namespace);
     let notify = changed.clone();
-    let watching = tokio::spawn(async move {
-        futures::stream::select(pod_events, node_events)
-            .for_each(|()| {
-                notify.notify_one();
-                futures::future::ready(())
-            })
-            .await;
-    });
+    let watching = tokio::spawn(futures::stream::select_all(streams).for_each(move |()| {
+        notify.notify_one();
+        futures::future::ready(())
+    }));
+    pods.wait_until_ready().await.ok();
+    nodes.wait_until_ready().await.ok();
+    claims.wait_until_ready().await.ok();
+    volumes.wait_until_ready().await.ok();
+    classes.wait_until_ready().await.ok();
+    namespaces.wait_until_ready().await.ok();
     let mut scheduler = Scheduler {
         recorder: Recorder::new(client.clone(), SCHEDULER_NAME),
         client,
-        pods: pods.clone(),
-        nodes: nodes.clone(),
+        pods,
+        nodes,
+        claims,
+        volumes,
+        classes,
+        namespaces,
         assumed: HashMap::new(),
         marked: HashMap::new(),
         next_start: 0,
     };
-    let ready = async {
-        pods.wait_until_ready().await.ok();
-        nodes.wait_until_ready().await.ok();
-    };
-    ready.await;
     let result = loop {
         if watching.is_finished() {
             break Err(Error::Ended("the scheduler's watches"));
@@ -700,7 +898,8 @@ pub async fn run(client: Client) -> Result<()> {
         if let Err(e) = scheduler.pass().await {
             tracing::warn!(error = %e, "scheduling pass failed");
         }
-        // Unschedulable pods are retried on every pod or node change, and at least every 30 s.
+        // Unschedulable pods are retried on every pod, node or storage change, and at least
+        // every 30 s.
         let _ = tokio::time::timeout(Duration::from_secs(30), changed.notified()).await;
     };
     watching.abort();
@@ -711,10 +910,11 @@ pub async fn run(client: Client) -> Result<()> {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        Affinity, Container, NodeAffinity, NodeCondition, NodeSelector, NodeSpec, NodeStatus, PodSpec,
-        ResourceRequirements,
+        Affinity, Container, NodeAffinity, NodeCondition, NodeSpec, NodeStatus, PersistentVolumeClaimVolumeSource,
+        PodAffinity, PodAffinityTerm, PodAntiAffinity, PodSpec, PreferredSchedulingTerm, ResourceRequirements, Volume,
+        WeightedPodAffinityTerm,
     };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
     use kube::api::ObjectMeta;
 
     fn node(name: &str, cpu: &str, memory: &str) -> NodeState {
@@ -742,10 +942,10 @@ mod tests {
         }))
     }
 
-    /// `n`'s node changed by `f`, as a fresh state (no pods on it).
-    fn with_node(mut n: NodeState, f: impl FnOnce(&mut Node)) -> NodeState {
-        f(Arc::make_mut(&mut n.node));
-        NodeState::new(n.node)
+    fn with_node(n: NodeState, f: impl FnOnce(&mut Node)) -> NodeState {
+        let mut node = (*n.node).clone();
+        f(&mut node);
+        NodeState::new(Arc::new(node))
     }
 
     fn pod(cpu: &str, memory: &str) -> Pod {
@@ -801,7 +1001,8 @@ mod tests {
         // From a rotated start, the pod still lands on a node that fits.
         let nodes: Vec<NodeState> = (0..300).map(|i| node(&format!("n{i:03}"), "1", "1Gi")).collect();
         for start in [0, 150, 299, 1_000] {
-            assert!(matches!(schedule_from(&pod("500m", "100Mi"), &nodes, start), Decision::Bind(_)));
+            let d = schedule_from(&pod("500m", "100Mi"), &nodes, &Cluster::default(), start);
+            assert!(matches!(d, Decision::Bind(_)));
         }
     }
 
@@ -837,7 +1038,10 @@ mod tests {
         let mut busy = node("a", "4", "8Gi");
         busy.add(&pod("3", "1Gi"), PodLoad::of(&pod("3", "1Gi")));
         let nodes = vec![busy, node("b", "4", "8Gi")];
-        assert_eq!(bound_to(&nodes, schedule(&pod("500m", "1Gi"), &nodes)), "b");
+        assert_eq!(
+            bound_to(&nodes, schedule(&pod("500m", "1Gi"), &nodes, &Cluster::default())),
+            "b"
+        );
     }
 
     #[test]
@@ -846,11 +1050,14 @@ mod tests {
         busy.add(&pod("1500m", ""), PodLoad::of(&pod("1500m", "")));
         let nodes = vec![busy, node("b", "1", "8Gi"), node("c", "4", "1Gi")];
         assert_eq!(
-            schedule(&pod("2", "2Gi"), &nodes),
+            schedule(&pod("2", "2Gi"), &nodes, &Cluster::default()),
             Decision::Unschedulable("0/3 nodes are available: 1 Insufficient memory, 2 Insufficient cpu.".into())
         );
         // (Reasons sort as strings, as in kube-scheduler.) a has half a core left; b and c fit exactly, b with more left over.
-        assert_eq!(bound_to(&nodes, schedule(&pod("1", "1Gi"), &nodes)), "b");
+        assert_eq!(
+            bound_to(&nodes, schedule(&pod("1", "1Gi"), &nodes, &Cluster::default())),
+            "b"
+        );
     }
 
     #[test]
@@ -862,7 +1069,7 @@ mod tests {
         let mut n = n;
         n.add(&pod("", ""), PodLoad::of(&pod("", "")));
         assert_eq!(
-            schedule(&pod("", ""), &[n]),
+            schedule(&pod("", ""), &[n], &Cluster::default()),
             Decision::Unschedulable("0/1 nodes are available: 1 Too many pods.".into())
         );
     }
@@ -877,7 +1084,7 @@ mod tests {
         });
         let nodes = vec![not_ready, cordoned];
         assert_eq!(
-            schedule(&pod("", ""), &nodes),
+            schedule(&pod("", ""), &nodes, &Cluster::default()),
             Decision::Unschedulable(
                 "0/2 nodes are available: 1 node(s) were not ready, 1 node(s) were unschedulable.".into()
             )
@@ -892,7 +1099,7 @@ mod tests {
         let nodes = vec![node("a", "4", "8Gi"), ssd];
         let mut p = pod("", "");
         p.spec.as_mut().unwrap().node_selector = Some([("disk".to_string(), "ssd".to_string())].into());
-        assert_eq!(bound_to(&nodes, schedule(&p, &nodes)), "b");
+        assert_eq!(bound_to(&nodes, schedule(&p, &nodes, &Cluster::default())), "b");
 
         let affinity = |op: &str, values: &[&str]| {
             let mut p = pod("", "");
@@ -915,14 +1122,32 @@ mod tests {
             p
         };
         assert_eq!(
-            bound_to(&nodes, schedule(&affinity("In", &["ssd", "nvme"]), &nodes)),
+            bound_to(
+                &nodes,
+                schedule(&affinity("In", &["ssd", "nvme"]), &nodes, &Cluster::default())
+            ),
             "b"
         );
-        assert_eq!(bound_to(&nodes, schedule(&affinity("NotIn", &["ssd"]), &nodes)), "a");
-        assert_eq!(bound_to(&nodes, schedule(&affinity("Exists", &[]), &nodes)), "b");
-        assert_eq!(bound_to(&nodes, schedule(&affinity("DoesNotExist", &[]), &nodes)), "a");
         assert_eq!(
-            schedule(&affinity("In", &["hdd"]), &nodes),
+            bound_to(
+                &nodes,
+                schedule(&affinity("NotIn", &["ssd"]), &nodes, &Cluster::default())
+            ),
+            "a"
+        );
+        assert_eq!(
+            bound_to(&nodes, schedule(&affinity("Exists", &[]), &nodes, &Cluster::default())),
+            "b"
+        );
+        assert_eq!(
+            bound_to(
+                &nodes,
+                schedule(&affinity("DoesNotExist", &[]), &nodes, &Cluster::default())
+            ),
+            "a"
+        );
+        assert_eq!(
+            schedule(&affinity("In", &["hdd"]), &nodes, &Cluster::default()),
             Decision::Unschedulable(
                 "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.".into()
             )
@@ -942,11 +1167,14 @@ mod tests {
         });
         let nodes = vec![gpu.clone(), draining.clone(), soft];
         // PreferNoSchedule never filters, even onto the smallest node.
-        assert_eq!(bound_to(&nodes, schedule(&pod("", ""), &nodes)), "c");
+        assert_eq!(
+            bound_to(&nodes, schedule(&pod("", ""), &nodes, &Cluster::default())),
+            "c"
+        );
 
         let nodes = vec![gpu, draining];
         assert_eq!(
-            schedule(&pod("", ""), &nodes),
+            schedule(&pod("", ""), &nodes, &Cluster::default()),
             Decision::Unschedulable(
                 "0/2 nodes are available: 1 node(s) had untolerated taint {dedicated: gpu}, 1 node(s) had untolerated taint {maintenance: }.".into()
             )
@@ -959,12 +1187,12 @@ mod tests {
             effect: Some("NoSchedule".into()),
             ..Default::default()
         }]);
-        assert_eq!(bound_to(&nodes, schedule(&p, &nodes)), "a");
+        assert_eq!(bound_to(&nodes, schedule(&p, &nodes, &Cluster::default())), "a");
         p.spec.as_mut().unwrap().tolerations = Some(vec![Toleration {
             operator: Some("Exists".into()),
             ..Default::default()
         }]);
-        assert!(matches!(schedule(&p, &nodes), Decision::Bind(_)));
+        assert!(matches!(schedule(&p, &nodes, &Cluster::default()), Decision::Bind(_)));
     }
 
     #[test]
@@ -989,7 +1217,7 @@ mod tests {
         let mut placed = Vec::new();
         for _ in 0..6 {
             let p = owned("rs-1");
-            let Decision::Bind(i) = schedule(&p, &nodes) else {
+            let Decision::Bind(i) = schedule(&p, &nodes, &Cluster::default()) else {
                 panic!()
             };
             nodes[i].add(&p, PodLoad::of(&p));
@@ -997,6 +1225,432 @@ mod tests {
         }
         placed.sort();
         assert_eq!(placed, ["a", "a", "b", "b", "c", "c"]);
+    }
+
+    fn labeled(mut p: Pod, labels: &[(&str, &str)]) -> Pod {
+        p.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        p
+    }
+
+    fn term(key: &str, app: &str) -> PodAffinityTerm {
+        PodAffinityTerm {
+            label_selector: Some(LabelSelector {
+                match_labels: Some([("app".to_string(), app.to_string())].into()),
+                ..Default::default()
+            }),
+            topology_key: key.into(),
+            ..Default::default()
+        }
+    }
+
+    fn with_affinity(mut p: Pod, affinity: Affinity) -> Pod {
+        p.spec.as_mut().unwrap().affinity = Some(affinity);
+        p
+    }
+
+    fn anti(key: &str, app: &str) -> Affinity {
+        Affinity {
+            pod_anti_affinity: Some(PodAntiAffinity {
+                required_during_scheduling_ignored_during_execution: Some(vec![term(key, app)]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn zoned(name: &str, zone: &str) -> NodeState {
+        with_node(node(name, "64", "256Gi"), |n| {
+            n.metadata.labels.as_mut().unwrap().insert("zone".into(), zone.into());
+        })
+    }
+
+    /// Places `pod` on node `i`, as a scheduling pass does.
+    fn place(nodes: &mut [NodeState], cluster: &mut Cluster, pod: Pod, i: usize) {
+        nodes[i].add(&pod, PodLoad::of(&pod));
+        cluster.placed.add(Arc::new(pod), i, &NamespaceLabels::default());
+    }
+
+    #[test]
+    fn required_anti_affinity_keeps_replicas_apart_and_says_why() {
+        let mut nodes = vec![node("a", "64", "256Gi"), node("b", "64", "256Gi")];
+        let mut cluster = Cluster::default();
+        let replica = || {
+            with_affinity(
+                labeled(pod("", ""), &[("app", "web")]),
+                anti("kubernetes.io/hostname", "web"),
+            )
+        };
+        let mut placed = Vec::new();
+        for _ in 0..2 {
+            let Decision::Bind(i) = schedule(&replica(), &nodes, &cluster) else {
+                panic!()
+            };
+            placed.push(nodes[i].name());
+            place(&mut nodes, &mut cluster, replica(), i);
+        }
+        placed.sort();
+        assert_eq!(placed, ["a", "b"]);
+        assert_eq!(
+            schedule(&replica(), &nodes, &cluster),
+            Decision::Unschedulable("0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules.".into())
+        );
+        // Pods of another app are not affected.
+        assert!(matches!(
+            schedule(&labeled(pod("", ""), &[("app", "db")]), &nodes, &cluster),
+            Decision::Bind(_)
+        ));
+    }
+
+    #[test]
+    fn an_existing_pods_anti_affinity_repels_the_incoming_pod() {
+        let mut nodes = vec![node("a", "64", "256Gi"), node("b", "1", "1Gi")];
+        let mut cluster = Cluster::default();
+        place(
+            &mut nodes,
+            &mut cluster,
+            with_affinity(pod("", ""), anti("kubernetes.io/hostname", "db")),
+            0,
+        );
+        let db = labeled(pod("", ""), &[("app", "db")]);
+        assert_eq!(bound_to(&nodes, schedule(&db, &nodes, &cluster)), "b");
+        assert_eq!(
+            schedule(&db, &nodes[..1], &cluster),
+            Decision::Unschedulable(
+                "0/1 nodes are available: 1 node(s) didn't satisfy existing pods anti-affinity rules.".into()
+            )
+        );
+    }
+
+    #[test]
+    fn required_affinity_follows_matching_pods_by_any_topology_key() {
+        let mut nodes = vec![zoned("a", "z1"), zoned("b", "z2"), zoned("c", "z2")];
+        let mut cluster = Cluster::default();
+        let follower = || {
+            with_affinity(
+                labeled(pod("", ""), &[("app", "web")]),
+                Affinity {
+                    pod_affinity: Some(PodAffinity {
+                        required_during_scheduling_ignored_during_execution: Some(vec![term("zone", "cache")]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(
+            schedule(&follower(), &nodes, &cluster),
+            Decision::Unschedulable("0/3 nodes are available: 3 node(s) didn't match pod affinity rules.".into())
+        );
+        place(
+            &mut nodes,
+            &mut cluster,
+            labeled(pod("32", "128Gi"), &[("app", "cache")]),
+            1,
+        );
+        // b holds the cache pod; c shares its zone and is emptier.
+        assert_eq!(bound_to(&nodes, schedule(&follower(), &nodes, &cluster)), "c");
+
+        // The first pod of a group that is affine to itself may go anywhere.
+        let selfish = with_affinity(
+            labeled(pod("", ""), &[("app", "solo")]),
+            Affinity {
+                pod_affinity: Some(PodAffinity {
+                    required_during_scheduling_ignored_during_execution: Some(vec![term("zone", "solo")]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(schedule(&selfish, &nodes, &cluster), Decision::Bind(_)));
+    }
+
+    #[test]
+    fn preferred_node_affinity_outweighs_load() {
+        let mut busy = with_node(node("a", "4", "8Gi"), |n| {
+            n.metadata.labels.as_mut().unwrap().insert("disk".into(), "ssd".into());
+        });
+        busy.add(&pod("2", "4Gi"), PodLoad::of(&pod("2", "4Gi")));
+        let nodes = vec![busy, node("b", "4", "8Gi")];
+        let mut p = pod("", "");
+        p.spec.as_mut().unwrap().affinity = Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                preferred_during_scheduling_ignored_during_execution: Some(vec![PreferredSchedulingTerm {
+                    weight: 50,
+                    preference: NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: "disk".into(),
+                            operator: "In".into(),
+                            values: Some(vec!["ssd".into()]),
+                        }]),
+                        ..Default::default()
+                    },
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(bound_to(&nodes, schedule(&p, &nodes, &Cluster::default())), "a");
+        assert_eq!(
+            bound_to(&nodes, schedule(&pod("", ""), &nodes, &Cluster::default())),
+            "b"
+        );
+    }
+
+    #[test]
+    fn preferred_pod_affinity_attracts_and_anti_affinity_repels() {
+        let mut nodes = vec![zoned("a", "z1"), zoned("b", "z2")];
+        let mut cluster = Cluster::default();
+        // Load a so that plain scoring prefers b.
+        place(
+            &mut nodes,
+            &mut cluster,
+            labeled(pod("8", "32Gi"), &[("app", "cache")]),
+            0,
+        );
+        let weighted = |app: &str| WeightedPodAffinityTerm {
+            weight: 100,
+            pod_affinity_term: term("zone", app),
+        };
+        let near = with_affinity(
+            pod("", ""),
+            Affinity {
+                pod_affinity: Some(PodAffinity {
+                    preferred_during_scheduling_ignored_during_execution: Some(vec![weighted("cache")]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        assert_eq!(bound_to(&nodes, schedule(&pod("", ""), &nodes, &cluster)), "b");
+        assert_eq!(bound_to(&nodes, schedule(&near, &nodes, &cluster)), "a");
+        place(&mut nodes, &mut cluster, labeled(pod("", ""), &[("app", "noisy")]), 1);
+        let away = with_affinity(
+            pod("", ""),
+            Affinity {
+                pod_anti_affinity: Some(PodAntiAffinity {
+                    preferred_during_scheduling_ignored_during_execution: Some(vec![weighted("noisy")]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        assert_eq!(bound_to(&nodes, schedule(&away, &nodes, &cluster)), "a");
+    }
+
+    fn claim_pod(claim: &str) -> Pod {
+        let mut p = pod("", "");
+        p.spec.as_mut().unwrap().volumes = Some(vec![Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.into(),
+                read_only: None,
+            }),
+            ..Default::default()
+        }]);
+        p
+    }
+
+    fn claim(name: &str, class: &str, volume: Option<&str>) -> Arc<PersistentVolumeClaim> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}")},
+                "spec": {"storageClassName": class, "volumeName": volume, "accessModes": ["ReadWriteOnce"],
+                         "resources": {"requests": {"storage": "1Gi"}}},
+                "status": {"phase": if volume.is_some() { "Bound" } else { "Pending" }},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn class(name: &str, provisioner: &str, mode: &str) -> Arc<StorageClass> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name}, "provisioner": provisioner, "volumeBindingMode": mode,
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn volume_on(name: &str, class: &str, node: &str) -> Arc<PersistentVolume> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                         "hostPath": {"path": "/srv"},
+                         "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                             {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn storage_cluster(claims: &[Arc<PersistentVolumeClaim>], volumes: &[Arc<PersistentVolume>]) -> Cluster {
+        let classes = [
+            class("local-path", "weir.dev/local-path", "WaitForFirstConsumer"),
+            class("fast", "example.com/csi", "Immediate"),
+            class("local", "kubernetes.io/no-provisioner", "WaitForFirstConsumer"),
+        ];
+        Cluster {
+            storage: Storage::new(claims, volumes, &classes),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn claims_that_are_missing_or_unbound_and_immediate_block_the_pod() {
+        let nodes = vec![node("a", "4", "8Gi"), node("b", "4", "8Gi")];
+        let cluster = storage_cluster(&[claim("fast-data", "fast", None)], &[]);
+        assert_eq!(
+            schedule(&claim_pod("nope"), &nodes, &cluster),
+            Decision::Unschedulable("0/2 nodes are available: persistentvolumeclaim \"nope\" not found.".into())
+        );
+        assert_eq!(
+            schedule(&claim_pod("fast-data"), &nodes, &cluster),
+            Decision::Unschedulable(
+                "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims.".into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_bound_local_volume_pins_its_pods_to_its_node() {
+        let nodes = vec![node("a", "4", "8Gi"), node("b", "4", "8Gi"), node("c", "4", "8Gi")];
+        let cluster = storage_cluster(
+            &[claim("data", "local-path", Some("pv-1"))],
+            &[volume_on("pv-1", "local-path", "b")],
+        );
+        assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "b");
+        assert_eq!(
+            schedule(&claim_pod("data"), &[nodes[0].clone(), nodes[2].clone()], &cluster),
+            Decision::Unschedulable("0/2 nodes are available: 2 node(s) had volume node affinity conflict.".into())
+        );
+        let gone = storage_cluster(&[claim("data", "local-path", Some("pv-9"))], &[]);
+        assert!(matches!(
+            schedule(&claim_pod("data"), &nodes, &gone),
+            Decision::Unschedulable(m) if m.contains("3 node(s) unavailable due to one or more pvc(s) bound to non-existent pv(s)")
+        ));
+    }
+
+    #[test]
+    fn a_waiting_claim_fits_where_it_can_be_provisioned_or_a_static_volume_waits() {
+        let nodes = vec![node("a", "4", "8Gi"), node("b", "4", "8Gi")];
+        let cluster = storage_cluster(&[claim("data", "local-path", None)], &[]);
+        assert!(matches!(
+            schedule(&claim_pod("data"), &nodes, &cluster),
+            Decision::Bind(_)
+        ));
+        let volumes = PodVolumes::of(&claim_pod("data"), &cluster.storage).unwrap();
+        assert_eq!(volumes.delayed.len(), 1);
+
+        let cluster = storage_cluster(&[claim("static", "local", None)], &[volume_on("pv-b", "local", "b")]);
+        assert_eq!(bound_to(&nodes, schedule(&claim_pod("static"), &nodes, &cluster)), "b");
+        assert_eq!(
+            schedule(&claim_pod("static"), &nodes[..1], &cluster),
+            Decision::Unschedulable(
+                "0/1 nodes are available: 1 node(s) didn't find available persistent volumes to bind.".into()
+            )
+        );
+
+        // A claim whose node was already selected keeps later pods there.
+        let mut selected = (*claim("data", "local-path", None)).clone();
+        selected.metadata.annotations = Some([(SELECTED_NODE.to_string(), "b".to_string())].into());
+        let cluster = storage_cluster(&[Arc::new(selected)], &[]);
+        assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "b");
+        // ... unless that node is gone.
+        assert_eq!(
+            bound_to(&nodes, schedule(&claim_pod("data"), &nodes[..1], &cluster)),
+            "a"
+        );
+    }
+
+    #[test]
+    fn a_node_selected_in_this_pass_binds_the_claims_other_pods() {
+        let nodes = vec![node("a", "4", "8Gi"), node("b", "4", "8Gi")];
+        let mut cluster = storage_cluster(&[claim("data", "local-path", None)], &[]);
+        assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "a");
+        let waiting = PodVolumes::of(&claim_pod("data"), &cluster.storage).unwrap().delayed;
+        cluster.storage.select(&waiting[0], "b");
+        assert_eq!(bound_to(&nodes, schedule(&claim_pod("data"), &nodes, &cluster)), "b");
+    }
+
+    #[test]
+    fn a_read_write_once_pod_claim_serves_one_pod_only() {
+        let nodes = vec![node("a", "4", "8Gi")];
+        let mut rwop = (*claim("solo", "local-path", Some("pv"))).clone();
+        rwop.spec.as_mut().unwrap().access_modes = Some(vec!["ReadWriteOncePod".into()]);
+        let mut cluster = storage_cluster(&[Arc::new(rwop)], &[volume_on("pv", "local-path", "a")]);
+        assert!(matches!(
+            schedule(&claim_pod("solo"), &nodes, &cluster),
+            Decision::Bind(0)
+        ));
+        cluster.storage.mount(&claim_pod("solo"));
+        assert_eq!(
+            schedule(&claim_pod("solo"), &nodes, &cluster),
+            Decision::Unschedulable(
+                "0/1 nodes are available: node has pod using PersistentVolumeClaim with the same name and ReadWriteOncePod access mode.".into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_pod_waiting_for_its_claims_binds_once_they_are_bound_on_its_node() {
+        let b = node("b", "4", "8Gi").node;
+        let mut waiting = (*claim("data", "local-path", None)).clone();
+        waiting.metadata.annotations = Some([(SELECTED_NODE.to_string(), "b".to_string())].into());
+        let state = |claims: &[Arc<PersistentVolumeClaim>], volumes: &[Arc<PersistentVolume>]| {
+            claims_on_node(&claim_pod("data"), &b, &storage_cluster(claims, volumes).storage)
+        };
+        assert_eq!(state(&[Arc::new(waiting)], &[]), ClaimsOnNode::Waiting);
+        assert_eq!(state(&[claim("data", "local-path", None)], &[]), ClaimsOnNode::Conflict);
+        assert_eq!(
+            state(
+                &[claim("data", "local-path", Some("pv"))],
+                &[volume_on("pv", "local-path", "b")]
+            ),
+            ClaimsOnNode::Ready
+        );
+        assert_eq!(
+            state(
+                &[claim("data", "local-path", Some("pv"))],
+                &[volume_on("pv", "local-path", "a")]
+            ),
+            ClaimsOnNode::Conflict
+        );
+        assert_eq!(state(&[], &[]), ClaimsOnNode::Conflict);
+    }
+
+    #[test]
+    #[ignore = "timing, run by hand"]
+    fn timing_many_pods_on_many_nodes() {
+        let mut nodes: Vec<NodeState> = (0..1000).map(|i| node(&format!("n{i:04}"), "64", "256Gi")).collect();
+        let mut cluster = Cluster::default();
+        let start = std::time::Instant::now();
+        let n = 2000;
+        for k in 0..n {
+            let p = labeled(pod("10m", "16Mi"), &[("app", if k % 2 == 0 { "web" } else { "db" })]);
+            let Decision::Bind(i) = schedule(&p, &nodes, &cluster) else {
+                panic!()
+            };
+            place(&mut nodes, &mut cluster, p, i);
+        }
+        let el = start.elapsed();
+        eprintln!(
+            "{n} pods on 1000 nodes: {el:?}, {:.0} pods/s",
+            n as f64 / el.as_secs_f64()
+        );
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            let p = with_affinity(
+                labeled(pod("10m", "16Mi"), &[("app", "spread")]),
+                anti("kubernetes.io/hostname", "spread"),
+            );
+            let Decision::Bind(i) = schedule(&p, &nodes, &cluster) else {
+                panic!()
+            };
+            place(&mut nodes, &mut cluster, p, i);
+        }
+        let el = start.elapsed();
+        eprintln!("200 anti-affine pods: {el:?}, {:.0} pods/s", 200.0 / el.as_secs_f64());
     }
 
     #[test]
