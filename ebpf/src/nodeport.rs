@@ -1,0 +1,261 @@
+//! NodePort and LoadBalancer traffic from outside the node, per packet: the logic TC and
+//! XDP share, written once over [`Packet`] (TC edits through the skb helpers, which also
+//! fix checksums; XDP edits the packet memory and updates checksums itself).
+//!
+//! A packet whose 5-tuple is in CT4 gets that entry's rewrite (either direction). Otherwise,
+//! at ingress, a packet to a frontend flagged `SERVICE_FLAG_EXTERNAL` starts a flow: a
+//! backend is chosen as for socket-LB (random, Maglev over the flow, affinity by client
+//! IP), a remote backend gets the source rewritten to the node's SNAT address and a free
+//! port, and both directions go into CT4. After the rewrite the kernel routes the packet
+//! (the node forwards, as any router would): routing, neighbours, fragmentation and
+//! interfaces stay the kernel's business, at the cost of a FIB lookup the datapath could
+//! have made itself with bpf_fib_lookup + bpf_redirect_neigh.
+//!
+//! Not handled (passed to the kernel untouched): IPv6, IP fragments, protocols other than
+//! TCP and UDP, and (XDP only) IPv4 headers with options, which TC then translates.
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use weir_ebpf_common::{
+    AFFINITY_CLIENT_IP, BACKEND_FLAG_REMOTE, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, Ct4Key, Ct4Value, PROTO_TCP,
+    PROTO_UDP, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT,
+};
+
+use crate::maps::{CT4, NODE4, STATS};
+use crate::service::{Selection, lookup_frontend, mix64, select_backend};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IP_SADDR: usize = ETH_HLEN + 12;
+const IP_DADDR: usize = ETH_HLEN + 16;
+pub const IP_CSUM: usize = ETH_HLEN + 10;
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_RST: u8 = 0x04;
+/// Free SNAT ports tried per new flow before it is dropped.
+const SNAT_ATTEMPTS: u32 = 8;
+
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    TcIngress,
+    TcEgress,
+}
+
+/// Where the L4 checksum is and how it behaves.
+#[derive(Clone, Copy)]
+pub struct L4Csum {
+    pub offset: usize,
+    /// UDP: a zero checksum means "none" and must stay zero; a computed zero is sent as 0xffff.
+    pub udp: bool,
+}
+
+/// Reading and rewriting one packet. Offsets count from the Ethernet header.
+pub trait Packet {
+    /// Whether IPv4 headers with options (variable L4 offsets) can be handled.
+    const IP_OPTIONS: bool;
+    fn load<T: Copy>(&self, offset: usize) -> Option<T>;
+    /// Replaces the 4 bytes at `offset` (an address, `old` → `new`, network order) and
+    /// updates the IPv4 header checksum and the L4 checksum (pseudo-header).
+    fn set_addr(&mut self, offset: usize, csum: L4Csum, old: u32, new: u32) -> Option<()>;
+    /// Replaces the 2 bytes at `offset` (a port) and updates the L4 checksum.
+    fn set_port(&mut self, offset: usize, csum: L4Csum, old: u16, new: u16) -> Option<()>;
+}
+
+#[inline(always)]
+fn count(stat: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(stat) {
+        // SAFETY: a per-CPU slot of this CPU; nothing else writes it while we run.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Translates one packet at `hook`; `new_stat`/`tracked_stat` count new flows and
+/// packets of known flows.
+#[inline(always)]
+pub fn process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: u32) -> Verdict {
+    match try_process(pkt, hook, new_stat, tracked_stat) {
+        Some(verdict) => verdict,
+        // A packet too short for its headers, or a failed rewrite: the kernel decides.
+        None => Verdict::Pass,
+    }
+}
+
+#[inline(always)]
+fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: u32) -> Option<Verdict> {
+    if pkt.load::<u16>(12)? != ETH_P_IP.to_be() {
+        return Some(Verdict::Pass);
+    }
+    let version_ihl: u8 = pkt.load(ETH_HLEN)?;
+    if version_ihl >> 4 != 4 {
+        return Some(Verdict::Pass);
+    }
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if ihl < 20 || (ihl != 20 && !P::IP_OPTIONS) {
+        return Some(Verdict::Pass);
+    }
+    // More-fragments or a fragment offset: only the first fragment has ports.
+    let frag: u16 = pkt.load(ETH_HLEN + 6)?;
+    if frag & 0x3fffu16.to_be() != 0 {
+        return Some(Verdict::Pass);
+    }
+    let proto: u8 = pkt.load(ETH_HLEN + 9)?;
+    let l4 = ETH_HLEN + ihl;
+    let csum = match proto {
+        PROTO_TCP => L4Csum {
+            offset: l4 + 16,
+            udp: false,
+        },
+        PROTO_UDP => L4Csum {
+            offset: l4 + 6,
+            udp: true,
+        },
+        _ => return Some(Verdict::Pass),
+    };
+    let key = Ct4Key {
+        saddr: pkt.load(IP_SADDR)?,
+        daddr: pkt.load(IP_DADDR)?,
+        sport: pkt.load(l4)?,
+        dport: pkt.load(l4 + 2)?,
+        proto,
+        pad: [0; 3],
+    };
+    let closing = proto == PROTO_TCP && pkt.load::<u8>(l4 + 13)? & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if let Some(entry) = CT4.get_ptr_mut(key) {
+        // SAFETY: a map value pointer from a successful lookup; plain stores into it are
+        // how BPF programs update entries in place (a racing update only loses a timestamp).
+        let entry = unsafe {
+            (*entry).last_seen_ns = now;
+            if closing {
+                (*entry).flags |= CT_FLAG_CLOSING;
+            }
+            *entry
+        };
+        rewrite(pkt, l4, csum, &key, &entry)?;
+        count(tracked_stat);
+        return Some(Verdict::Pass);
+    }
+    if hook == Hook::TcEgress {
+        return Some(Verdict::Pass);
+    }
+
+    let Some((service_key, frontend)) = lookup_frontend(key.daddr, key.dport, proto) else {
+        return Some(Verdict::Pass);
+    };
+    if frontend.flags & SERVICE_FLAG_EXTERNAL == 0 {
+        return Some(Verdict::Pass);
+    }
+    // Maglev spreads flows (not clients): the 5-tuple minus the fixed frontend half.
+    let flow_hash = mix64((u64::from(key.saddr) << 32) | (u64::from(key.sport) << 16) | u64::from(proto));
+    let client = AFFINITY_CLIENT_IP | u64::from(key.saddr);
+    let (backend, rev_nat_id) = match select_backend(service_key, frontend, client, flow_hash) {
+        Selection::Backend {
+            backend, rev_nat_id, ..
+        } => (backend, rev_nat_id),
+        Selection::NoBackend => {
+            count(STAT_DROP_NO_BACKEND);
+            return Some(Verdict::Drop);
+        }
+    };
+
+    let snat = frontend.flags & SERVICE_FLAG_LOCAL == 0 && backend.flags & BACKEND_FLAG_REMOTE != 0;
+    let mut reply_key = Ct4Key {
+        saddr: backend.address,
+        daddr: key.saddr,
+        sport: backend.port,
+        dport: key.sport,
+        proto,
+        pad: [0; 3],
+    };
+    if snat {
+        let Some((address, port)) = snat_port(&mut reply_key) else {
+            count(STAT_DROP_NO_SNAT);
+            return Some(Verdict::Drop);
+        };
+        reply_key.daddr = address;
+        reply_key.dport = port;
+    }
+    let flags = if snat { CT_FLAG_SNAT } else { 0 };
+    let forward = Ct4Value {
+        last_seen_ns: now,
+        saddr: if snat { reply_key.daddr } else { 0 },
+        daddr: backend.address,
+        sport: if snat { reply_key.dport } else { 0 },
+        dport: backend.port,
+        peer: reply_key,
+        rev_nat_id,
+        flags,
+        pad: [0; 9],
+    };
+    let reply = Ct4Value {
+        last_seen_ns: now,
+        saddr: key.daddr,
+        daddr: if snat { key.saddr } else { 0 },
+        sport: key.dport,
+        dport: if snat { key.sport } else { 0 },
+        peer: key,
+        rev_nat_id,
+        flags: flags | CT_FLAG_REPLY,
+        pad: [0; 9],
+    };
+    // The reply entry first: a reply can only come after the forward packet went out.
+    if CT4.insert(reply_key, reply, 0).is_err() || CT4.insert(key, forward, 0).is_err() {
+        count(STAT_DROP_NO_SNAT);
+        return Some(Verdict::Drop);
+    }
+    rewrite(pkt, l4, csum, &key, &forward)?;
+    count(new_stat);
+    Some(Verdict::Pass)
+}
+
+/// A SNAT address and a source port (network order) for a flow whose reply key is
+/// `reply_key` (its destination fields are overwritten): random in the configured range,
+/// free when no reply entry uses it yet.
+#[inline(always)]
+fn snat_port(reply_key: &mut Ct4Key) -> Option<(u32, u16)> {
+    // SAFETY: an array map value pointer; copied out at once.
+    let config = unsafe { *NODE4.get_ptr(0)? };
+    if config.snat_address == 0 || config.snat_port_max < config.snat_port_min {
+        return None;
+    }
+    let span = u32::from(config.snat_port_max - config.snat_port_min) + 1;
+    // SAFETY: a helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    reply_key.daddr = config.snat_address;
+    for attempt in 0..SNAT_ATTEMPTS {
+        let port = config.snat_port_min + (start.wrapping_add(attempt) % span) as u16;
+        reply_key.dport = port.to_be();
+        if CT4.get_ptr(*reply_key).is_none() {
+            return Some((config.snat_address, port.to_be()));
+        }
+    }
+    None
+}
+
+/// Applies `entry`'s rewrite to a packet whose tuple is `key`.
+#[inline(always)]
+fn rewrite<P: Packet>(pkt: &mut P, l4: usize, csum: L4Csum, key: &Ct4Key, entry: &Ct4Value) -> Option<()> {
+    if entry.saddr != 0 {
+        if entry.saddr != key.saddr {
+            pkt.set_addr(IP_SADDR, csum, key.saddr, entry.saddr)?;
+        }
+        if entry.sport != key.sport {
+            pkt.set_port(l4, csum, key.sport, entry.sport)?;
+        }
+    }
+    if entry.daddr != 0 {
+        if entry.daddr != key.daddr {
+            pkt.set_addr(IP_DADDR, csum, key.daddr, entry.daddr)?;
+        }
+        if entry.dport != key.dport {
+            pkt.set_port(l4 + 2, csum, key.dport, entry.dport)?;
+        }
+    }
+    Some(())
+}
