@@ -2,22 +2,33 @@
 //! XDP share, written once over [`Packet`] (TC edits through the skb helpers, which also
 //! fix checksums; XDP edits the packet memory and updates checksums itself).
 //!
-//! A packet whose 5-tuple is in CT4 gets that entry's rewrite (either direction). Otherwise,
-//! at ingress, a packet to a frontend flagged `SERVICE_FLAG_EXTERNAL` starts a flow: a
-//! backend is chosen as for socket-LB (random, Maglev over the flow, affinity by client
-//! IP), a remote backend gets the source rewritten to the node's SNAT address and a free
-//! port, and both directions go into CT4. After the rewrite the kernel routes the packet
-//! (the node forwards, as any router would): routing, neighbours, fragmentation and
-//! interfaces stay the kernel's business, at the cost of a FIB lookup the datapath could
-//! have made itself with bpf_fib_lookup + bpf_redirect_neigh.
+//! A packet whose 5-tuple is in CT4 gets that entry's rewrite. Otherwise, at ingress, a
+//! packet to a frontend flagged `SERVICE_FLAG_EXTERNAL` starts a flow: a backend is chosen
+//! as for socket-LB (random, Maglev over the flow, affinity by client IP) and the entries
+//! go into CT4:
+//!
+//! ```text
+//!  ingress  client:cp  → frontend:fp   DNAT to backend:bp
+//!  egress   backend:bp → client:cp     source back to frontend:fp
+//!  and for a remote backend (SNAT):
+//!  egress   client:cp  → backend:bp    source to snat:sp (sp free in the range)
+//!  ingress  backend:bp → snat:sp       destination back to client:cp
+//! ```
+//!
+//! Only destinations change at ingress and only sources at egress, so after every rewrite
+//! the kernel routes the packet as any router would (routes, neighbours, TTL, ICMP stay
+//! its business). A source rewritten at ingress to a node address (SNAT, or the frontend
+//! on a reply) would be dropped by the kernel as a martian source; sending such packets out
+//! from the program needs bpf_fib_lookup, which is GPL-only, and these programs are
+//! Apache-2.0. The price: the interfaces towards other nodes must carry TC egress too.
 //!
 //! Not handled (passed to the kernel untouched): IPv6, IP fragments, protocols other than
 //! TCP and UDP, and (XDP only) IPv4 headers with options, which TC then translates.
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use weir_ebpf_common::{
-    AFFINITY_CLIENT_IP, BACKEND_FLAG_REMOTE, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, Ct4Key, Ct4Value, PROTO_TCP,
-    PROTO_UDP, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT,
+    AFFINITY_CLIENT_IP, BACKEND_FLAG_REMOTE, CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, Ct4Key,
+    Ct4Value, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT,
 };
 
 use crate::maps::{CT4, NODE4, STATS};
@@ -128,8 +139,14 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
     let now = unsafe { bpf_ktime_get_ns() };
 
     if let Some(entry) = CT4.get_ptr_mut(key) {
-        // SAFETY: a map value pointer from a successful lookup; plain stores into it are
-        // how BPF programs update entries in place (a racing update only loses a timestamp).
+        // SAFETY: a map value pointer from a successful lookup.
+        let at_egress = unsafe { (*entry).flags } & CT_FLAG_EGRESS != 0;
+        if at_egress != (hook == Hook::TcEgress) {
+            // Another hook's entry (e.g. TC ingress after XDP translated the packet).
+            return Some(Verdict::Pass);
+        }
+        // SAFETY: as above; plain stores into it are how BPF programs update entries in
+        // place (a racing update only loses a timestamp).
         let entry = unsafe {
             (*entry).last_seen_ns = now;
             if closing {
@@ -165,7 +182,14 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
     };
 
     let snat = frontend.flags & SERVICE_FLAG_LOCAL == 0 && backend.flags & BACKEND_FLAG_REMOTE != 0;
-    let mut reply_key = Ct4Key {
+    let flags = if snat { CT_FLAG_SNAT } else { 0 };
+    // Client → backend after DNAT, and backend → client before the reverse rewrite.
+    let dnatted = Ct4Key {
+        daddr: backend.address,
+        dport: backend.port,
+        ..key
+    };
+    let reply = Ct4Key {
         saddr: backend.address,
         daddr: key.saddr,
         sport: backend.port,
@@ -173,39 +197,67 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
         proto,
         pad: [0; 3],
     };
-    if snat {
-        let Some((address, port)) = snat_port(&mut reply_key) else {
-            count(STAT_DROP_NO_SNAT);
-            return Some(Verdict::Drop);
-        };
-        reply_key.daddr = address;
-        reply_key.dport = port;
-    }
-    let flags = if snat { CT_FLAG_SNAT } else { 0 };
     let forward = Ct4Value {
         last_seen_ns: now,
-        saddr: if snat { reply_key.daddr } else { 0 },
+        saddr: 0,
         daddr: backend.address,
-        sport: if snat { reply_key.dport } else { 0 },
+        sport: 0,
         dport: backend.port,
-        peer: reply_key,
+        peer: reply,
         rev_nat_id,
         flags,
         pad: [0; 9],
     };
-    let reply = Ct4Value {
+    let reverse = Ct4Value {
         last_seen_ns: now,
         saddr: key.daddr,
-        daddr: if snat { key.saddr } else { 0 },
+        daddr: 0,
         sport: key.dport,
-        dport: if snat { key.sport } else { 0 },
+        dport: 0,
         peer: key,
         rev_nat_id,
-        flags: flags | CT_FLAG_REPLY,
+        flags: flags | CT_FLAG_REPLY | CT_FLAG_EGRESS,
         pad: [0; 9],
     };
-    // The reply entry first: a reply can only come after the forward packet went out.
-    if CT4.insert(reply_key, reply, 0).is_err() || CT4.insert(key, forward, 0).is_err() {
+    if snat {
+        let mut snat_reply = Ct4Key {
+            saddr: backend.address,
+            sport: backend.port,
+            ..reply
+        };
+        let Some((address, port)) = snat_port(&mut snat_reply) else {
+            count(STAT_DROP_NO_SNAT);
+            return Some(Verdict::Drop);
+        };
+        let snat_forward = Ct4Value {
+            last_seen_ns: now,
+            saddr: address,
+            daddr: 0,
+            sport: port,
+            dport: 0,
+            peer: snat_reply,
+            rev_nat_id,
+            flags: flags | CT_FLAG_EGRESS,
+            pad: [0; 9],
+        };
+        let snat_reverse = Ct4Value {
+            last_seen_ns: now,
+            saddr: 0,
+            daddr: key.saddr,
+            sport: 0,
+            dport: key.sport,
+            peer: dnatted,
+            rev_nat_id,
+            flags: flags | CT_FLAG_REPLY,
+            pad: [0; 9],
+        };
+        if CT4.insert(snat_reply, snat_reverse, 0).is_err() || CT4.insert(dnatted, snat_forward, 0).is_err() {
+            count(STAT_DROP_NO_SNAT);
+            return Some(Verdict::Drop);
+        }
+    }
+    // Replies can only come after the forward packet went out: reverse entries first.
+    if CT4.insert(reply, reverse, 0).is_err() || CT4.insert(key, forward, 0).is_err() {
         count(STAT_DROP_NO_SNAT);
         return Some(Verdict::Drop);
     }
@@ -214,9 +266,9 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
     Some(Verdict::Pass)
 }
 
-/// A SNAT address and a source port (network order) for a flow whose reply key is
-/// `reply_key` (its destination fields are overwritten): random in the configured range,
-/// free when no reply entry uses it yet.
+/// A SNAT address and a source port (network order) for a flow whose reply (backend →
+/// node) key is `reply_key`, which gets them as its destination: random in the configured
+/// range, free when no reply entry uses it yet.
 #[inline(always)]
 fn snat_port(reply_key: &mut Ct4Key) -> Option<(u32, u16)> {
     // SAFETY: an array map value pointer; copied out at once.

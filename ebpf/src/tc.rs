@@ -29,9 +29,16 @@ impl Packet for Skb<'_> {
     fn set_addr(&mut self, offset: usize, csum: L4Csum, old: u32, new: u32) -> Option<()> {
         let mangled = if csum.udp { BPF_F_MARK_MANGLED_0 } else { 0 };
         self.0
-            .l4_csum_replace(csum.offset, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR | mangled | 4)
+            .l4_csum_replace(
+                csum.offset,
+                u64::from(old),
+                u64::from(new),
+                BPF_F_PSEUDO_HDR | mangled | 4,
+            )
             .ok()?;
-        self.0.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4).ok()?;
+        self.0
+            .l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4)
+            .ok()?;
         self.0.store(offset, &new, 0).ok()
     }
 

@@ -120,26 +120,41 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
             let backends = backends_for(port, protocol, &own_slices, node);
             let mut frontends: Vec<(ServiceKey, Selection)> = addresses
                 .iter()
-                .map(|address| (ServiceKey {
-                    address: *address,
-                    port: service_port,
-                    protocol,
-                }, selection))
+                .map(|address| {
+                    (
+                        ServiceKey {
+                            address: *address,
+                            port: service_port,
+                            protocol,
+                        },
+                        selection,
+                    )
+                })
                 .collect();
             if let Some(node) = node_ports
                 && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
             {
-                frontends.extend(node.addresses.iter().map(|address| (ServiceKey {
-                    address: *address,
-                    port: node_port,
-                    protocol,
-                }, external)));
+                frontends.extend(node.addresses.iter().map(|address| {
+                    (
+                        ServiceKey {
+                            address: *address,
+                            port: node_port,
+                            protocol,
+                        },
+                        external,
+                    )
+                }));
             }
-            frontends.extend(lb_ips.iter().map(|address| (ServiceKey {
-                address: *address,
-                port: service_port,
-                protocol,
-            }, external)));
+            frontends.extend(lb_ips.iter().map(|address| {
+                (
+                    ServiceKey {
+                        address: *address,
+                        port: service_port,
+                        protocol,
+                    },
+                    external,
+                )
+            }));
             for (key, selection) in frontends {
                 let backends = if selection.external_local {
                     backends.iter().filter(|b| !b.remote).copied().collect()

@@ -19,9 +19,9 @@ use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use tracing::info;
 use weir_ebpf_common::{
-    CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CT4, Ct4Key, Ct4Value, NODE4, Node4Config, PROG_TC_EGRESS,
-    PROG_TC_INGRESS, PROG_XDP, PROTO_TCP, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT, STAT_TC_EGRESS_TRACKED,
-    STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED, STAT_XDP_NEW, STAT_XDP_TRACKED, STATS,
+    CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, CT4, Ct4Key, Ct4Value, NODE4, Node4Config,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, PROTO_TCP, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT,
+    STAT_TC_EGRESS_TRACKED, STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED, STAT_XDP_NEW, STAT_XDP_TRACKED, STATS,
 };
 
 use super::index::map_address;
@@ -31,8 +31,9 @@ use super::{Datapath, Error, OBJECT, ignore_missing};
 /// Where and how NodePort/LoadBalancer traffic from outside is translated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExternalConfig {
-    /// The node's external interfaces: where clients' packets come in, and replies of
-    /// remote backends too. TC ingress and egress (and XDP, by `xdp`) attach to each.
+    /// The node's external interfaces: where clients' packets come in, and where packets
+    /// to and from other nodes go (SNAT happens at their egress, reverse SNAT at their
+    /// ingress). TC ingress and egress (and XDP, by `xdp`) attach to each.
     pub interfaces: Vec<String>,
     /// The node address remote backends see as the client (SNAT, externalTrafficPolicy
     /// Cluster): one the other nodes route back to this node.
@@ -70,7 +71,9 @@ pub enum XdpAttachment {
     Native,
     Generic,
     /// TC alone translates here; `reason` says why.
-    None { reason: String },
+    None {
+        reason: String,
+    },
 }
 
 /// How long an idle conntrack entry lives before [`Datapath::sweep_conntrack`] removes it.
@@ -105,6 +108,8 @@ pub struct ConntrackEntry {
     pub new_destination: Option<SocketAddrV4>,
     /// The backend-to-client direction.
     pub reply: bool,
+    /// Applied by TC egress (source rewrites); otherwise at ingress by XDP or TC.
+    pub egress: bool,
     /// The client's address was replaced by the node's SNAT address.
     pub snat: bool,
     pub closing: bool,
@@ -286,7 +291,12 @@ impl Datapath {
         Ok(report)
     }
 
-    fn attach_xdp(&mut self, loader: &mut Loader<'_>, interface: &str, policy: XdpPolicy) -> Result<XdpAttachment, Error> {
+    fn attach_xdp(
+        &mut self,
+        loader: &mut Loader<'_>,
+        interface: &str,
+        policy: XdpPolicy,
+    ) -> Result<XdpAttachment, Error> {
         let native = xdp_link_pin(&self.pin_dir, "native", interface);
         let generic = xdp_link_pin(&self.pin_dir, "generic", interface);
         let (wanted, keep): (Option<(XdpMode, &Path)>, Option<&Path>) = match policy {
@@ -332,10 +342,9 @@ impl Datapath {
         let link = program
             .take_link(link_id)
             .map_err(|source| Error::Program { name: PROG_XDP, source })?;
-        let link: FdLink = link.try_into().map_err(|source| Error::Link {
-            name: PROG_XDP,
-            source,
-        })?;
+        let link: FdLink = link
+            .try_into()
+            .map_err(|source| Error::Link { name: PROG_XDP, source })?;
         link.pin(pin).map_err(|source| Error::Pin {
             path: pin.to_owned(),
             source,
@@ -380,6 +389,7 @@ impl Datapath {
                     new_source: (value.saddr != 0).then(|| socket(value.saddr, value.sport)),
                     new_destination: (value.daddr != 0).then(|| socket(value.daddr, value.dport)),
                     reply: value.flags & CT_FLAG_REPLY != 0,
+                    egress: value.flags & CT_FLAG_EGRESS != 0,
                     snat: value.flags & CT_FLAG_SNAT != 0,
                     closing: value.flags & CT_FLAG_CLOSING != 0,
                     idle: Duration::from_nanos(now.saturating_sub(value.last_seen_ns)),
@@ -411,7 +421,11 @@ impl Datapath {
             }
         }
         if removed > 0 {
-            info!(removed, remaining = entries.len() - removed, "datapath: conntrack sweep");
+            info!(
+                removed,
+                remaining = entries.len() - removed,
+                "datapath: conntrack sweep"
+            );
         }
         Ok(removed)
     }

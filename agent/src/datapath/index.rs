@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use weir_ebpf_common::{
-    BACKEND_FLAG_REMOTE, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BACKENDS4_MAX_ENTRIES, Backend4Value, REV_NAT4_MAX_ENTRIES,
-    RevNat4Value, SCOPE_EXTERNAL, Service4Key, Service4Value,
+    BACKEND_FLAG_REMOTE, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BACKENDS4_MAX_ENTRIES, Backend4Value,
+    REV_NAT4_MAX_ENTRIES, RevNat4Value, SCOPE_EXTERNAL, Service4Key, Service4Value,
 };
 
 use super::model::{Backend, BackendState, Protocol, ServiceKey};

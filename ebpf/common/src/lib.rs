@@ -68,6 +68,8 @@ pub const CT_FLAG_REPLY: u8 = 1;
 pub const CT_FLAG_SNAT: u8 = 2;
 /// Conntrack flag: a FIN or RST went through in this direction.
 pub const CT_FLAG_CLOSING: u8 = 4;
+/// Conntrack flag: the entry applies at egress (TC egress), not at ingress (XDP, TC ingress).
+pub const CT_FLAG_EGRESS: u8 = 8;
 
 /// STATS indices.
 pub const STAT_XDP_NEW: u32 = 0;
@@ -228,9 +230,11 @@ pub struct Ct4Key {
     pub pad: [u8; 3],
 }
 
-/// What to do with a packet matching the key: rewrite its source to `saddr:sport` when
-/// `saddr` is not 0, its destination to `daddr:dport` when `daddr` is not 0. `peer` is the
-/// key of the other direction, so the two are aged and removed together.
+/// What to do with a packet matching the key at the hook `CT_FLAG_EGRESS` names: rewrite
+/// its source to `saddr:sport` when `saddr` is not 0, its destination to `daddr:dport`
+/// when `daddr` is not 0. A flow has two entries (DNAT at ingress, reverse at egress) or,
+/// with SNAT, four (plus SNAT at egress, reverse SNAT at ingress). `peer` is the entry of
+/// the other direction at the other hook, so a pair is aged and removed together.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ct4Value {
