@@ -68,15 +68,20 @@ while True:
         s.sendto(("%s %s:%d" % (name, peer[0], peer[1])).encode(), peer)
 "#;
 
-/// The client: `proto host port count timeout`. One line per attempt: `ok <answer>|<from>`
-/// (`from`: the address the answer came from) or `err <errno name or timeout>`.
+/// The client: `proto host port count timeout sport`. One line per attempt: `ok
+/// <answer>|<from>` (`from`: the address the answer came from) or `err <errno name or
+/// timeout>`. Each attempt is a new socket, from source port `sport` unless it is 0.
 const CLIENT: &str = r#"
 import errno, socket, sys
 proto, host, port, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+sport = int(sys.argv[6])
 for _ in range(count):
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     s = socket.socket(socket.AF_INET, kind)
     s.settimeout(timeout)
+    if sport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", sport))
     try:
         if proto == "tcp":
             s.connect((host, port))
@@ -278,6 +283,19 @@ impl Topology {
         count: usize,
         timeout: f64,
     ) -> Vec<Result<Answer, String>> {
+        self.client_from(proto, 0, host, port, count, timeout)
+    }
+
+    /// [`Topology::client`] from source port `sport` (0: any).
+    fn client_from(
+        &self,
+        proto: &str,
+        sport: u16,
+        host: Ipv4Addr,
+        port: u16,
+        count: usize,
+        timeout: f64,
+    ) -> Vec<Result<Answer, String>> {
         let output = Command::new("ip")
             .args(["netns", "exec", &self.client, "python3", "-c", CLIENT, proto])
             .args([
@@ -286,6 +304,7 @@ impl Topology {
                 count.to_string(),
                 timeout.to_string(),
             ])
+            .arg(sport.to_string())
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
@@ -706,6 +725,31 @@ fn conntrack_sweep_removes_idle_flows_and_keeps_live_ones() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
+fn a_tracked_flow_whose_backend_goes_away_is_balanced_again() {
+    let mut topo = Topology::new();
+    topo.local_servers();
+    topo.remote_servers();
+    let mut datapath = topo.load();
+    datapath.attach_external(&topo.external(XdpPolicy::Native)).unwrap();
+    program_node_ports(&mut datapath, LOCAL_BACKEND, false);
+    // One UDP flow: the same source port each time.
+    let ask = || {
+        let answers = topo.client_from("udp", 40000, NODE_IP, 30053, 1, 3.0);
+        answers.into_iter().next().unwrap().unwrap()
+    };
+    assert_eq!(ask().server, "local");
+    assert_eq!(ask().server, "local");
+
+    // The local backend leaves the service (it still runs): the tracked flow moves on.
+    program_node_ports(&mut datapath, REMOTE_BACKEND, true);
+    let moved = ask();
+    assert_eq!(moved.server, "remote", "{moved:?}");
+    assert_eq!(moved.seen_ip(), SNAT_IP, "{moved:?}");
+    assert_eq!(moved.from, format!("{NODE_IP}:30053"));
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn attach_external_explains_a_missing_interface_and_a_bad_config() {
     let topo = Topology::new();
     let mut datapath = topo.load();
@@ -733,4 +777,24 @@ fn attach_external_explains_a_missing_interface_and_a_bad_config() {
     datapath.attach_external(&topo.external(XdpPolicy::Native)).unwrap();
     assert_eq!(datapath.detach_external(&topo.ext()).unwrap(), 3);
     assert_eq!(datapath.detach_external(&topo.rem()).unwrap(), 3);
+
+    // A device without native XDP (the node's loopback): an error when native is
+    // required, TC alone (and the reason) with Auto.
+    let no_xdp = "lo".to_owned();
+    let on_lo = |xdp| ExternalConfig {
+        interfaces: vec![no_xdp.clone()],
+        ..topo.external(xdp)
+    };
+    let err = datapath.attach_external(&on_lo(XdpPolicy::Native)).unwrap_err();
+    assert!(
+        matches!(&err, Error::XdpUnsupported { interface, .. } if *interface == no_xdp),
+        "{err}"
+    );
+    assert!(err.to_string().contains("XdpPolicy::Auto"), "{err}");
+    let report = datapath.attach_external(&on_lo(XdpPolicy::Auto)).unwrap();
+    assert!(
+        matches!(&report[0].xdp, XdpAttachment::None { reason } if reason.contains("native XDP failed")),
+        "{report:?}"
+    );
+    assert_eq!(datapath.detach_external(&no_xdp).unwrap(), 2, "TC ingress and egress");
 }

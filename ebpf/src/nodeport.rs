@@ -31,7 +31,7 @@ use weir_ebpf_common::{
     Ct4Value, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT,
 };
 
-use crate::maps::{CT4, NODE4, STATS};
+use crate::maps::{BACKENDS4, CT4, NODE4, STATS};
 use crate::service::{Selection, lookup_frontend, mix64, select_backend};
 
 pub const ETH_HLEN: usize = 14;
@@ -154,9 +154,13 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
             }
             *entry
         };
-        rewrite(pkt, l4, csum, &key, &entry)?;
-        count(tracked_stat);
-        return Some(Verdict::Pass);
+        if entry.flags & (CT_FLAG_REPLY | CT_FLAG_EGRESS) != 0 || backend_still_there(&entry) {
+            rewrite(pkt, l4, csum, &key, &entry)?;
+            count(tracked_stat);
+            return Some(Verdict::Pass);
+        }
+        // The backend went away: the flow starts over (its other entries age out).
+        let _ = CT4.remove(key);
     }
     if hook == Hook::TcEgress {
         return Some(Verdict::Pass);
@@ -171,10 +175,12 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
     // Maglev spreads flows (not clients): the 5-tuple minus the fixed frontend half.
     let flow_hash = mix64((u64::from(key.saddr) << 32) | (u64::from(key.sport) << 16) | u64::from(proto));
     let client = AFFINITY_CLIENT_IP | u64::from(key.saddr);
-    let (backend, rev_nat_id) = match select_backend(service_key, frontend, client, flow_hash) {
+    let (backend, backend_id, rev_nat_id) = match select_backend(service_key, frontend, client, flow_hash) {
         Selection::Backend {
-            backend, rev_nat_id, ..
-        } => (backend, rev_nat_id),
+            backend,
+            backend_id,
+            rev_nat_id,
+        } => (backend, backend_id, rev_nat_id),
         Selection::NoBackend => {
             count(STAT_DROP_NO_BACKEND);
             return Some(Verdict::Drop);
@@ -206,7 +212,9 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
         peer: reply,
         rev_nat_id,
         flags,
-        pad: [0; 9],
+        pad: 0,
+        backend_id,
+        pad2: 0,
     };
     let reverse = Ct4Value {
         last_seen_ns: now,
@@ -217,7 +225,9 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
         peer: key,
         rev_nat_id,
         flags: flags | CT_FLAG_REPLY | CT_FLAG_EGRESS,
-        pad: [0; 9],
+        pad: 0,
+        backend_id,
+        pad2: 0,
     };
     if snat {
         let mut snat_reply = Ct4Key {
@@ -238,7 +248,9 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
             peer: snat_reply,
             rev_nat_id,
             flags: flags | CT_FLAG_EGRESS,
-            pad: [0; 9],
+            pad: 0,
+            backend_id,
+            pad2: 0,
         };
         let snat_reverse = Ct4Value {
             last_seen_ns: now,
@@ -249,7 +261,9 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
             peer: dnatted,
             rev_nat_id,
             flags: flags | CT_FLAG_REPLY,
-            pad: [0; 9],
+            pad: 0,
+            backend_id,
+            pad2: 0,
         };
         if CT4.insert(snat_reply, snat_reverse, 0).is_err() || CT4.insert(dnatted, snat_forward, 0).is_err() {
             count(STAT_DROP_NO_SNAT);
@@ -264,6 +278,15 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
     rewrite(pkt, l4, csum, &key, &forward)?;
     count(new_stat);
     Some(Verdict::Pass)
+}
+
+/// Whether the backend a DNAT entry sends to is still a backend.
+#[inline(always)]
+fn backend_still_there(entry: &Ct4Value) -> bool {
+    // SAFETY: a map value pointer from a successful lookup, read at once.
+    BACKENDS4
+        .get_ptr(entry.backend_id)
+        .is_some_and(|backend| unsafe { (*backend).address == entry.daddr && (*backend).port == entry.dport })
 }
 
 /// A SNAT address and a source port (network order) for a flow whose reply (backend →

@@ -248,7 +248,11 @@ pub struct Ct4Value {
     pub rev_nat_id: u16,
     /// `CT_FLAG_*`.
     pub flags: u8,
-    pub pad: [u8; 9],
+    pub pad: u8,
+    /// The flow's backend: a DNAT entry whose backend left BACKENDS4 (or whose id now
+    /// names another backend) is dropped, and the packet balanced again.
+    pub backend_id: u32,
+    pub pad2: u32,
 }
 
 /// The node's TC/XDP settings, written by the agent when it attaches.
@@ -295,7 +299,7 @@ mod tests {
         assert_eq!(size_of::<Affinity4Value>(), 8 + 4 + 4);
         assert_eq!(size_of::<Backend4Value>(), 4 + 2 + 1 + 1 + 1 + 3);
         assert_eq!(size_of::<Ct4Key>(), 4 + 4 + 2 + 2 + 1 + 3);
-        assert_eq!(size_of::<Ct4Value>(), 8 + 4 + 4 + 2 + 2 + 16 + 2 + 1 + 9);
+        assert_eq!(size_of::<Ct4Value>(), 8 + 4 + 4 + 2 + 2 + 16 + 2 + 1 + 1 + 4 + 4);
         assert_eq!(size_of::<Node4Config>(), 4 + 2 + 2);
         assert_eq!(size_of::<RevNat4Value>(), 4 + 2 + 2);
         assert_eq!(size_of::<SockRevNat4Key>(), 8 + 4 + 2 + 2);
