@@ -750,6 +750,32 @@ fn a_tracked_flow_whose_backend_goes_away_is_balanced_again() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
+fn a_direct_connection_reusing_a_tracked_tuple_is_left_alone() {
+    let mut topo = Topology::new();
+    topo.local_servers();
+    let mut datapath = topo.load();
+    datapath.attach_external(&topo.external(XdpPolicy::Off)).unwrap();
+    program_node_ports(&mut datapath, LOCAL_BACKEND, false);
+    let tcp_from = |host, port| {
+        let answers = topo.client_from("tcp", 40001, host, port, 1, 3.0);
+        answers.into_iter().next().unwrap()
+    };
+    // Through the NodePort, then straight to the backend from the same source port: the
+    // same tuple between backend and client, but no longer the NodePort's connection. Its
+    // SYN-ACK must not be rewritten to come from the NodePort.
+    for _ in 0..2 {
+        let answer = tcp_from(NODE_IP, 30080).unwrap();
+        assert_eq!((answer.server.as_str(), answer.seen_ip()), ("local", CLIENT_IP));
+        let direct = tcp_from(LOCAL_BACKEND, 8080);
+        assert!(
+            matches!(&direct, Ok(answer) if answer.from == format!("{LOCAL_BACKEND}:8080")),
+            "{direct:?}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn attach_external_explains_a_missing_interface_and_a_bad_config() {
     let topo = Topology::new();
     let mut datapath = topo.load();

@@ -27,8 +27,9 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use weir_ebpf_common::{
-    AFFINITY_CLIENT_IP, BACKEND_FLAG_REMOTE, CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, Ct4Key,
-    Ct4Value, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT,
+    AFFINITY_CLIENT_IP, BACKEND_FLAG_REMOTE, CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_SYN,
+    Ct4Key, Ct4Value, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, STAT_DROP_NO_BACKEND,
+    STAT_DROP_NO_SNAT,
 };
 
 use crate::maps::{BACKENDS4, CT4, NODE4, STATS};
@@ -40,7 +41,12 @@ const IP_SADDR: usize = ETH_HLEN + 12;
 const IP_DADDR: usize = ETH_HLEN + 16;
 pub const IP_CSUM: usize = ETH_HLEN + 10;
 const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// How recent the forward direction's last packet must be for a SYN-ACK to belong to it:
+/// covers the server's SYN-ACK retransmissions (1 s, then 2 s more).
+const SYN_ACK_WINDOW_NS: u64 = 3_000_000_000;
 /// Free SNAT ports tried per new flow before it is dropped.
 const SNAT_ATTEMPTS: u32 = 8;
 
@@ -134,33 +140,55 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
         proto,
         pad: [0; 3],
     };
-    let closing = proto == PROTO_TCP && pkt.load::<u8>(l4 + 13)? & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+    let tcp_flags: u8 = if proto == PROTO_TCP { pkt.load(l4 + 13)? } else { 0 };
+    let closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+    let syn = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    let syn_ack = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    if let Some(entry) = CT4.get_ptr_mut(key) {
-        // SAFETY: a map value pointer from a successful lookup.
-        let at_egress = unsafe { (*entry).flags } & CT_FLAG_EGRESS != 0;
-        if at_egress != (hook == Hook::TcEgress) {
+    if let Some(ptr) = CT4.get_ptr_mut(key) {
+        // SAFETY: a map value pointer from a successful lookup; copied out at once.
+        let entry = unsafe { *ptr };
+        if (entry.flags & CT_FLAG_EGRESS != 0) != (hook == Hook::TcEgress) {
             // Another hook's entry (e.g. TC ingress after XDP translated the packet).
             return Some(Verdict::Pass);
         }
-        // SAFETY: as above; plain stores into it are how BPF programs update entries in
-        // place (a racing update only loses a timestamp).
-        let entry = unsafe {
-            (*entry).last_seen_ns = now;
-            if closing {
-                (*entry).flags |= CT_FLAG_CLOSING;
-            }
-            *entry
+        let dnat = entry.flags & (CT_FLAG_REPLY | CT_FLAG_EGRESS) == 0;
+        let stale = if dnat {
+            // A new connection on a tracked tuple is balanced anew, as is a flow whose
+            // backend went away (the flow's other entries age out).
+            syn || !backend_still_there(&entry)
+        } else {
+            // A SYN-ACK answers a SYN that just went through this flow; otherwise it
+            // belongs to a connection that only reuses the tuple (say, a client that now
+            // talks to the backend directly) and must not be rewritten.
+            syn_ack && entry.flags & CT_FLAG_REPLY != 0 && !syn_just_sent(&entry.peer, now)
         };
-        if entry.flags & (CT_FLAG_REPLY | CT_FLAG_EGRESS) != 0 || backend_still_there(&entry) {
+        if !stale {
+            // SAFETY: as above; plain stores into it are how BPF programs update entries
+            // in place (a racing update only loses a timestamp).
+            unsafe {
+                (*ptr).last_seen_ns = now;
+                if closing {
+                    (*ptr).flags |= CT_FLAG_CLOSING;
+                }
+                if entry.flags & CT_FLAG_REPLY == 0 {
+                    (*ptr).flags = if syn {
+                        (*ptr).flags | CT_FLAG_SYN
+                    } else {
+                        (*ptr).flags & !CT_FLAG_SYN
+                    };
+                }
+            }
             rewrite(pkt, l4, csum, &key, &entry)?;
             count(tracked_stat);
             return Some(Verdict::Pass);
         }
-        // The backend went away: the flow starts over (its other entries age out).
         let _ = CT4.remove(key);
+        if !dnat {
+            return Some(Verdict::Pass);
+        }
     }
     if hook == Hook::TcEgress {
         return Some(Verdict::Pass);
@@ -189,6 +217,7 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
 
     let snat = frontend.flags & SERVICE_FLAG_LOCAL == 0 && backend.flags & BACKEND_FLAG_REMOTE != 0;
     let flags = if snat { CT_FLAG_SNAT } else { 0 };
+    let syn_flag = if syn { CT_FLAG_SYN } else { 0 };
     // Client → backend after DNAT, and backend → client before the reverse rewrite.
     let dnatted = Ct4Key {
         daddr: backend.address,
@@ -211,7 +240,7 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
         dport: backend.port,
         peer: reply,
         rev_nat_id,
-        flags,
+        flags: flags | syn_flag,
         pad: 0,
         backend_id,
         pad2: 0,
@@ -247,7 +276,7 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
             dport: 0,
             peer: snat_reply,
             rev_nat_id,
-            flags: flags | CT_FLAG_EGRESS,
+            flags: flags | syn_flag | CT_FLAG_EGRESS,
             pad: 0,
             backend_id,
             pad2: 0,
@@ -287,6 +316,16 @@ fn backend_still_there(entry: &Ct4Value) -> bool {
     BACKENDS4
         .get_ptr(entry.backend_id)
         .is_some_and(|backend| unsafe { (*backend).address == entry.daddr && (*backend).port == entry.dport })
+}
+
+/// Whether the last packet through the forward entry `key` was a SYN, in the last
+/// [`SYN_ACK_WINDOW_NS`].
+#[inline(always)]
+fn syn_just_sent(key: &Ct4Key, now: u64) -> bool {
+    // SAFETY: a map value pointer from a successful lookup, read at once.
+    CT4.get_ptr(*key).is_some_and(|entry| unsafe {
+        (*entry).flags & CT_FLAG_SYN != 0 && now.wrapping_sub((*entry).last_seen_ns) < SYN_ACK_WINDOW_NS
+    })
 }
 
 /// A SNAT address and a source port (network order) for a flow whose reply (backend →

@@ -70,6 +70,9 @@ pub const CT_FLAG_SNAT: u8 = 2;
 pub const CT_FLAG_CLOSING: u8 = 4;
 /// Conntrack flag: the entry applies at egress (TC egress), not at ingress (XDP, TC ingress).
 pub const CT_FLAG_EGRESS: u8 = 8;
+/// Conntrack flag (forward direction): the last packet through the entry was a TCP SYN, so
+/// a SYN-ACK in the reply direction belongs to this flow.
+pub const CT_FLAG_SYN: u8 = 16;
 
 /// STATS indices.
 pub const STAT_XDP_NEW: u32 = 0;
