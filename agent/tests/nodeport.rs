@@ -666,6 +666,38 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_a_local_b
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
+fn client_ip_affinity_keeps_an_external_client_on_one_backend() {
+    let mut topo = Topology::new();
+    topo.local_servers();
+    topo.remote_servers();
+    let mut datapath = topo.load();
+    datapath.attach_external(&topo.external(XdpPolicy::Native)).unwrap();
+    let backends = vec![
+        Backend::active(LOCAL_BACKEND, 8080),
+        Backend::active(REMOTE_BACKEND, 8080).on_remote_node(),
+    ];
+    let affinity = ServiceSelection {
+        affinity_timeout: Some(60),
+        ..external()
+    };
+    datapath
+        .upsert_service_with(node_port(30080, Protocol::Tcp), backends.clone(), affinity)
+        .unwrap();
+    // Every connection (a new source port each) goes where the first went. At random,
+    // P(20 agree) = 2^-19.
+    let answers = topo.answers("tcp", NODE_IP, 30080, 20);
+    assert!(answers.iter().all(|a| a.server == answers[0].server), "{answers:?}");
+
+    // Without affinity the same client is spread over both.
+    datapath
+        .upsert_service_with(node_port(30080, Protocol::Tcp), backends, external())
+        .unwrap();
+    let answers = topo.answers("tcp", NODE_IP, 30080, 20);
+    assert!(answers.iter().any(|a| a.server != answers[0].server), "{answers:?}");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn conntrack_sweep_removes_idle_flows_and_keeps_live_ones() {
     let mut topo = Topology::new();
     topo.local_servers();

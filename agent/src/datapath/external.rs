@@ -278,7 +278,9 @@ impl Datapath {
                     .take_link(link_id)
                     .map_err(|source| Error::Program { name, source })?;
                 // Only TCX links (kernel ≥ 6.6) are bpf_links that can be pinned.
-                let link: FdLink = link.try_into().map_err(|source| Error::Link { name, source })?;
+                let link: FdLink = link.try_into().map_err(|_| Error::NoTcx {
+                    interface: interface.clone(),
+                })?;
                 link.pin(&pin).map_err(|source| Error::Pin { path: pin, source })?;
             }
             let xdp = self.attach_xdp(&mut loader, interface, config.xdp)?;

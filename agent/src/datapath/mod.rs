@@ -128,6 +128,11 @@ pub enum Error {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "TC programs on {interface} were attached through netlink, whose links cannot be pinned to \
+         outlive the agent; TCX links need Linux 6.6 or newer"
+    )]
+    NoTcx { interface: String },
     #[error("invalid datapath configuration: {0}")]
     InvalidConfig(String),
 }
