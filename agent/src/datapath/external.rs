@@ -168,6 +168,27 @@ fn socket(address: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(address.to_ne_bytes()), u16::from_be(port))
 }
 
+/// The entries of `entries` idle longer than their timeout at `now` (ns, CLOCK_MONOTONIC).
+/// An entry counts as seen when its peer (the other direction) was, and as closing when
+/// either direction saw a FIN or RST.
+fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &ConntrackTimeouts) -> Vec<Ct4Key> {
+    entries
+        .iter()
+        .filter(|(key, value)| {
+            let peer = entries.get(&value.peer);
+            let last = peer.map_or(value.last_seen_ns, |peer| peer.last_seen_ns.max(value.last_seen_ns));
+            let closing = (value.flags | peer.map_or(0, |peer| peer.flags)) & CT_FLAG_CLOSING != 0;
+            let timeout = match (key.proto, closing) {
+                (PROTO_TCP, false) => timeouts.tcp,
+                (PROTO_TCP, true) => timeouts.tcp_closing,
+                _ => timeouts.udp,
+            };
+            u128::from(now.saturating_sub(last)) > timeout.as_nanos()
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
 /// The object, loaded once per attach with its maps reopened from the pins, and which of
 /// its programs are loaded into the kernel.
 struct Loader<'a> {
@@ -406,30 +427,18 @@ impl Datapath {
     /// the entries removed.
     pub fn sweep_conntrack(&mut self, timeouts: &ConntrackTimeouts) -> Result<usize, Error> {
         let entries: HashMap<Ct4Key, Ct4Value> = self.conntrack_raw()?.into_iter().collect();
-        let now = monotonic_ns();
-        let mut removed = 0;
-        for (key, value) in &entries {
-            let peer = entries.get(&value.peer);
-            let last = peer.map_or(value.last_seen_ns, |peer| peer.last_seen_ns.max(value.last_seen_ns));
-            let closing = (value.flags | peer.map_or(0, |peer| peer.flags)) & CT_FLAG_CLOSING != 0;
-            let timeout = match (key.proto, closing) {
-                (PROTO_TCP, false) => timeouts.tcp,
-                (PROTO_TCP, true) => timeouts.tcp_closing,
-                _ => timeouts.udp,
-            };
-            if u128::from(now.saturating_sub(last)) > timeout.as_nanos() {
-                ignore_missing(self.conntrack.remove(key)).map_err(|source| Error::Map { name: CT4, source })?;
-                removed += 1;
-            }
+        let dead = expired(&entries, monotonic_ns(), timeouts);
+        for key in &dead {
+            ignore_missing(self.conntrack.remove(key)).map_err(|source| Error::Map { name: CT4, source })?;
         }
-        if removed > 0 {
+        if !dead.is_empty() {
             info!(
-                removed,
-                remaining = entries.len() - removed,
+                removed = dead.len(),
+                remaining = entries.len() - dead.len(),
                 "datapath: conntrack sweep"
             );
         }
-        Ok(removed)
+        Ok(dead.len())
     }
 
     /// TC and XDP packet counters since the maps were created.
@@ -455,3 +464,114 @@ impl Datapath {
 
 pub(crate) type NodeMap = Array<aya::maps::MapData, Node4Config>;
 pub(crate) type StatsMap = PerCpuArray<aya::maps::MapData, u64>;
+
+#[cfg(test)]
+mod tests {
+    use weir_ebpf_common::PROTO_UDP;
+
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn key(sport: u16, proto: u8) -> Ct4Key {
+        Ct4Key {
+            saddr: 1,
+            daddr: 2,
+            sport,
+            dport: 80,
+            proto,
+            pad: [0; 3],
+        }
+    }
+
+    /// A pair of entries (`forward`, its reply) last seen at the given times.
+    fn pair(
+        entries: &mut HashMap<Ct4Key, Ct4Value>,
+        sport: u16,
+        proto: u8,
+        seen: (u64, u64),
+        flags: (u8, u8),
+    ) -> (Ct4Key, Ct4Key) {
+        let (forward, reply) = (key(sport, proto), key(sport + 1000, proto));
+        let value = |last_seen_ns, peer, flags| Ct4Value {
+            last_seen_ns,
+            saddr: 0,
+            daddr: 3,
+            sport: 0,
+            dport: 8080,
+            peer,
+            rev_nat_id: 1,
+            flags,
+            pad: 0,
+            backend_id: 1,
+            pad2: 0,
+        };
+        entries.insert(forward, value(seen.0, reply, flags.0));
+        entries.insert(reply, value(seen.1, forward, flags.1 | CT_FLAG_REPLY));
+        (forward, reply)
+    }
+
+    fn timeouts() -> ConntrackTimeouts {
+        ConntrackTimeouts {
+            tcp: Duration::from_secs(100),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+        }
+    }
+
+    fn sorted(mut keys: Vec<Ct4Key>) -> Vec<(u16, u8)> {
+        let mut keys: Vec<(u16, u8)> = keys.drain(..).map(|k| (k.sport, k.proto)).collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn a_flow_lives_while_either_direction_sees_packets() {
+        let mut entries = HashMap::new();
+        let now = 1000 * SECOND;
+        // UDP one way: the forward entry is fresh, the reply one old: both stay.
+        pair(&mut entries, 1, PROTO_UDP, (now - SECOND, now - 500 * SECOND), (0, 0));
+        // UDP idle both ways past 30 s: both go.
+        pair(
+            &mut entries,
+            2,
+            PROTO_UDP,
+            (now - 31 * SECOND, now - 40 * SECOND),
+            (0, 0),
+        );
+        // TCP idle 50 s: established flows stay for 100 s.
+        pair(
+            &mut entries,
+            3,
+            PROTO_TCP,
+            (now - 50 * SECOND, now - 50 * SECOND),
+            (0, 0),
+        );
+        // TCP idle 11 s after a FIN in one direction: closing timeout, both go.
+        pair(
+            &mut entries,
+            4,
+            PROTO_TCP,
+            (now - 11 * SECOND, now - 12 * SECOND),
+            (0, CT_FLAG_CLOSING),
+        );
+        let dead = expired(&entries, now, &timeouts());
+        assert_eq!(
+            sorted(dead),
+            vec![(2, PROTO_UDP), (4, PROTO_TCP), (1002, PROTO_UDP), (1004, PROTO_TCP)]
+        );
+    }
+
+    #[test]
+    fn an_entry_without_its_peer_ages_on_its_own_and_clock_skew_expires_nothing() {
+        let mut entries = HashMap::new();
+        let now = 1000 * SECOND;
+        let (forward, _) = pair(&mut entries, 1, PROTO_UDP, (now - 31 * SECOND, now), (0, 0));
+        let orphan_reply = entries.remove(&key(1001, PROTO_UDP)).unwrap();
+        assert_eq!(orphan_reply.peer, forward);
+        assert_eq!(sorted(expired(&entries, now, &timeouts())), vec![(1, PROTO_UDP)]);
+        // An entry stamped after `now` (read before the program wrote it) is not idle.
+        pair(&mut entries, 5, PROTO_UDP, (now + SECOND, now + SECOND), (0, 0));
+        assert_eq!(sorted(expired(&entries, now, &timeouts())), vec![(1, PROTO_UDP)]);
+    }
+}
