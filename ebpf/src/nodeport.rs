@@ -156,9 +156,10 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
         }
         let dnat = entry.flags & (CT_FLAG_REPLY | CT_FLAG_EGRESS) == 0;
         let stale = if dnat {
-            // A new connection on a tracked tuple is balanced anew, as is a flow whose
-            // backend went away (the flow's other entries age out).
-            syn || !backend_still_there(&entry)
+            // A new connection on a tracked tuple is balanced anew (a retransmitted SYN,
+            // after a SYN, is not), as is a flow whose backend went away (the flow's
+            // other entries age out).
+            (syn && entry.flags & CT_FLAG_SYN == 0) || !backend_still_there(&entry)
         } else {
             // A SYN-ACK answers a SYN that just went through this flow; otherwise it
             // belongs to a connection that only reuses the tuple (say, a client that now
