@@ -808,6 +808,32 @@ fn a_direct_connection_reusing_a_tracked_tuple_is_left_alone() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
+fn an_interface_created_again_gets_its_programs_again() {
+    let mut topo = Topology::new();
+    topo.local_servers();
+    let mut datapath = topo.load();
+    datapath.attach_external(&topo.external(XdpPolicy::Native)).unwrap();
+    program_node_ports(&mut datapath, LOCAL_BACKEND, false);
+    assert_eq!(topo.answers("tcp", NODE_IP, 30080, 1)[0].server, "local");
+
+    // The client's link goes and comes back (a driver reload, say): the pinned links of
+    // the old device are detached, though still pinned.
+    ip(&["-n", &topo.node, "link", "del", &topo.ext()]);
+    topo.link(&topo.ext(), &topo.client, "10.1.0.1/24", "10.1.0.2/24", true);
+    let outcome = topo.client("tcp", NODE_IP, 30080, 1, 1.0);
+    assert!(
+        outcome[0].is_err(),
+        "nothing translates on the new device yet: {outcome:?}"
+    );
+
+    let report = datapath.attach_external(&topo.external(XdpPolicy::Native)).unwrap();
+    assert_xdp(&report, &XdpAttachment::Native);
+    assert_eq!(topo.answers("tcp", NODE_IP, 30080, 3).len(), 3);
+    assert!(datapath.packet_stats().unwrap().xdp_new_flows >= 4);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn attach_external_explains_a_missing_interface_and_a_bad_config() {
     let topo = Topology::new();
     let mut datapath = topo.load();

@@ -136,12 +136,92 @@ fn xdp_link_pin(pin_dir: &Path, mode: &str, interface: &str) -> PathBuf {
     pin_dir.join(format!("link_{PROG_XDP}_{mode}_{interface}"))
 }
 
-fn interface_exists(name: &str) -> bool {
+fn interface_index(name: &str) -> u32 {
     let Ok(c_name) = CString::new(name) else {
-        return false;
+        return 0;
     };
     // SAFETY: a valid C string.
-    unsafe { libc::if_nametoindex(c_name.as_ptr()) != 0 }
+    unsafe { libc::if_nametoindex(c_name.as_ptr()) }
+}
+
+/// The interface index a pinned TCX or XDP link is attached to; 0 once its device is gone
+/// (the link stays pinned, but detached). Raw bpf(2): aya 0.14's `LinkInfo` does not
+/// expose the link's interface.
+fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::unix::ffi::OsStrExt as _;
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        pad: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let get = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        pad: 0,
+    };
+    // SAFETY: BPF_OBJ_GET with a valid attr and a NUL-terminated path that outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &get, std::mem::size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new file descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned, at byte 16) the union
+    // whose tcx and xdp members both start with ifindex.
+    let mut info = [0u32; 32];
+    let by_fd = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD writes at most info_len bytes into `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &by_fd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info[4])
+}
+
+/// Whether `pin` holds a link attached to `interface` as it is now; a link left over from
+/// an earlier device of the same name is unpinned (freeing it) and `false` returned.
+fn pin_is_live(pin: &Path, interface: &str) -> Result<bool, Error> {
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let ifindex = pinned_link_ifindex(pin).map_err(|source| Error::Io {
+        what: "reading the pinned link",
+        path: pin.to_owned(),
+        source,
+    })?;
+    if ifindex != 0 && ifindex == interface_index(interface) {
+        return Ok(true);
+    }
+    info!(%interface, pin = %pin.display(), "datapath: pinned link outlived its device; attaching again");
+    remove_pin(pin)?;
+    Ok(false)
 }
 
 fn remove_pin(path: &Path) -> Result<bool, Error> {
@@ -259,7 +339,7 @@ impl Datapath {
             ));
         }
         for interface in &config.interfaces {
-            if !interface_exists(interface) {
+            if interface_index(interface) == 0 {
                 return Err(Error::NoInterface {
                     name: interface.clone(),
                 });
@@ -287,7 +367,7 @@ impl Datapath {
                 (PROG_TC_EGRESS, TcAttachType::Egress),
             ] {
                 let pin = tc_link_pin(&pin_dir, name, interface);
-                if pin.exists() {
+                if pin_is_live(&pin, interface)? {
                     continue;
                 }
                 info!(%interface, program = name, "datapath: attaching TC program");
@@ -343,7 +423,7 @@ impl Datapath {
         } else {
             XdpAttachment::Generic
         };
-        if pin.exists() {
+        if pin_is_live(pin, interface)? {
             return Ok(attached);
         }
         let program = loader.xdp()?;
