@@ -547,6 +547,7 @@ fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
     let affinity = ServiceSelection {
         algorithm: LbAlgorithm::Random,
         affinity_timeout: Some(1),
+        ..ServiceSelection::default()
     };
     datapath
         .upsert_service_with(tcp_service(80), all.clone(), affinity)
@@ -706,6 +707,7 @@ fn maglev() -> ServiceSelection {
     ServiceSelection {
         algorithm: LbAlgorithm::Maglev,
         affinity_timeout: None,
+        ..ServiceSelection::default()
     }
 }
 

@@ -1,15 +1,19 @@
-//! Weir's kernel programs: socket-LB for Kubernetes services (IPv4). One hook per file;
-//! each hook is a thin wrapper around a `try_*` function. The maps they share are in
-//! `maps.rs`, the service lookup and the two translations in `service.rs`.
+//! Weir's kernel programs for Kubernetes services (IPv4): socket-LB on the cgroup hooks,
+//! and NodePort/LoadBalancer translation on TC and XDP. One hook per file; each hook is a
+//! thin wrapper. The maps they share are in `maps.rs`, the service lookup and the socket
+//! translations in `service.rs`, the per-packet NAT TC and XDP share in `nodeport.rs`.
 #![no_std]
 #![no_main]
 
 mod connect4;
 mod getpeername4;
 mod maps;
+mod nodeport;
 mod recvmsg4;
 mod sendmsg4;
 mod service;
+mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use weir_ebpf_common::{
-    AFFINITY4_MAX_ENTRIES, Affinity4Key, Affinity4Value, BACKENDS4_MAX_ENTRIES, Backend4Value, MAGLEV4_MAX_ENTRIES,
-    REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICES4_MAX_ENTRIES, SOCK_REV_NAT4_MAX_ENTRIES, Service4Key, Service4Value,
-    SockRevNat4Key, SockRevNat4Value,
+    AFFINITY4_MAX_ENTRIES, Affinity4Key, Affinity4Value, BACKENDS4_MAX_ENTRIES, Backend4Value, CT4_MAX_ENTRIES, Ct4Key,
+    Ct4Value, MAGLEV4_MAX_ENTRIES, Node4Config, REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICES4_MAX_ENTRIES,
+    SOCK_REV_NAT4_MAX_ENTRIES, STATS_MAX_ENTRIES, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value,
 };
 
 #[map]
@@ -32,3 +32,14 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map]
 pub static AFFINITY4: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(AFFINITY4_MAX_ENTRIES, 0);
+
+/// NodePort/LoadBalancer conntrack. LRU: under pressure the least recently used flows go
+/// first; the agent's sweep removes idle ones long before that.
+#[map]
+pub static CT4: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(CT4_MAX_ENTRIES, 0);
+
+#[map]
+pub static NODE4: Array<Node4Config> = Array::pinned(1, 0);
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_MAX_ENTRIES, 0);

@@ -22,9 +22,7 @@ pub const REJECT: i32 = 0;
 pub const ECONNREFUSED: i32 = 111;
 pub const ENOMEM: i32 = 12;
 
-enum Selection {
-    /// Not a service address: leave the socket alone.
-    NotAService,
+pub enum Selection {
     /// A service with nothing to send to, or a slot that vanished under a concurrent update.
     NoBackend,
     Backend {
@@ -34,11 +32,9 @@ enum Selection {
     },
 }
 
-/// Slot 0 holds the frontend; a random slot in `1..=backend_count` names the backend, or,
-/// for a Maglev service, the table slot a hash of the client's netns cookie falls on
-/// (random when that slot is not written yet or names a backend already gone).
+/// The frontend (slot 0) of `address:port/proto`, if it is a service.
 #[inline(always)]
-fn select_backend(ctx: &SockAddrContext, address: u32, port: u16, proto: u8) -> Selection {
+pub fn lookup_frontend(address: u32, port: u16, proto: u8) -> Option<(Service4Key, Service4Value)> {
     let key = Service4Key {
         address,
         port,
@@ -47,26 +43,32 @@ fn select_backend(ctx: &SockAddrContext, address: u32, port: u16, proto: u8) -> 
         scope: SCOPE_EXTERNAL,
         pad: [0; 2],
     };
-    let Some(frontend) = SERVICES4.get_ptr(key) else {
-        return Selection::NotAService;
-    };
+    let frontend = SERVICES4.get_ptr(key)?;
     // SAFETY: a map value pointer from a successful lookup; copied out at once.
-    let frontend = unsafe { *frontend };
+    Some((key, unsafe { *frontend }))
+}
+
+/// Slot 0 holds the frontend; a random slot in `1..=backend_count` names the backend, or,
+/// for a Maglev service, the table slot `hash` falls on (random when that slot is not
+/// written yet or names a backend already gone). With sessionAffinity, `client` (a netns
+/// cookie, or [`weir_ebpf_common::AFFINITY_CLIENT_IP`] | an IPv4 address) keeps its last backend.
+#[inline(always)]
+pub fn select_backend(key: Service4Key, frontend: Service4Value, client: u64, hash: u64) -> Selection {
     if frontend.affinity_timeout == 0 || frontend.backend_count == 0 {
-        return choose_backend(ctx, key, frontend);
+        return choose_backend(key, frontend, hash);
     }
     // sessionAffinity ClientIP: the client's last backend while it is younger than the
     // timeout and still exists; otherwise a fresh choice, remembered.
-    // SAFETY: the helpers accept a sock_addr context / take no arguments.
-    let (netns_cookie, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let affinity_key = Affinity4Key {
-        netns_cookie,
+        netns_cookie: client,
         rev_nat_id: frontend.rev_nat_id,
         pad: [0; 6],
     };
     let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
     if let Some(entry) = AFFINITY4.get_ptr(affinity_key) {
-        // SAFETY: as above.
+        // SAFETY: a map value pointer from a successful lookup; copied out at once.
         let entry = unsafe { *entry };
         if now.wrapping_sub(entry.last_used_ns) <= timeout_ns
             && let Some(backend) = BACKENDS4.get_ptr(entry.backend_id)
@@ -88,7 +90,7 @@ fn select_backend(ctx: &SockAddrContext, address: u32, port: u16, proto: u8) -> 
             };
         }
     }
-    let selection = choose_backend(ctx, key, frontend);
+    let selection = choose_backend(key, frontend, hash);
     if let Selection::Backend { backend_id, .. } = selection {
         let value = Affinity4Value {
             last_used_ns: now,
@@ -102,15 +104,13 @@ fn select_backend(ctx: &SockAddrContext, address: u32, port: u16, proto: u8) -> 
 
 /// Random or Maglev choice among the selectable slots of `frontend`.
 #[inline(always)]
-fn choose_backend(ctx: &SockAddrContext, mut key: Service4Key, frontend: Service4Value) -> Selection {
+fn choose_backend(mut key: Service4Key, frontend: Service4Value, hash: u64) -> Selection {
     let count = u32::from(frontend.backend_count);
     if count == 0 {
         return Selection::NoBackend;
     }
     if frontend.flags & SERVICE_FLAG_MAGLEV != 0 {
-        // SAFETY: the helper accepts a sock_addr context.
-        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-        let slot = (mix64(netns) % u64::from(MAGLEV_TABLE_SIZE)) as u32;
+        let slot = (hash % u64::from(MAGLEV_TABLE_SIZE)) as u32;
         if let Some(id) = MAGLEV4.get_ptr(maglev_key(frontend.rev_nat_id, slot)) {
             // SAFETY: a map value pointer from a successful lookup; copied out at once.
             let backend_id = unsafe { *id };
@@ -145,7 +145,7 @@ fn choose_backend(ctx: &SockAddrContext, mut key: Service4Key, frontend: Service
 
 /// splitmix64's finalizer: netns cookies are small consecutive numbers.
 #[inline(always)]
-fn mix64(mut h: u64) -> u64 {
+pub fn mix64(mut h: u64) -> u64 {
     h ^= h >> 30;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h ^= h >> 27;
@@ -171,8 +171,13 @@ pub fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
         17 => PROTO_UDP,
         _ => return Ok(ALLOW),
     };
-    let (backend, rev_nat_id) = match select_backend(ctx, address, port, proto) {
-        Selection::NotAService => return Ok(ALLOW),
+    let Some((key, frontend)) = lookup_frontend(address, port, proto) else {
+        return Ok(ALLOW);
+    };
+    // SAFETY: the helper accepts a sock_addr context. The client is its netns: Maglev and
+    // affinity keep one pod on one backend.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let (backend, rev_nat_id) = match select_backend(key, frontend, netns, mix64(netns)) {
         Selection::NoBackend => return Err(ECONNREFUSED),
         Selection::Backend {
             backend, rev_nat_id, ..

@@ -185,10 +185,22 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
         status("test: privileged datapath tests: SKIPPED (not root; run `cargo xtask test` as root)");
         return Ok(true);
     }
-    status("test: privileged datapath tests (cargo test -p weir-agent --test datapath -- --ignored --test-threads=1)");
+    status(
+        "test: privileged datapath tests (cargo test -p weir-agent --test datapath --test nodeport -- --ignored \
+         --test-threads=1)",
+    );
     tally.run(
         ws.cargo()
-            .args(["test", "-p", "weir-agent", "--test", "datapath", "--"])
+            .args([
+                "test",
+                "-p",
+                "weir-agent",
+                "--test",
+                "datapath",
+                "--test",
+                "nodeport",
+                "--",
+            ])
             .args(["--ignored", "--test-threads=1"]),
     )
 }

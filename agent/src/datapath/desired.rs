@@ -19,7 +19,17 @@ pub const LB_ALGORITHM_ANNOTATION: &str = "service.weir.dev/lb-algorithm";
 /// Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds (3 hours).
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
+/// The node the desired state is computed for: its name (to tell its endpoints from other
+/// nodes') and the addresses NodePorts listen on (its InternalIPs, or the addresses of
+/// the interfaces TC/XDP attach to).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    pub name: String,
+    pub addresses: Vec<Ipv4Addr>,
+}
+
 /// Every IPv4 ClusterIP port of `services`, with the endpoints of `slices` that serve it.
+/// No NodePort or LoadBalancer frontends: see [`desired_state_for_node`].
 ///
 /// Endpoint conditions as kube-proxy reads them: `ready` and `serving` default to true,
 /// `terminating` to false. Ready endpoints are active backends; terminating ones that
@@ -28,6 +38,21 @@ const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 /// it are refused rather than sent to the ClusterIP itself. Headless and ExternalName
 /// services, IPv6 and SCTP are skipped.
 pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
+    desired(services, slices, None)
+}
+
+/// [`desired_state`] plus the external frontends on `node`: each NodePort (spec.type
+/// NodePort or LoadBalancer, `ports[].nodePort`) on every node address, and each
+/// `status.loadBalancer.ingress[].ip` on the service ports, flagged external. Endpoints
+/// whose `nodeName` is not `node.name` are remote backends (SNATed when reached from
+/// outside). With externalTrafficPolicy Local, the external frontends get only this
+/// node's endpoints (none: packets to them are dropped, as kube-proxy does); ClusterIPs
+/// keep all of them.
+pub fn desired_state_for_node(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> DesiredState {
+    desired(services, slices, Some(node))
+}
+
+fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeContext>) -> DesiredState {
     let mut desired = DesiredState::default();
     for service in services {
         let Some(spec) = &service.spec else { continue };
@@ -61,6 +86,25 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
         let selection = Selection {
             algorithm,
             affinity_timeout,
+            ..Selection::default()
+        };
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let external = Selection {
+            external: true,
+            external_local,
+            ..selection
+        };
+        let node_ports = node.filter(|_| matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")));
+        let lb_ips: Vec<Ipv4Addr> = if node.is_some() && spec.type_.as_deref() == Some("LoadBalancer") {
+            service
+                .status
+                .iter()
+                .filter_map(|status| status.load_balancer.as_ref())
+                .flat_map(|lb| lb.ingress.iter().flatten())
+                .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
+                .collect()
+        } else {
+            Vec::new()
         };
         let own_slices: Vec<&EndpointSlice> = slices
             .iter()
@@ -73,14 +117,51 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
             let Ok(service_port) = u16::try_from(port.port) else {
                 continue;
             };
-            let backends = backends_for(port, protocol, &own_slices);
-            for address in &addresses {
-                let key = ServiceKey {
-                    address: *address,
-                    port: service_port,
-                    protocol,
+            let backends = backends_for(port, protocol, &own_slices, node);
+            let mut frontends: Vec<(ServiceKey, Selection)> = addresses
+                .iter()
+                .map(|address| {
+                    (
+                        ServiceKey {
+                            address: *address,
+                            port: service_port,
+                            protocol,
+                        },
+                        selection,
+                    )
+                })
+                .collect();
+            if let Some(node) = node_ports
+                && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
+            {
+                frontends.extend(node.addresses.iter().map(|address| {
+                    (
+                        ServiceKey {
+                            address: *address,
+                            port: node_port,
+                            protocol,
+                        },
+                        external,
+                    )
+                }));
+            }
+            frontends.extend(lb_ips.iter().map(|address| {
+                (
+                    ServiceKey {
+                        address: *address,
+                        port: service_port,
+                        protocol,
+                    },
+                    external,
+                )
+            }));
+            for (key, selection) in frontends {
+                let backends = if selection.external_local {
+                    backends.iter().filter(|b| !b.remote).copied().collect()
+                } else {
+                    backends.clone()
                 };
-                desired.services.insert(key, backends.clone());
+                desired.services.insert(key, backends);
                 if selection != Selection::default() {
                     desired.selections.insert(key, selection);
                 }
@@ -124,9 +205,15 @@ fn protocol(protocol: Option<&str>) -> Option<Protocol> {
 
 /// The endpoints of the slices' port with the service port's name and protocol. Slices
 /// carry target ports already resolved to numbers, so named target ports need nothing more.
-fn backends_for(port: &ServicePort, protocol: Protocol, slices: &[&EndpointSlice]) -> Vec<Backend> {
+/// With a `node`, endpoints whose nodeName is not the node's (or unset) are remote.
+fn backends_for(
+    port: &ServicePort,
+    protocol: Protocol,
+    slices: &[&EndpointSlice],
+    node: Option<&NodeContext>,
+) -> Vec<Backend> {
     let name = port.name.as_deref().unwrap_or("");
-    let mut backends: BTreeMap<(Ipv4Addr, u16), BackendState> = BTreeMap::new();
+    let mut backends: BTreeMap<(Ipv4Addr, u16), (BackendState, bool)> = BTreeMap::new();
     for slice in slices {
         let Some(target_port) = slice
             .ports
@@ -147,15 +234,21 @@ fn backends_for(port: &ServicePort, protocol: Protocol, slices: &[&EndpointSlice
             let Some(address) = endpoint.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
                 continue;
             };
+            let remote = node.is_some_and(|node| endpoint.node_name.as_deref() != Some(node.name.as_str()));
             backends
                 .entry((address, target_port))
-                .and_modify(|s| *s = (*s).min(state))
-                .or_insert(state);
+                .and_modify(|(s, _)| *s = (*s).min(state))
+                .or_insert((state, remote));
         }
     }
     backends
         .into_iter()
-        .map(|((address, port), state)| Backend { address, port, state })
+        .map(|((address, port), (state, remote))| Backend {
+            address,
+            port,
+            state,
+            remote,
+        })
         .collect()
 }
 
@@ -441,5 +534,105 @@ mod tests {
             desired.services[&key("10.96.0.26", 80, Protocol::Tcp)],
             vec![Backend::active(ip("10.244.1.2"), 8080)]
         );
+    }
+
+    fn on_node(mut slice: EndpointSlice, nodes: &[&str]) -> EndpointSlice {
+        for (endpoint, node) in slice.endpoints.iter_mut().flatten().zip(nodes) {
+            endpoint.node_name = Some((*node).to_owned());
+        }
+        slice
+    }
+
+    fn exposed(name: &str, cluster_ip: &str, type_: &str, node_port: i32, policy: Option<&str>) -> Service {
+        let mut service = service(name, cluster_ip, &[(None, 80, "TCP")]);
+        let spec = service.spec.as_mut().unwrap();
+        spec.type_ = Some(type_.to_owned());
+        spec.external_traffic_policy = policy.map(str::to_owned);
+        spec.ports.as_mut().unwrap()[0].node_port = Some(node_port);
+        service
+    }
+
+    fn node() -> NodeContext {
+        NodeContext {
+            name: "node-a".to_owned(),
+            addresses: vec![ip("192.168.1.10"), ip("192.168.2.10")],
+        }
+    }
+
+    #[test]
+    fn node_ports_listen_on_every_node_address_and_mark_remote_endpoints() {
+        let services = [exposed("web", "10.96.0.50", "NodePort", 30080, None)];
+        let slices = [on_node(
+            slice(
+                "web",
+                &[(None, 8080, "TCP")],
+                &[("10.244.1.2", None, None, None), ("10.244.2.2", None, None, None)],
+            ),
+            &["node-a", "node-b"],
+        )];
+        let desired = desired_state_for_node(&services, &slices, &node());
+        let all = vec![
+            Backend::active(ip("10.244.1.2"), 8080),
+            Backend::active(ip("10.244.2.2"), 8080).on_remote_node(),
+        ];
+        assert_eq!(desired.services.len(), 3, "{desired:?}");
+        assert_eq!(desired.services[&key("10.96.0.50", 80, Protocol::Tcp)], all);
+        for address in ["192.168.1.10", "192.168.2.10"] {
+            let frontend = key(address, 30080, Protocol::Tcp);
+            assert_eq!(desired.services[&frontend], all);
+            let selection = desired.selection(&frontend);
+            assert!(selection.external && !selection.external_local, "{selection:?}");
+        }
+        assert!(!desired.selection(&key("10.96.0.50", 80, Protocol::Tcp)).external);
+        // Without a node: the ClusterIP alone, every endpoint local.
+        let plain = desired_state(&services, &slices);
+        assert_eq!(plain.services.len(), 1);
+        assert!(plain.services.values().flatten().all(|b| !b.remote));
+    }
+
+    #[test]
+    fn load_balancer_ips_and_external_traffic_policy_local() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let mut lb = exposed("lb", "10.96.0.51", "LoadBalancer", 30081, Some("Local"));
+        lb.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![
+                    LoadBalancerIngress {
+                        ip: Some("203.0.113.7".to_owned()),
+                        ..LoadBalancerIngress::default()
+                    },
+                    LoadBalancerIngress {
+                        hostname: Some("lb.example".to_owned()),
+                        ..LoadBalancerIngress::default()
+                    },
+                ]),
+            }),
+            ..ServiceStatus::default()
+        });
+        // A ClusterIP service's nodePort (left over after a type change) is no frontend.
+        let mut plain = exposed("plain", "10.96.0.52", "ClusterIP", 30082, None);
+        plain.spec.as_mut().unwrap().type_ = None;
+        let slices = [on_node(
+            slice(
+                "lb",
+                &[(None, 8080, "TCP")],
+                &[("10.244.1.2", None, None, None), ("10.244.2.2", None, None, None)],
+            ),
+            &["node-a", "node-b"],
+        )];
+        let desired = desired_state_for_node(&[lb, plain], &slices, &node());
+        let local = vec![Backend::active(ip("10.244.1.2"), 8080)];
+        for frontend in [
+            key("203.0.113.7", 80, Protocol::Tcp),
+            key("192.168.1.10", 30081, Protocol::Tcp),
+            key("192.168.2.10", 30081, Protocol::Tcp),
+        ] {
+            assert_eq!(desired.services[&frontend], local, "{frontend}");
+            let selection = desired.selection(&frontend);
+            assert!(selection.external && selection.external_local, "{selection:?}");
+        }
+        // The ClusterIP keeps both endpoints.
+        assert_eq!(desired.services[&key("10.96.0.51", 80, Protocol::Tcp)].len(), 2);
+        assert_eq!(desired.services.len(), 5, "{:?}", desired.services.keys());
     }
 }

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use weir_ebpf_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BACKENDS4_MAX_ENTRIES, Backend4Value, REV_NAT4_MAX_ENTRIES,
-    RevNat4Value, SCOPE_EXTERNAL, Service4Key, Service4Value,
+    BACKEND_FLAG_REMOTE, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BACKENDS4_MAX_ENTRIES, Backend4Value,
+    REV_NAT4_MAX_ENTRIES, RevNat4Value, SCOPE_EXTERNAL, Service4Key, Service4Value,
 };
 
 use super::model::{Backend, BackendState, Protocol, ServiceKey};
@@ -112,8 +112,10 @@ fn service_map_key(key: &ServiceKey, slot: usize) -> Service4Key {
     }
 }
 
-fn backend_value(addr: BackendAddr, state: BackendState) -> Backend4Value {
+fn backend_value(addr: BackendAddr, state: BackendState, remote: bool) -> Backend4Value {
     Backend4Value {
+        flags: if remote { BACKEND_FLAG_REMOTE } else { 0 },
+        pad: [0; 3],
         address: map_address(addr.address),
         port: map_port(addr.port),
         proto: addr.protocol.number(),
@@ -259,6 +261,7 @@ impl Index {
                         } else {
                             BackendState::Active
                         },
+                        remote: value.flags & BACKEND_FLAG_REMOTE != 0,
                     })
                 })
                 .collect(),
@@ -296,23 +299,23 @@ impl Index {
         flags: u8,
         affinity_timeout: u32,
     ) -> Result<Vec<Write>, IdsExhausted> {
-        let mut wanted: BTreeMap<(Ipv4Addr, u16), BackendState> = BTreeMap::new();
+        let mut wanted: BTreeMap<(Ipv4Addr, u16), (BackendState, bool)> = BTreeMap::new();
         for backend in backends {
             wanted
                 .entry((backend.address, backend.port))
-                .and_modify(|state| *state = (*state).min(backend.state))
-                .or_insert(backend.state);
+                .and_modify(|(state, _)| *state = (*state).min(backend.state))
+                .or_insert((backend.state, backend.remote));
         }
         let mut writes = Vec::new();
         let mut active = Vec::new();
         let mut terminating = Vec::new();
-        for ((address, port), state) in wanted {
+        for ((address, port), (state, remote)) in wanted {
             let addr = BackendAddr {
                 address,
                 port,
                 protocol: key.protocol,
             };
-            let id = self.backend_id(addr, state, &mut writes)?;
+            let id = self.backend_id(addr, state, remote, &mut writes)?;
             match state {
                 BackendState::Active => active.push(id),
                 BackendState::Terminating => terminating.push(id),
@@ -423,9 +426,10 @@ impl Index {
         &mut self,
         addr: BackendAddr,
         state: BackendState,
+        remote: bool,
         writes: &mut Vec<Write>,
     ) -> Result<BackendId, IdsExhausted> {
-        let value = backend_value(addr, state);
+        let value = backend_value(addr, state, remote);
         let id = match self.backend_ids.get(&addr) {
             Some(id) => *id,
             None => {
@@ -615,6 +619,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                 },
                 BackendState::Active,
+                false,
             ),
         ));
         let mut restored = Index::restore(services, backends, rev_nats);

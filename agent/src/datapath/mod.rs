@@ -1,12 +1,14 @@
 //! The userspace side of the eBPF service datapath: loads and attaches the socket-LB
-//! programs from `ebpf/`, pins them, and keeps the service maps equal to the services
-//! and endpoints of the cluster. It owns the pins under `<pin root>/<version>/`; it never
+//! programs from `ebpf/` (and, through [`Datapath::attach_external`], TC and XDP for
+//! NodePort/LoadBalancer traffic from outside), pins them, and keeps the service maps
+//! equal to the services and endpoints of the cluster. It owns the pins under `<pin root>/<version>/`; it never
 //! touches programs or maps it did not pin there.
 //!
 //! Everything is pinned, so translation goes on while no agent runs; a new
 //! [`Datapath::load`] reopens the pins and [`Datapath::reconcile`] writes only differences.
 
 mod desired;
+mod external;
 mod index;
 pub mod maglev;
 mod model;
@@ -22,11 +24,15 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{EbpfError, EbpfLoader};
 use tracing::{debug, info};
 use weir_ebpf_common::{
-    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, Backend4Value, DATAPATH_VERSION, MAGLEV_TABLE_SIZE, MAGLEV4,
-    REV_NAT4, RevNat4Value, SERVICE_FLAG_MAGLEV, SERVICES4, SOCK_PROGRAMS, Service4Key, Service4Value, maglev_key,
+    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, Backend4Value, CT4, Ct4Key, Ct4Value, DATAPATH_VERSION,
+    MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, RevNat4Value, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL,
+    SERVICE_FLAG_MAGLEV, SERVICES4, SOCK_PROGRAMS, STATS, Service4Key, Service4Value, maglev_key,
 };
 
-pub use desired::{LB_ALGORITHM_ANNOTATION, desired_state};
+pub use desired::{LB_ALGORITHM_ANNOTATION, NodeContext, desired_state, desired_state_for_node};
+pub use external::{
+    ConntrackEntry, ConntrackTimeouts, ExternalConfig, InterfaceAttachment, PacketStats, XdpAttachment, XdpPolicy,
+};
 pub use index::IdsExhausted;
 pub use model::{
     Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection as ServiceSelection, ServiceKey,
@@ -110,6 +116,25 @@ pub enum Error {
     },
     #[error(transparent)]
     IdsExhausted(#[from] IdsExhausted),
+    #[error("network interface {name:?} does not exist in this network namespace (see `ip link show`)")]
+    NoInterface { name: String },
+    #[error(
+        "{mode} XDP cannot be attached to {interface}: {source}; the driver may lack XDP support: \
+         use XdpPolicy::Auto (TC alone where XDP is missing) or XdpPolicy::Generic"
+    )]
+    XdpUnsupported {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "TC programs on {interface} were attached through netlink, whose links cannot be pinned to \
+         outlive the agent; TCX links need Linux 6.6 or newer"
+    )]
+    NoTcx { interface: String },
+    #[error("invalid datapath configuration: {0}")]
+    InvalidConfig(String),
 }
 
 /// The loaded (or reopened) datapath: typed handles on the pinned service maps and a
@@ -120,6 +145,9 @@ pub struct Datapath {
     rev_nat: BpfHashMap<MapData, u16, RevNat4Value>,
     maglev: BpfHashMap<MapData, u32, u32>,
     affinity: BpfHashMap<MapData, Affinity4Key, Affinity4Value>,
+    conntrack: BpfHashMap<MapData, Ct4Key, Ct4Value>,
+    node: external::NodeMap,
+    stats: external::StatsMap,
     index: Index,
     pin_dir: PathBuf,
 }
@@ -152,6 +180,9 @@ impl Datapath {
             rev_nat: open_map(&pin_dir, REV_NAT4)?,
             maglev: open_map(&pin_dir, MAGLEV4)?,
             affinity: open_lru_map(&pin_dir, AFFINITY4)?,
+            conntrack: open_lru_map(&pin_dir, CT4)?,
+            node: open_pinned(&pin_dir, NODE4, Map::Array)?,
+            stats: open_pinned(&pin_dir, STATS, Map::PerCpuArray)?,
             index: Index::default(),
             pin_dir,
         };
@@ -218,10 +249,16 @@ impl Datapath {
         backends: Vec<Backend>,
         selection: ServiceSelection,
     ) -> Result<usize, Error> {
-        let flags = match selection.algorithm {
+        let mut flags = match selection.algorithm {
             LbAlgorithm::Random => 0,
             LbAlgorithm::Maglev => SERVICE_FLAG_MAGLEV,
         };
+        if selection.external {
+            flags |= SERVICE_FLAG_EXTERNAL;
+            if selection.external_local {
+                flags |= SERVICE_FLAG_LOCAL;
+            }
+        }
         let old = self.index.selection_of(&key);
         let affinity_timeout = selection.affinity_timeout.unwrap_or(0);
         let writes = self.index.plan_upsert_flagged(key, &backends, flags, affinity_timeout);
@@ -475,6 +512,16 @@ fn open_lru_map<K: aya::Pod, V: aya::Pod>(
     let map_err = |source| Error::Map { name, source };
     let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
     BpfHashMap::try_from(Map::LruHashMap(data)).map_err(map_err)
+}
+
+fn open_pinned<T: TryFrom<Map, Error = MapError>>(
+    pin_dir: &Path,
+    name: &'static str,
+    kind: fn(MapData) -> Map,
+) -> Result<T, Error> {
+    let map_err = |source| Error::Map { name, source };
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
+    T::try_from(kind(data)).map_err(map_err)
 }
 
 fn collect<K: aya::Pod, V: aya::Pod>(

@@ -68,6 +68,9 @@ pub struct Backend {
     pub address: Ipv4Addr,
     pub port: u16,
     pub state: BackendState,
+    /// Runs on another node: NodePort/LoadBalancer traffic to it (externalTrafficPolicy
+    /// Cluster) is SNATed to the node so that replies come back through this node.
+    pub remote: bool,
 }
 
 impl Backend {
@@ -76,6 +79,7 @@ impl Backend {
             address,
             port,
             state: BackendState::Active,
+            remote: false,
         }
     }
 
@@ -84,7 +88,13 @@ impl Backend {
             address,
             port,
             state: BackendState::Terminating,
+            remote: false,
         }
+    }
+
+    /// The same backend, on another node.
+    pub fn on_remote_node(self) -> Backend {
+        Backend { remote: true, ..self }
     }
 }
 
@@ -106,6 +116,12 @@ pub struct Selection {
     /// sessionAffinity ClientIP: a client (its network namespace) keeps its backend while
     /// it reconnects within this many seconds. `None`: no affinity.
     pub affinity_timeout: Option<u32>,
+    /// A NodePort or LoadBalancer frontend: TC and XDP translate packets from outside the
+    /// node to it (socket-LB translates every frontend for local clients).
+    pub external: bool,
+    /// externalTrafficPolicy Local (with `external`): the backends given are this node's,
+    /// the client address reaches them unchanged, and without one the packet is dropped.
+    pub external_local: bool,
 }
 
 /// Everything the maps should hold: each service with its backends, sorted and without

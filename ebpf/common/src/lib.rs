@@ -9,7 +9,7 @@
 
 /// Pins live under `<pin root>/<DATAPATH_VERSION>/`: a program or map layout change bumps
 /// it, and the agent of a new version loads beside the old pins instead of misreading them.
-pub const DATAPATH_VERSION: &str = "v2";
+pub const DATAPATH_VERSION: &str = "v3";
 
 /// Service frontends and their backend slots: [`Service4Key`] → [`Service4Value`].
 pub const SERVICES4: &str = "SERVICES4";
@@ -23,6 +23,13 @@ pub const SOCK_REV_NAT4: &str = "SOCK_REV_NAT4";
 pub const AFFINITY4: &str = "AFFINITY4";
 /// Maglev lookup tables: [`maglev_key`]`(rev_nat_id, slot)` → backend id (`u32`).
 pub const MAGLEV4: &str = "MAGLEV4";
+/// Connection tracking of NodePort/LoadBalancer flows translated by TC or XDP, one entry
+/// per direction: [`Ct4Key`] → [`Ct4Value`], LRU.
+pub const CT4: &str = "CT4";
+/// The node's settings for TC and XDP: index 0 → [`Node4Config`].
+pub const NODE4: &str = "NODE4";
+/// Per-CPU packet counters of TC and XDP: `STAT_*` → `u64`.
+pub const STATS: &str = "STATS";
 
 pub const SERVICES4_MAX_ENTRIES: u32 = 65536;
 pub const BACKENDS4_MAX_ENTRIES: u32 = 65536;
@@ -33,10 +40,50 @@ pub const AFFINITY4_MAX_ENTRIES: u32 = 65536;
 pub const MAGLEV_TABLE_SIZE: u32 = 16381;
 /// Room for the tables of 64 Maglev services (allocated on use, not preallocated).
 pub const MAGLEV4_MAX_ENTRIES: u32 = 64 * MAGLEV_TABLE_SIZE;
+/// Two entries per flow: room for 131072 flows before LRU eviction starts.
+pub const CT4_MAX_ENTRIES: u32 = 262144;
+pub const STATS_MAX_ENTRIES: u32 = 8;
 
 /// Frontend flag (slot 0 `flags`): choose the backend from the service's Maglev table by
 /// a hash of the client's network namespace instead of at random.
 pub const SERVICE_FLAG_MAGLEV: u8 = 1;
+/// Frontend flag: a NodePort or LoadBalancer frontend, which TC and XDP translate for
+/// packets from outside the node (they leave every other frontend alone).
+pub const SERVICE_FLAG_EXTERNAL: u8 = 2;
+/// Frontend flag: externalTrafficPolicy Local. Its backends are this node's only, the
+/// client address is kept (no SNAT), and with no backend the packet is dropped.
+pub const SERVICE_FLAG_LOCAL: u8 = 4;
+
+/// Backend flag: the backend runs on another node. External traffic to it gets its
+/// source rewritten to the node's SNAT address, so replies come back through this node.
+pub const BACKEND_FLAG_REMOTE: u8 = 1;
+
+/// Affinity keys of TC/XDP clients carry `AFFINITY_CLIENT_IP | client IPv4` in
+/// `netns_cookie`: netns cookies are small counters, so the two never meet.
+pub const AFFINITY_CLIENT_IP: u64 = 1 << 63;
+
+/// Conntrack flag: the entry is the reply direction of a flow.
+pub const CT_FLAG_REPLY: u8 = 1;
+/// Conntrack flag: the flow's source was rewritten to the node's SNAT address.
+pub const CT_FLAG_SNAT: u8 = 2;
+/// Conntrack flag: a FIN or RST went through in this direction.
+pub const CT_FLAG_CLOSING: u8 = 4;
+/// Conntrack flag: the entry applies at egress (TC egress), not at ingress (XDP, TC ingress).
+pub const CT_FLAG_EGRESS: u8 = 8;
+/// Conntrack flag (forward direction): the last packet through the entry was a TCP SYN, so
+/// a SYN-ACK in the reply direction belongs to this flow.
+pub const CT_FLAG_SYN: u8 = 16;
+
+/// STATS indices.
+pub const STAT_XDP_NEW: u32 = 0;
+pub const STAT_XDP_TRACKED: u32 = 1;
+pub const STAT_TC_INGRESS_NEW: u32 = 2;
+pub const STAT_TC_INGRESS_TRACKED: u32 = 3;
+pub const STAT_TC_EGRESS_TRACKED: u32 = 4;
+/// Dropped: a frontend with no backend to send to (eTP Local on a node without one).
+pub const STAT_DROP_NO_BACKEND: u32 = 5;
+/// Dropped: no free SNAT port, no SNAT address, or a conntrack insert failed.
+pub const STAT_DROP_NO_SNAT: u32 = 6;
 
 /// The MAGLEV4 key of `slot` (< [`MAGLEV_TABLE_SIZE`]) in the table of the service with
 /// reverse-NAT id `rev_nat_id`.
@@ -54,13 +101,22 @@ pub const PROG_RECVMSG4: &str = "sock_recvmsg4";
 /// cgroup/getpeername4: reports the service address as the peer of a translated socket.
 pub const PROG_GETPEERNAME4: &str = "sock_getpeername4";
 
+/// TC (clsact/TCX) ingress on an external interface: NodePort/LoadBalancer DNAT (and SNAT
+/// for remote backends), reverse NAT of replies that come back from other nodes.
+pub const PROG_TC_INGRESS: &str = "tc_ingress";
+/// TC egress on an external interface: reverse NAT of replies from local backends.
+pub const PROG_TC_EGRESS: &str = "tc_egress";
+/// XDP on an external interface: the same translation as tc_ingress, earlier.
+pub const PROG_XDP: &str = "xdp_ingress";
+
 /// Every socket-LB program, in the order the agent attaches them.
 pub const SOCK_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_SENDMSG4, PROG_RECVMSG4, PROG_GETPEERNAME4];
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Traffic from anywhere (ClusterIP). Node-local scopes (internalTrafficPolicy) come later.
+/// Traffic from anywhere (ClusterIP, and NodePort/LoadBalancer frontends flagged
+/// [`SERVICE_FLAG_EXTERNAL`]). Node-local scopes (internalTrafficPolicy) come later.
 pub const SCOPE_EXTERNAL: u8 = 0;
 
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
@@ -125,6 +181,9 @@ pub struct Backend4Value {
     pub proto: u8,
     /// `BACKEND_STATE_*`.
     pub state: u8,
+    /// `BACKEND_FLAG_*`.
+    pub flags: u8,
+    pub pad: [u8; 3],
 }
 
 /// The frontend a reply must appear to come from.
@@ -161,6 +220,56 @@ pub struct SockRevNat4Value {
     pub rev_nat_id: u16,
 }
 
+/// One direction of a flow as it appears on the wire. Addresses and ports in network
+/// byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// What to do with a packet matching the key at the hook `CT_FLAG_EGRESS` names: rewrite
+/// its source to `saddr:sport` when `saddr` is not 0, its destination to `daddr:dport`
+/// when `daddr` is not 0. A flow has two entries (DNAT at ingress, reverse at egress) or,
+/// with SNAT, four (plus SNAT at egress, reverse SNAT at ingress). `peer` is the entry of
+/// the other direction at the other hook, so a pair is aged and removed together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ct4Value {
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last packet in this direction.
+    pub last_seen_ns: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub peer: Ct4Key,
+    pub rev_nat_id: u16,
+    /// `CT_FLAG_*`.
+    pub flags: u8,
+    pub pad: u8,
+    /// The flow's backend: a DNAT entry whose backend left BACKENDS4 (or whose id now
+    /// names another backend) is dropped, and the packet balanced again.
+    pub backend_id: u32,
+    pub pad2: u32,
+}
+
+/// The node's TC/XDP settings, written by the agent when it attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Node4Config {
+    /// The address remote backends see as the source, network byte order; 0 = unset
+    /// (flows to remote backends are dropped).
+    pub snat_address: u32,
+    /// SNAT source ports, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -175,6 +284,9 @@ mod pod {
     unsafe impl aya::Pod for SockRevNat4Value {}
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity4Value {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct4Value {}
+    unsafe impl aya::Pod for Node4Config {}
 }
 
 #[cfg(test)]
@@ -188,7 +300,10 @@ mod tests {
         assert_eq!(size_of::<Service4Value>(), 4 + 2 + 2 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<Affinity4Key>(), 8 + 2 + 6);
         assert_eq!(size_of::<Affinity4Value>(), 8 + 4 + 4);
-        assert_eq!(size_of::<Backend4Value>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<Backend4Value>(), 4 + 2 + 1 + 1 + 1 + 3);
+        assert_eq!(size_of::<Ct4Key>(), 4 + 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<Ct4Value>(), 8 + 4 + 4 + 2 + 2 + 16 + 2 + 1 + 1 + 4 + 4);
+        assert_eq!(size_of::<Node4Config>(), 4 + 2 + 2);
         assert_eq!(size_of::<RevNat4Value>(), 4 + 2 + 2);
         assert_eq!(size_of::<SockRevNat4Key>(), 8 + 4 + 2 + 2);
         assert_eq!(size_of::<SockRevNat4Value>(), 4 + 2 + 2);

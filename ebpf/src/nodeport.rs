@@ -1,0 +1,376 @@
+//! NodePort and LoadBalancer traffic from outside the node, per packet: the logic TC and
+//! XDP share, written once over [`Packet`] (TC edits through the skb helpers, which also
+//! fix checksums; XDP edits the packet memory and updates checksums itself).
+//!
+//! A packet whose 5-tuple is in CT4 gets that entry's rewrite. Otherwise, at ingress, a
+//! packet to a frontend flagged `SERVICE_FLAG_EXTERNAL` starts a flow: a backend is chosen
+//! as for socket-LB (random, Maglev over the flow, affinity by client IP) and the entries
+//! go into CT4:
+//!
+//! ```text
+//!  ingress  client:cp  → frontend:fp   DNAT to backend:bp
+//!  egress   backend:bp → client:cp     source back to frontend:fp
+//!  and for a remote backend (SNAT):
+//!  egress   client:cp  → backend:bp    source to snat:sp (sp free in the range)
+//!  ingress  backend:bp → snat:sp       destination back to client:cp
+//! ```
+//!
+//! Only destinations change at ingress and only sources at egress, so after every rewrite
+//! the kernel routes the packet as any router would (routes, neighbours, TTL, ICMP stay
+//! its business). A source rewritten at ingress to a node address (SNAT, or the frontend
+//! on a reply) would be dropped by the kernel as a martian source; sending such packets out
+//! from the program needs bpf_fib_lookup, which is GPL-only, and these programs are
+//! Apache-2.0. The price: the interfaces towards other nodes must carry TC egress too.
+//!
+//! Not handled (passed to the kernel untouched): IPv6, IP fragments, protocols other than
+//! TCP and UDP, and (XDP only) IPv4 headers with options, which TC then translates.
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use weir_ebpf_common::{
+    AFFINITY_CLIENT_IP, BACKEND_FLAG_REMOTE, CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, CT_FLAG_SYN,
+    Ct4Key, Ct4Value, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, STAT_DROP_NO_BACKEND,
+    STAT_DROP_NO_SNAT,
+};
+
+use crate::maps::{BACKENDS4, CT4, NODE4, STATS};
+use crate::service::{Selection, lookup_frontend, mix64, select_backend};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IP_SADDR: usize = ETH_HLEN + 12;
+const IP_DADDR: usize = ETH_HLEN + 16;
+pub const IP_CSUM: usize = ETH_HLEN + 10;
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// How recent the forward direction's last packet must be for a SYN-ACK to belong to it:
+/// covers the server's SYN-ACK retransmissions (1 s, then 2 s more).
+const SYN_ACK_WINDOW_NS: u64 = 3_000_000_000;
+/// Free SNAT ports tried per new flow before it is dropped.
+const SNAT_ATTEMPTS: u32 = 8;
+
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    TcIngress,
+    TcEgress,
+}
+
+/// Where the L4 checksum is and how it behaves.
+#[derive(Clone, Copy)]
+pub struct L4Csum {
+    pub offset: usize,
+    /// UDP: a zero checksum means "none" and must stay zero; a computed zero is sent as 0xffff.
+    pub udp: bool,
+}
+
+/// Reading and rewriting one packet. Offsets count from the Ethernet header.
+pub trait Packet {
+    /// Whether IPv4 headers with options (variable L4 offsets) can be handled.
+    const IP_OPTIONS: bool;
+    fn load<T: Copy>(&self, offset: usize) -> Option<T>;
+    /// Replaces the 4 bytes at `offset` (an address, `old` → `new`, network order) and
+    /// updates the IPv4 header checksum and the L4 checksum (pseudo-header).
+    fn set_addr(&mut self, offset: usize, csum: L4Csum, old: u32, new: u32) -> Option<()>;
+    /// Replaces the 2 bytes at `offset` (a port) and updates the L4 checksum.
+    fn set_port(&mut self, offset: usize, csum: L4Csum, old: u16, new: u16) -> Option<()>;
+}
+
+#[inline(always)]
+fn count(stat: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(stat) {
+        // SAFETY: a per-CPU slot of this CPU; nothing else writes it while we run.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Translates one packet at `hook`; `new_stat`/`tracked_stat` count new flows and
+/// packets of known flows.
+#[inline(always)]
+pub fn process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: u32) -> Verdict {
+    match try_process(pkt, hook, new_stat, tracked_stat) {
+        Some(verdict) => verdict,
+        // A packet too short for its headers, or a failed rewrite: the kernel decides.
+        None => Verdict::Pass,
+    }
+}
+
+#[inline(always)]
+fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: u32) -> Option<Verdict> {
+    if pkt.load::<u16>(12)? != ETH_P_IP.to_be() {
+        return Some(Verdict::Pass);
+    }
+    let version_ihl: u8 = pkt.load(ETH_HLEN)?;
+    if version_ihl >> 4 != 4 {
+        return Some(Verdict::Pass);
+    }
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if ihl < 20 || (ihl != 20 && !P::IP_OPTIONS) {
+        return Some(Verdict::Pass);
+    }
+    // More-fragments or a fragment offset: only the first fragment has ports.
+    let frag: u16 = pkt.load(ETH_HLEN + 6)?;
+    if frag & 0x3fffu16.to_be() != 0 {
+        return Some(Verdict::Pass);
+    }
+    let proto: u8 = pkt.load(ETH_HLEN + 9)?;
+    let l4 = ETH_HLEN + ihl;
+    let csum = match proto {
+        PROTO_TCP => L4Csum {
+            offset: l4 + 16,
+            udp: false,
+        },
+        PROTO_UDP => L4Csum {
+            offset: l4 + 6,
+            udp: true,
+        },
+        _ => return Some(Verdict::Pass),
+    };
+    let key = Ct4Key {
+        saddr: pkt.load(IP_SADDR)?,
+        daddr: pkt.load(IP_DADDR)?,
+        sport: pkt.load(l4)?,
+        dport: pkt.load(l4 + 2)?,
+        proto,
+        pad: [0; 3],
+    };
+    let tcp_flags: u8 = if proto == PROTO_TCP { pkt.load(l4 + 13)? } else { 0 };
+    let closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+    let syn = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    let syn_ack = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if let Some(ptr) = CT4.get_ptr_mut(key) {
+        // SAFETY: a map value pointer from a successful lookup; copied out at once.
+        let entry = unsafe { *ptr };
+        if (entry.flags & CT_FLAG_EGRESS != 0) != (hook == Hook::TcEgress) {
+            // Another hook's entry (e.g. TC ingress after XDP translated the packet).
+            return Some(Verdict::Pass);
+        }
+        let dnat = entry.flags & (CT_FLAG_REPLY | CT_FLAG_EGRESS) == 0;
+        let stale = if dnat {
+            // A new connection on a tracked tuple is balanced anew (a retransmitted SYN,
+            // after a SYN, is not), as is a flow whose backend went away (the flow's
+            // other entries age out).
+            (syn && entry.flags & CT_FLAG_SYN == 0) || !backend_still_there(&entry)
+        } else {
+            // A SYN-ACK answers a SYN that just went through this flow; otherwise it
+            // belongs to a connection that only reuses the tuple (say, a client that now
+            // talks to the backend directly) and must not be rewritten.
+            syn_ack && entry.flags & CT_FLAG_REPLY != 0 && !syn_just_sent(&entry.peer, now)
+        };
+        if !stale {
+            // SAFETY: as above; plain stores into it are how BPF programs update entries
+            // in place (a racing update only loses a timestamp).
+            unsafe {
+                (*ptr).last_seen_ns = now;
+                if closing {
+                    (*ptr).flags |= CT_FLAG_CLOSING;
+                }
+                if entry.flags & CT_FLAG_REPLY == 0 {
+                    (*ptr).flags = if syn {
+                        (*ptr).flags | CT_FLAG_SYN
+                    } else {
+                        (*ptr).flags & !CT_FLAG_SYN
+                    };
+                }
+            }
+            rewrite(pkt, l4, csum, &key, &entry)?;
+            count(tracked_stat);
+            return Some(Verdict::Pass);
+        }
+        let _ = CT4.remove(key);
+        if !dnat {
+            return Some(Verdict::Pass);
+        }
+    }
+    if hook == Hook::TcEgress {
+        return Some(Verdict::Pass);
+    }
+
+    let Some((service_key, frontend)) = lookup_frontend(key.daddr, key.dport, proto) else {
+        return Some(Verdict::Pass);
+    };
+    if frontend.flags & SERVICE_FLAG_EXTERNAL == 0 {
+        return Some(Verdict::Pass);
+    }
+    // Maglev spreads flows (not clients): the 5-tuple minus the fixed frontend half.
+    let flow_hash = mix64((u64::from(key.saddr) << 32) | (u64::from(key.sport) << 16) | u64::from(proto));
+    let client = AFFINITY_CLIENT_IP | u64::from(key.saddr);
+    let (backend, backend_id, rev_nat_id) = match select_backend(service_key, frontend, client, flow_hash) {
+        Selection::Backend {
+            backend,
+            backend_id,
+            rev_nat_id,
+        } => (backend, backend_id, rev_nat_id),
+        Selection::NoBackend => {
+            count(STAT_DROP_NO_BACKEND);
+            return Some(Verdict::Drop);
+        }
+    };
+
+    let snat = frontend.flags & SERVICE_FLAG_LOCAL == 0 && backend.flags & BACKEND_FLAG_REMOTE != 0;
+    let flags = if snat { CT_FLAG_SNAT } else { 0 };
+    let syn_flag = if syn { CT_FLAG_SYN } else { 0 };
+    // Client → backend after DNAT, and backend → client before the reverse rewrite.
+    let dnatted = Ct4Key {
+        daddr: backend.address,
+        dport: backend.port,
+        ..key
+    };
+    let reply = Ct4Key {
+        saddr: backend.address,
+        daddr: key.saddr,
+        sport: backend.port,
+        dport: key.sport,
+        proto,
+        pad: [0; 3],
+    };
+    let forward = Ct4Value {
+        last_seen_ns: now,
+        saddr: 0,
+        daddr: backend.address,
+        sport: 0,
+        dport: backend.port,
+        peer: reply,
+        rev_nat_id,
+        flags: flags | syn_flag,
+        pad: 0,
+        backend_id,
+        pad2: 0,
+    };
+    let reverse = Ct4Value {
+        last_seen_ns: now,
+        saddr: key.daddr,
+        daddr: 0,
+        sport: key.dport,
+        dport: 0,
+        peer: key,
+        rev_nat_id,
+        flags: flags | CT_FLAG_REPLY | CT_FLAG_EGRESS,
+        pad: 0,
+        backend_id,
+        pad2: 0,
+    };
+    if snat {
+        let mut snat_reply = Ct4Key {
+            saddr: backend.address,
+            sport: backend.port,
+            ..reply
+        };
+        let Some((address, port)) = snat_port(&mut snat_reply) else {
+            count(STAT_DROP_NO_SNAT);
+            return Some(Verdict::Drop);
+        };
+        let snat_forward = Ct4Value {
+            last_seen_ns: now,
+            saddr: address,
+            daddr: 0,
+            sport: port,
+            dport: 0,
+            peer: snat_reply,
+            rev_nat_id,
+            flags: flags | syn_flag | CT_FLAG_EGRESS,
+            pad: 0,
+            backend_id,
+            pad2: 0,
+        };
+        let snat_reverse = Ct4Value {
+            last_seen_ns: now,
+            saddr: 0,
+            daddr: key.saddr,
+            sport: 0,
+            dport: key.sport,
+            peer: dnatted,
+            rev_nat_id,
+            flags: flags | CT_FLAG_REPLY,
+            pad: 0,
+            backend_id,
+            pad2: 0,
+        };
+        if CT4.insert(snat_reply, snat_reverse, 0).is_err() || CT4.insert(dnatted, snat_forward, 0).is_err() {
+            count(STAT_DROP_NO_SNAT);
+            return Some(Verdict::Drop);
+        }
+    }
+    // Replies can only come after the forward packet went out: reverse entries first.
+    if CT4.insert(reply, reverse, 0).is_err() || CT4.insert(key, forward, 0).is_err() {
+        count(STAT_DROP_NO_SNAT);
+        return Some(Verdict::Drop);
+    }
+    rewrite(pkt, l4, csum, &key, &forward)?;
+    count(new_stat);
+    Some(Verdict::Pass)
+}
+
+/// Whether the backend a DNAT entry sends to is still a backend.
+#[inline(always)]
+fn backend_still_there(entry: &Ct4Value) -> bool {
+    // SAFETY: a map value pointer from a successful lookup, read at once.
+    BACKENDS4
+        .get_ptr(entry.backend_id)
+        .is_some_and(|backend| unsafe { (*backend).address == entry.daddr && (*backend).port == entry.dport })
+}
+
+/// Whether the last packet through the forward entry `key` was a SYN, in the last
+/// [`SYN_ACK_WINDOW_NS`].
+#[inline(always)]
+fn syn_just_sent(key: &Ct4Key, now: u64) -> bool {
+    // SAFETY: a map value pointer from a successful lookup, read at once.
+    CT4.get_ptr(*key).is_some_and(|entry| unsafe {
+        (*entry).flags & CT_FLAG_SYN != 0 && now.wrapping_sub((*entry).last_seen_ns) < SYN_ACK_WINDOW_NS
+    })
+}
+
+/// A SNAT address and a source port (network order) for a flow whose reply (backend →
+/// node) key is `reply_key`, which gets them as its destination: random in the configured
+/// range, free when no reply entry uses it yet.
+#[inline(always)]
+fn snat_port(reply_key: &mut Ct4Key) -> Option<(u32, u16)> {
+    // SAFETY: an array map value pointer; copied out at once.
+    let config = unsafe { *NODE4.get_ptr(0)? };
+    if config.snat_address == 0 || config.snat_port_max < config.snat_port_min {
+        return None;
+    }
+    let span = u32::from(config.snat_port_max - config.snat_port_min) + 1;
+    // SAFETY: a helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    reply_key.daddr = config.snat_address;
+    for attempt in 0..SNAT_ATTEMPTS {
+        let port = config.snat_port_min + (start.wrapping_add(attempt) % span) as u16;
+        reply_key.dport = port.to_be();
+        if CT4.get_ptr(*reply_key).is_none() {
+            return Some((config.snat_address, port.to_be()));
+        }
+    }
+    None
+}
+
+/// Applies `entry`'s rewrite to a packet whose tuple is `key`.
+#[inline(always)]
+fn rewrite<P: Packet>(pkt: &mut P, l4: usize, csum: L4Csum, key: &Ct4Key, entry: &Ct4Value) -> Option<()> {
+    if entry.saddr != 0 {
+        if entry.saddr != key.saddr {
+            pkt.set_addr(IP_SADDR, csum, key.saddr, entry.saddr)?;
+        }
+        if entry.sport != key.sport {
+            pkt.set_port(l4, csum, key.sport, entry.sport)?;
+        }
+    }
+    if entry.daddr != 0 {
+        if entry.daddr != key.daddr {
+            pkt.set_addr(IP_DADDR, csum, key.daddr, entry.daddr)?;
+        }
+        if entry.dport != key.dport {
+            pkt.set_port(l4 + 2, csum, key.dport, entry.dport)?;
+        }
+    }
+    Some(())
+}
