@@ -194,34 +194,67 @@ struct Seen {
     marked: HashSet<String>,
 }
 
-/// Watches the pods of `ns` and keeps `seen` current, until the response ends or is dropped.
-async fn watch_pods(mut response: reqwest::Response, seen: Arc<Mutex<Seen>>) {
-    let mut buffer: Vec<u8> = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buffer.drain(..=end).collect();
-            let Ok(event) = serde_json::from_slice::<Value>(&line) else {
-                continue;
-            };
-            let pod = &event["object"];
-            let Some(name) = pod.pointer("/metadata/name").and_then(Value::as_str) else {
-                continue;
-            };
-            let bound = pod
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .is_some_and(|n| !n.is_empty());
-            let marked = pod
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "PodScheduled" && c["status"] == "False"));
-            let mut seen = seen.lock().expect("not poisoned");
-            if bound {
-                seen.bound.insert(name.to_string());
-            }
-            if marked {
-                seen.marked.insert(name.to_string());
+/// Records what one pod object shows.
+fn note(seen: &Mutex<Seen>, pod: &Value) {
+    let Some(name) = pod.pointer("/metadata/name").and_then(Value::as_str) else {
+        return;
+    };
+    let bound = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    let marked = pod
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "PodScheduled" && c["status"] == "False")
+        });
+    let mut seen = seen.lock().expect("not poisoned");
+    if bound {
+        seen.bound.insert(name.to_string());
+    }
+    if marked {
+        seen.marked.insert(name.to_string());
+    }
+}
+
+/// Keeps `seen` current for the pods of `ns` as a reflector does: LIST, then WATCH from the
+/// list's resourceVersion, and again whenever the server ends the watch (it ends watches that
+/// fall behind, as Kubernetes does). Runs until aborted.
+async fn watch_pods(client: reqwest::Client, url: String, seen: Arc<Mutex<Seen>>) {
+    loop {
+        let listed: Result<Value> = async {
+            let response = client.get(&url).send().await?.error_for_status()?;
+            Ok(response.json::<Value>().await?)
+        }
+        .await;
+        let Ok(list) = listed else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        for pod in list["items"].as_array().into_iter().flatten() {
+            note(&seen, pod);
+        }
+        let rv = list
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let Ok(mut response) = client
+            .get(format!("{url}?watch=1&resourceVersion={rv}"))
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let mut buffer: Vec<u8> = Vec::new();
+        while let Ok(Some(chunk)) = response.chunk().await {
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                if let Ok(event) = serde_json::from_slice::<Value>(&line) {
+                    note(&seen, &event["object"]);
+                }
             }
         }
     }
@@ -238,15 +271,9 @@ impl Drop for AbortOnDrop {
 
 async fn start_watch(server: &BenchServer, ns: &str) -> Result<(Arc<Mutex<Seen>>, AbortOnDrop)> {
     let client = server.client(None)?;
-    let response = client
-        .get(server.url(&format!("/api/v1/namespaces/{ns}/pods?watch=1")))
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("watching pods in {ns}: HTTP {}", response.status());
-    }
+    let url = server.url(&format!("/api/v1/namespaces/{ns}/pods"));
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let task = tokio::spawn(watch_pods(response, seen.clone()));
+    let task = tokio::spawn(watch_pods(client, url, seen.clone()));
     Ok((seen, AbortOnDrop(task)))
 }
 
