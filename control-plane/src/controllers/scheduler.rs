@@ -548,6 +548,28 @@ pub fn node_states(
 }
 
 /// The PodScheduled=False condition to write, unless the pod already carries it.
+/// What decides whether a pod fits anywhere, for pods whose failure to fit cannot be undone by
+/// placing other pods in the same pass (placements only fill nodes and add anti-affinity); None
+/// for pods with required pod affinity or claims, which placements can satisfy. Pods of one
+/// template share a key, so 10,000 pending replicas cost one search per pass, not 10,000.
+fn equivalence_key(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    if spec.affinity.as_ref().is_some_and(|a| a.pod_affinity.is_some()) || volumes::uses_claims(pod) {
+        return None;
+    }
+    let load = PodLoad::of(pod);
+    serde_json::to_string(&(
+        pod.metadata.namespace.as_deref(),
+        &pod.metadata.labels,
+        &spec.node_selector,
+        &spec.affinity,
+        &spec.tolerations,
+        &spec.scheduler_name,
+        (load.exact.cpu_milli, load.exact.memory),
+    ))
+    .ok()
+}
+
 /// Whether the pod carries `PodScheduled=False`.
 fn is_marked_unschedulable(pod: &Pod) -> bool {
     pod.status
@@ -686,10 +708,22 @@ impl Scheduler {
                 .then_with(|| a.name_any().cmp(&b.name_any()))
         });
         let mut marks = Vec::new();
+        // Keys of pods found to fit nowhere in this pass, with the reason.
+        let mut unfit: HashMap<String, String> = HashMap::new();
         for pod in pending {
-            let start = self.next_start;
-            self.next_start = (self.next_start + nodes_to_find(states.len())) % states.len().max(1);
-            match schedule_from(pod, &states, &cluster, start) {
+            let key = equivalence_key(pod);
+            let decision = match key.as_ref().and_then(|k| unfit.get(k)) {
+                Some(message) => Decision::Unschedulable(message.clone()),
+                None => {
+                    let start = self.next_start;
+                    self.next_start = (self.next_start + nodes_to_find(states.len())) % states.len().max(1);
+                    schedule_from(pod, &states, &cluster, start)
+                }
+            };
+            if let (Some(key), Decision::Unschedulable(message)) = (key, &decision) {
+                unfit.insert(key, message.clone());
+            }
+            match decision {
                 Decision::Bind(i) => {
                     states[i].add(pod, PodLoad::of(pod));
                     cluster.placed.add(pod.clone(), i, &cluster.namespaces);
@@ -989,6 +1023,35 @@ mod tests {
             effect: effect.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn replicas_of_one_template_share_an_equivalence_key() {
+        let a = labeled(pod("100m", "64Mi"), &[("app", "web")]);
+        let mut b = a.clone();
+        b.metadata.name = Some("other".into());
+        assert!(equivalence_key(&a).is_some());
+        assert_eq!(equivalence_key(&a), equivalence_key(&b));
+        assert_ne!(
+            equivalence_key(&a),
+            equivalence_key(&labeled(pod("100m", "64Mi"), &[("app", "db")]))
+        );
+        assert_ne!(equivalence_key(&a), equivalence_key(&pod("200m", "64Mi")));
+        // Placing other pods can satisfy required pod affinity: no sharing.
+        let affine = with_affinity(
+            a.clone(),
+            Affinity {
+                pod_affinity: Some(k8s_openapi::api::core::v1::PodAffinity {
+                    required_during_scheduling_ignored_during_execution: Some(vec![term(
+                        "kubernetes.io/hostname",
+                        "db",
+                    )]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        assert_eq!(equivalence_key(&affine), None);
     }
 
     #[test]

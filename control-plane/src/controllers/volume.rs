@@ -800,12 +800,29 @@ pub async fn run(client: Client) -> Result<()> {
         .default_backoff()
         .map(|_| ())
         .boxed(),
+        // Only nodes that appear or go matter (a selected node that is gone); node status
+        // updates are frequent and change nothing here.
         reflector(
             node_writer,
             watcher(Api::all(client.clone()), watcher::Config::default()),
         )
         .default_backoff()
-        .map(|_| ())
+        .filter_map({
+            let mut known: HashSet<String> = HashSet::new();
+            move |e| {
+                futures::future::ready(match e {
+                    Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => {
+                        known.insert(n.name_any()).then_some(())
+                    }
+                    Ok(watcher::Event::Delete(n)) => {
+                        known.remove(&n.name_any());
+                        Some(())
+                    }
+                    Ok(watcher::Event::InitDone) => Some(()),
+                    _ => None,
+                })
+            }
+        })
         .boxed(),
         // Only bindings and deletions of pods that mount claims matter (claims in use); pods
         // change often, so the pass runs on those only.

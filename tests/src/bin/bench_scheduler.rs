@@ -206,10 +206,7 @@ fn note(seen: &Mutex<Seen>, pod: &Value) {
     let marked = pod
         .pointer("/status/conditions")
         .and_then(Value::as_array)
-        .is_some_and(|c| {
-            c.iter()
-                .any(|c| c["type"] == "PodScheduled" && c["status"] == "False")
-        });
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "PodScheduled" && c["status"] == "False"));
     let mut seen = seen.lock().expect("not poisoned");
     if bound {
         seen.bound.insert(name.to_string());
@@ -240,11 +237,7 @@ async fn watch_pods(client: reqwest::Client, url: String, seen: Arc<Mutex<Seen>>
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let Ok(mut response) = client
-            .get(format!("{url}?watch=1&resourceVersion={rv}"))
-            .send()
-            .await
-        else {
+        let Ok(mut response) = client.get(format!("{url}?watch=1&resourceVersion={rv}")).send().await else {
             continue;
         };
         let mut buffer: Vec<u8> = Vec::new();
