@@ -102,7 +102,10 @@ impl WatchCache {
                 objects.insert(kv.key, Arc::new(obj));
             }
         }
-        let (events, _) = broadcast::channel(16_384);
+        // Watchers that fall further behind than this are ended (410, relist). A burst of
+        // 10,000 pods bound with their Events is ~30,000 events; the in-process controllers
+        // must ride it out without relisting (which would only add load).
+        let (events, _) = broadcast::channel(65_536);
         let (revision_tx, _) = watch::channel(revision);
         let cache = Arc::new(WatchCache {
             state: RwLock::new(State {

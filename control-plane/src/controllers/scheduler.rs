@@ -6,7 +6,7 @@
 mod affinity;
 mod volumes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ pub const SCHEDULER_NAME: &str = "default-scheduler";
 /// request-less pods still spread by load.
 const DEFAULT_CPU_MILLI: i64 = 100;
 const DEFAULT_MEMORY: i64 = 200 * 1024 * 1024;
+/// The shortest time between two scheduling passes.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(20);
 /// How often the message of a pod already reported unschedulable may be rewritten.
 const REMARK_INTERVAL: Duration = Duration::from_secs(30);
 /// Bindings in flight at once.
@@ -526,11 +528,38 @@ pub fn schedule_from(pod: &Pod, nodes: &[NodeState], cluster: &Cluster, start: u
 
 /// Every node with what the bound pods (and those bound by this scheduler but not yet seen in
 /// the cache, `assumed`) take of it, and those pods indexed for affinity.
+/// Pods' loads by uid, kept across passes while the pod's resourceVersion stays the same: with
+/// thousands of bound pods, parsing every request again on every pass dominated its cost.
+#[derive(Default)]
+pub struct LoadCache(HashMap<String, (String, PodLoad)>);
+
+impl LoadCache {
+    pub fn load(&mut self, pod: &Pod) -> PodLoad {
+        let (Some(uid), Some(rv)) = (pod.metadata.uid.as_ref(), pod.metadata.resource_version.as_ref()) else {
+            return PodLoad::of(pod);
+        };
+        match self.0.get(uid) {
+            Some((cached_rv, load)) if cached_rv == rv => *load,
+            _ => {
+                let load = PodLoad::of(pod);
+                self.0.insert(uid.clone(), (rv.clone(), load));
+                load
+            }
+        }
+    }
+
+    /// Forgets pods not in `live`.
+    pub fn retain(&mut self, live: &HashSet<&str>) {
+        self.0.retain(|uid, _| live.contains(uid.as_str()));
+    }
+}
+
 pub fn node_states(
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
     assumed: &HashMap<String, Assumed>,
     namespaces: &NamespaceLabels,
+    loads: &mut LoadCache,
 ) -> (Vec<NodeState>, PlacedPods) {
     let mut states: Vec<NodeState> = nodes.iter().cloned().map(NodeState::new).collect();
     states.sort_by_key(|s| s.name());
@@ -540,7 +569,7 @@ pub fn node_states(
     let assumed = assumed.values().map(|a| (&a.pod, a.node.as_str()));
     for (pod, node) in bound.chain(assumed) {
         if let Some(&i) = index.get(node) {
-            states[i].add(pod, PodLoad::of(pod));
+            states[i].add(pod, loads.load(pod));
             placed.add(pod.clone(), i, namespaces);
         }
     }
@@ -630,6 +659,7 @@ struct Scheduler {
     marked: HashMap<String, Instant>,
     /// Where the next pod's search for fitting nodes starts.
     next_start: usize,
+    loads: LoadCache,
 }
 
 enum Outcome {
@@ -683,7 +713,9 @@ impl Scheduler {
                 ClaimsOnNode::Conflict => false,
             }
         });
-        let (mut states, placed) = node_states(&nodes, &pods, &self.assumed, &namespaces);
+        let uids: HashSet<&str> = pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+        self.loads.retain(&uids);
+        let (mut states, placed) = node_states(&nodes, &pods, &self.assumed, &namespaces, &mut self.loads);
         let mut storage = storage;
         let occupying = pods.iter().filter(|p| bound_node(p).is_some());
         for pod in occupying.chain(self.assumed.values().map(|a| &a.pod)) {
@@ -889,7 +921,13 @@ pub async fn run(client: Client) -> Result<()> {
                     watcher(Api::<$kind>::all(client.clone()), watcher::Config::default()),
                 )
                 .default_backoff()
-                .map(|_| ())
+                // A (re)list replays every object; one wake-up when it is done is enough.
+                .filter_map(|e| {
+                    futures::future::ready(match e {
+                        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
+                        _ => Some(()),
+                    })
+                })
                 .boxed(),
             );
             store
@@ -924,17 +962,22 @@ pub async fn run(client: Client) -> Result<()> {
         assumed: HashMap::new(),
         marked: HashMap::new(),
         next_start: 0,
+        loads: LoadCache::default(),
     };
     let result = loop {
         if watching.is_finished() {
             break Err(Error::Ended("the scheduler's watches"));
         }
+        let started = tokio::time::Instant::now();
         if let Err(e) = scheduler.pass().await {
             tracing::warn!(error = %e, "scheduling pass failed");
         }
         // Unschedulable pods are retried on every pod, node or storage change, and at least
         // every 30 s.
         let _ = tokio::time::timeout(Duration::from_secs(30), changed.notified()).await;
+        // Under a storm of changes, passes back to back would starve the watches feeding them;
+        // what changes meanwhile is taken by the next pass.
+        tokio::time::sleep_until(started + MIN_PASS_INTERVAL).await;
     };
     watching.abort();
     result
