@@ -67,6 +67,15 @@ async fn label_and_field_selectors_filter_lists_and_deletecollection() -> Result
         )
         .await?;
     }
+    // A Binding for another pod of the same name (another uid) is refused.
+    let stale = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "a", "uid": "not-this-pod"},
+        "target": {"kind": "Node", "name": "n1"}});
+    let refused = client
+        .post(server.url(&format!("{PODS}/a/binding")))
+        .json(&stale)
+        .send()
+        .await?;
+    expect_status(refused, 409, "Conflict").await?;
     // Bind one pod and give another a phase, so node and phase selectors have something to find.
     let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "a"}, "target": {"kind": "Node", "name": "n1"}});
     expect_ok(

@@ -1322,7 +1322,19 @@ impl ApiServer {
             name: Some(name.into()),
             sub: Some(Subresource::Binding),
         };
+        // A Binding naming a uid binds only that pod, not one recreated under the same name.
+        let uid = binding
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         self.write(&pod_target, name, req, None, |cur| {
+            let current_uid = cur.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default();
+            if !uid.is_empty() && uid != current_uid {
+                return Err(ApiError::conflict("", "pods", name).with_message(format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {current_uid}"
+                )));
+            }
             if let Some(existing) = cur.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
                 return Err(ApiError::conflict("", "pods", name).with_message(format!("pod {name} is already assigned to node \"{existing}\"")));
             }

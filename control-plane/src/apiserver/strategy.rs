@@ -266,7 +266,11 @@ pub fn admit_create(r: &Resource, obj: &mut Value, admission: &Admission) {
     let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
         return;
     };
+    // `tolerations: null` (an empty Helm value) is no tolerations, not something to skip.
     let tolerations = spec.entry("tolerations").or_insert_with(|| json!([]));
+    if tolerations.is_null() {
+        *tolerations = json!([]);
+    }
     if !tolerations.is_array() {
         // Left for validation to reject.
         return;
@@ -1147,6 +1151,10 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert_eq!(t[0], own);
         assert_eq!(t[1]["key"], TAINT_NOT_READY);
+        // `tolerations: null` (an empty Helm value) gets the defaults too.
+        let mut pod = json!({"spec": {"containers": [], "tolerations": null}});
+        admit_create(r, &mut pod, &admission);
+        assert_eq!(pod["spec"]["tolerations"].as_array().unwrap().len(), 2);
         // Tolerating everything covers both.
         let mut pod = json!({"spec": {"tolerations": [{"operator": "Exists"}]}});
         admit_create(r, &mut pod, &admission);

@@ -132,6 +132,17 @@ pub fn new_pod(ds: &DaemonSet, hash: &str, node: &str) -> Pod {
 /// Whether a daemon pod of `ds` belongs on `node`: it matches the node's labels and name and
 /// tolerates every NoSchedule and NoExecute taint.
 pub fn should_run(ds: &DaemonSet, node: &Node) -> bool {
+    fits(ds, node, &["NoSchedule", "NoExecute"])
+}
+
+/// Whether a daemon pod already on `node` may stay there, as Kubernetes'
+/// shouldContinueRunning: only a changed selector or an untolerated NoExecute taint removes it
+/// (a NotReady node's NoSchedule taints do not).
+pub fn should_continue_running(ds: &DaemonSet, node: &Node) -> bool {
+    fits(ds, node, &["NoExecute"])
+}
+
+fn fits(ds: &DaemonSet, node: &Node, effects: &[&str]) -> bool {
     let pod = new_pod(ds, "", &node.name_any());
     let tolerations = pod
         .spec
@@ -147,7 +158,7 @@ pub fn should_run(ds: &DaemonSet, node: &Node) -> bool {
     matches_node_selector(&template_pod, node)
         && taints
             .iter()
-            .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+            .filter(|t| effects.contains(&t.effect.as_str()))
             .all(|t| tolerations.iter().any(|tol| tolerates(tol, t)))
 }
 
@@ -244,7 +255,9 @@ pub fn plan(ds: &DaemonSet, nodes: &[Node], pods: &[Pod], hash: &str, now: jiff:
             if !on_node.is_empty() {
                 status.number_misscheduled += 1;
             }
-            plan.delete.extend(on_node.iter().map(|p| p.name_any()));
+            if !should_continue_running(ds, node) {
+                plan.delete.extend(on_node.iter().map(|p| p.name_any()));
+            }
             continue;
         }
         status.desired_number_scheduled += 1;
@@ -666,6 +679,29 @@ mod tests {
         assert_eq!((s.number_available, s.number_unavailable), (Some(1), Some(1)));
         assert_eq!(s.updated_number_scheduled, Some(1));
         assert_eq!(s.observed_generation, Some(4));
+    }
+
+    #[test]
+    fn an_unreachable_nodes_daemon_pod_stays_until_a_no_execute_taint_repels_it() {
+        let d = ds(None);
+        // A silent node: NoSchedule and NoExecute unreachable taints; daemons tolerate only the
+        // NoExecute one, so no new pod goes there but the running one stays.
+        let unreachable = node(
+            "a",
+            &[],
+            vec![
+                taint("node.kubernetes.io/unreachable", "NoSchedule"),
+                taint("node.kubernetes.io/unreachable", "NoExecute"),
+            ],
+        );
+        assert!(!should_run(&d, &unreachable) && should_continue_running(&d, &unreachable));
+        let pods = [daemon(&d, "on-a", "a", "h", true)];
+        let p = plan(&d, std::slice::from_ref(&unreachable), &pods, "h", now());
+        assert!(p.delete.is_empty() && p.create.is_empty());
+        // An untolerated NoExecute taint removes it.
+        let evicting = node("a", &[], vec![taint("maintenance", "NoExecute")]);
+        let p = plan(&d, &[evicting], &pods, "h", now());
+        assert_eq!(p.delete, ["on-a"]);
     }
 
     #[test]

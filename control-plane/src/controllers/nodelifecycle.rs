@@ -153,8 +153,10 @@ pub fn eviction(tolerations: &[Toleration], taints: &[(Taint, jiff::Timestamp)],
             return Eviction::Now;
         };
         if let Some(seconds) = toleration.toleration_seconds {
-            let deadline = *added + jiff::SignedDuration::from_secs(seconds.max(0));
-            earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
+            // A toleration too long to add to a timestamp never runs out.
+            if let Ok(deadline) = added.checked_add(jiff::SignedDuration::from_secs(seconds.max(0))) {
+                earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
+            }
         }
     }
     match earliest {
@@ -590,5 +592,10 @@ mod tests {
         );
         // Negative seconds count as zero.
         assert_eq!(eviction(&[toleration("", Some(-5))], &taints, added), Eviction::Now);
+        // Seconds beyond any timestamp: tolerated forever, no overflow.
+        assert_eq!(
+            eviction(&[toleration(TAINT_UNREACHABLE, Some(i64::MAX))], &taints, added),
+            Eviction::Never
+        );
     }
 }

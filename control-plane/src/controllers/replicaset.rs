@@ -64,10 +64,10 @@ pub(crate) fn is_available(pod: &Pod, min_ready_seconds: i64, now: jiff::Timesta
         return false;
     };
     min_ready_seconds <= 0
-        || cond
-            .last_transition_time
-            .as_ref()
-            .is_none_or(|t| t.0 + jiff::SignedDuration::from_secs(min_ready_seconds) <= now)
+        || cond.last_transition_time.as_ref().is_none_or(|t| {
+            t.0.checked_add(jiff::SignedDuration::from_secs(min_ready_seconds))
+                .is_ok_and(|ready| ready <= now)
+        })
 }
 
 pub(crate) fn is_active(pod: &Pod) -> bool {
