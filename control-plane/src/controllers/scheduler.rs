@@ -1471,6 +1471,32 @@ mod tests {
     }
 
     #[test]
+    fn every_required_affinity_term_must_hold_on_the_node() {
+        let mut nodes = vec![zoned("a", "z1"), zoned("b", "z2"), zoned("c", "z2")];
+        let mut cluster = Cluster::default();
+        place(&mut nodes, &mut cluster, labeled(pod("", ""), &[("app", "db")]), 0);
+        place(&mut nodes, &mut cluster, labeled(pod("", ""), &[("app", "cache")]), 1);
+        let both = with_affinity(
+            labeled(pod("", ""), &[("app", "web")]),
+            Affinity {
+                pod_affinity: Some(PodAffinity {
+                    required_during_scheduling_ignored_during_execution: Some(vec![
+                        term("zone", "db"),
+                        term("zone", "cache"),
+                    ]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        // db is in z1, cache in z2: no zone has both.
+        assert!(matches!(schedule(&both, &nodes, &cluster), Decision::Unschedulable(_)));
+        place(&mut nodes, &mut cluster, labeled(pod("", ""), &[("app", "db")]), 2);
+        let chosen = bound_to(&nodes, schedule(&both, &nodes, &cluster));
+        assert!(chosen == "b" || chosen == "c", "{chosen}");
+    }
+
+    #[test]
     fn preferred_node_affinity_outweighs_load() {
         let mut busy = with_node(node("a", "4", "8Gi"), |n| {
             n.metadata.labels.as_mut().unwrap().insert("disk".into(), "ssd".into());

@@ -215,9 +215,9 @@ impl<T: Default> Domains<T> {
 pub struct PodAffinity {
     /// Domains where an existing pod's required anti-affinity rejects the incoming pod.
     existing_anti: Domains<()>,
-    /// The incoming pod's required affinity: topology keys, and domains with a matching pod.
-    affinity_keys: Vec<String>,
-    affinity_domains: Domains<()>,
+    /// The incoming pod's required affinity, per term (all must hold): its topology key and the
+    /// domains with a pod it matches.
+    affinity: Vec<(String, Domains<()>)>,
     /// No placed pod matches, but the pod matches its own terms: the first of its group.
     affinity_first_of_group: bool,
     anti_keys: Vec<String>,
@@ -252,13 +252,14 @@ impl PodAffinity {
             }
         }
         for t in &own.required_affinity {
-            out.affinity_keys.push(t.topology_key.clone());
+            let mut domains = Domains::default();
             for (_, node) in placed.candidates(t).filter(|(p, _)| t.matches(p)) {
-                out.affinity_domains.insert(nodes, *node, &t.topology_key);
+                domains.insert(nodes, *node, &t.topology_key);
             }
+            out.affinity.push((t.topology_key.clone(), domains));
         }
         out.affinity_first_of_group =
-            out.affinity_domains.is_empty() && own.required_affinity.iter().all(|t| t.matches(pod));
+            out.affinity.iter().all(|(_, d)| d.is_empty()) && own.required_affinity.iter().all(|t| t.matches(pod));
         for t in &own.required_anti {
             out.anti_keys.push(t.topology_key.clone());
             for (_, node) in placed.candidates(t).filter(|(p, _)| t.matches(p)) {
@@ -281,12 +282,12 @@ impl PodAffinity {
     /// anti-affinity, then existing pods' anti-affinity.
     pub fn misfit(&self, node: &Node) -> Option<&'static str> {
         let labels = node.labels();
-        if !self.affinity_keys.is_empty() {
+        if !self.affinity.is_empty() {
             let mut all_present = true;
-            for key in &self.affinity_keys {
+            for (key, domains) in &self.affinity {
                 match labels.get(key) {
                     None => return Some("node(s) didn't match pod affinity rules"),
-                    Some(v) => all_present &= self.affinity_domains.get(key, v).is_some(),
+                    Some(v) => all_present &= domains.get(key, v).is_some(),
                 }
             }
             if !all_present && !self.affinity_first_of_group {
