@@ -13,18 +13,17 @@ use k8s_openapi::api::core::v1::{
     Affinity, Node, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 
 use super::events::{EventType, Recorder};
 use super::history::{self, HASH_LABEL};
 use super::replicaset::{claim, is_available, is_ready, selects, set_owner};
 use super::scheduler::{matches_node_selector, tolerates};
-use super::{Error, Result, is_status};
+use super::{Error, Result, is_status, write_status};
 
 pub const TEMPLATE_GENERATION_LABEL: &str = "pod-template-generation";
 
@@ -404,17 +403,8 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action> {
             Err(e) => return Err(e.into()),
         }
     }
-    if ds.status.as_ref() != Some(&plan.status) {
-        let patch = json!({"status": plan.status});
-        match Api::<DaemonSet>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ns);
+    write_status(&sets, &name, ds.status.as_ref(), &plan.status).await?;
     let mut live: HashSet<String> = [update.name_any()].into();
     let worn: HashSet<&str> = listed
         .iter()

@@ -18,7 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::events::{EventType, Recorder};
-use super::{Error, Result, is_status};
+use super::{Error, Result, is_status, write_status};
 
 pub const HASH_LABEL: &str = "pod-template-hash";
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -580,17 +580,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action> {
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
-    if d.status.as_ref() != Some(&plan.status) {
-        let patch = json!({"status": plan.status});
-        match deployments
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    write_status(&deployments, &name, d.status.as_ref(), &plan.status).await?;
     let every = Duration::from_secs(30);
     Ok(Action::requeue(plan.recheck.map_or(every, |r| r.min(every))))
 }

@@ -123,6 +123,31 @@ where
     });
 }
 
+/// Writes `status` to the status subresource of `name` unless `current` already is it; an
+/// object deleted meanwhile is not an error.
+pub(crate) async fn write_status<K, S>(api: &kube::Api<K>, name: &str, current: Option<&S>, status: &S) -> Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    if current == Some(status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({ "status": status });
+    match api
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, 404) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Whether a kube error is the API's `code` (404 NotFound, 409 Conflict...).
 pub(crate) fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)

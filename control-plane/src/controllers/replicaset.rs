@@ -20,7 +20,7 @@ use super::events::{EventType, Recorder};
 
 /// Pods one reconcile creates at most, as Kubernetes' burstReplicas.
 const BURST_REPLICAS: usize = 500;
-use super::{Error, Result, is_status};
+use super::{Error, Result, is_status, write_status};
 
 /// Whether `selector` selects `labels`; an empty selector selects nothing, as for ReplicaSets.
 pub fn selects(selector: &LabelSelector, labels: &std::collections::BTreeMap<String, String>) -> bool {
@@ -316,17 +316,8 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
         return Ok(Action::requeue(Duration::from_millis(10)));
     }
     let before = rs.status.clone().unwrap_or_default();
-    if before != plan.status {
-        let patch = json!({"status": plan.status});
-        match Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+    write_status(&sets, &name, Some(&before), &plan.status).await?;
     // Pods that are ready but not yet available for minReadySeconds need a look later.
     let waiting = plan.status.ready_replicas != plan.status.available_replicas;
     Ok(if waiting {

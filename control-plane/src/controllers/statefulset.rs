@@ -24,7 +24,7 @@ use serde_json::json;
 use super::events::{EventType, Recorder};
 use super::history::{self, HASH_LABEL};
 use super::replicaset::{claim, is_available, is_ready, selects, set_owner};
-use super::{Error, Result, is_status};
+use super::{Error, Result, is_status, write_status};
 
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
@@ -519,17 +519,8 @@ async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action> {
             Err(e) => return Err(e.into()),
         }
     }
-    if set.status.as_ref() != Some(&plan.status) {
-        let patch = json!({"status": plan.status});
-        match Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    write_status(&sets, &name, set.status.as_ref(), &plan.status).await?;
     let mut live: HashSet<String> = [current_name.clone(), update_name.clone()].into();
     live.extend(listed.iter().filter_map(|p| revision_of(p).map(String::from)));
     let limit = set.spec.revision_history_limit.unwrap_or(10);
