@@ -23,7 +23,7 @@ use super::events::{EventType, Recorder};
 use super::history::{self, HASH_LABEL};
 use super::replicaset::{claim, is_available, is_ready, selects, set_owner};
 use super::scheduler::{matches_node_selector, tolerates};
-use super::{Error, Result, is_status, write_status};
+use super::{Error, Result, controlled_by, controller_of, is_status, scaled_value, write_status};
 
 pub const TEMPLATE_GENERATION_LABEL: &str = "pod-template-generation";
 
@@ -39,14 +39,6 @@ const DAEMON_TOLERATIONS: &[(&str, &str)] = &[
 ];
 /// Added for host-network daemons only.
 const NETWORK_UNAVAILABLE: (&str, &str) = ("node.kubernetes.io/network-unavailable", "NoSchedule");
-
-fn controlled_by(obj: &impl Resource, uid: &str) -> bool {
-    obj.meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true) && o.uid == uid)
-}
 
 /// The node a daemon pod is on, or is pinned to while not yet bound.
 pub fn target_node(pod: &Pod) -> Option<&str> {
@@ -173,13 +165,10 @@ fn failed(pod: &Pod) -> bool {
 /// without surge at least one pod may be unavailable, or nothing would ever be replaced.
 pub fn rolling_limits(ds: &DaemonSet, desired: i32) -> (i32, i32) {
     let rolling = ds.spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref());
-    let scaled = |value: Option<&IntOrString>, default: i32| match value {
-        None => default,
-        Some(IntOrString::Int(n)) => (*n).max(0),
-        Some(IntOrString::String(s)) => match s.strip_suffix('%').and_then(|p| p.parse::<i64>().ok()) {
-            Some(p) => ((p.max(0) * desired as i64 + 99) / 100) as i32,
-            None => default,
-        },
+    let scaled = |value: Option<&IntOrString>, default: i32| {
+        value
+            .and_then(|v| scaled_value(v, desired, true))
+            .map_or(default, |n| n.max(0))
     };
     let surge = scaled(rolling.and_then(|r| r.max_surge.as_ref()), 0);
     let unavailable = scaled(rolling.and_then(|r| r.max_unavailable.as_ref()), 1);
@@ -445,7 +434,7 @@ pub async fn run(client: Client) -> Result<()> {
         .watches(Api::<Pod>::all(client.clone()), watcher::Config::default(), {
             let sets = sets.clone();
             move |pod: Pod| {
-                if pod.owner_references().iter().any(|o| o.controller == Some(true)) || target_node(&pod).is_none() {
+                if controller_of(&pod).is_some() || target_node(&pod).is_none() {
                     return Vec::new();
                 }
                 sets.state()

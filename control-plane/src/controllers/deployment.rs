@@ -18,7 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::events::{EventType, Recorder};
-use super::{Error, Result, is_status, write_status};
+use super::{Error, Result, controlled_by, is_status, scaled_value, write_status};
 
 pub const HASH_LABEL: &str = "pod-template-hash";
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -57,14 +57,7 @@ fn status_of(rs: &ReplicaSet) -> (i32, i32, i32) {
 /// `value` of `total`: percentages round up for surge, down for unavailability.
 fn resolve(value: Option<&IntOrString>, total: i32, default: &str, round_up: bool) -> i32 {
     let v = value.cloned().unwrap_or(IntOrString::String(default.into()));
-    match v {
-        IntOrString::Int(i) => i,
-        IntOrString::String(s) => {
-            let pct: f64 = s.trim_end_matches('%').parse().unwrap_or(0.0);
-            let x = pct * total as f64 / 100.0;
-            (if round_up { x.ceil() } else { x.floor() }) as i32
-        }
-    }
+    scaled_value(&v, total, round_up).unwrap_or(0)
 }
 
 /// (maxSurge, maxUnavailable) for a RollingUpdate Deployment; never both zero.
@@ -515,11 +508,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action> {
         .await?
         .items
         .into_iter()
-        .filter(|rs| {
-            rs.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && o.uid == uid)
-        })
+        .filter(|rs| controlled_by(rs, &uid))
         .collect();
     if d.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());

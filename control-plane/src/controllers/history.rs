@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::replicaset::selects;
-use super::{Error, Result, is_status};
+use super::{Error, Result, controlled_by, controller_of, is_status};
 
 /// The label naming a pod's (and a revision's) revision.
 pub const HASH_LABEL: &str = "controller-revision-hash";
@@ -55,14 +55,7 @@ pub fn hash(data: &Value, collisions: i32) -> String {
 
 /// The revisions `owner_uid` controls.
 pub fn owned<'a>(revisions: &'a [ControllerRevision], owner_uid: &str) -> Vec<&'a ControllerRevision> {
-    revisions
-        .iter()
-        .filter(|r| {
-            r.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && o.uid == owner_uid)
-        })
-        .collect()
+    revisions.iter().filter(|r| controlled_by(*r, owner_uid)).collect()
 }
 
 /// Takes over orphaned revisions whose labels `selector` matches (left by a parent deleted with
@@ -74,7 +67,7 @@ pub async fn adopt_orphans(
     mut revisions: Vec<ControllerRevision>,
 ) -> Result<Vec<ControllerRevision>> {
     for rev in revisions.iter_mut() {
-        let orphan = !rev.owner_references().iter().any(|o| o.controller == Some(true));
+        let orphan = controller_of(rev).is_none();
         if !orphan || rev.metadata.deletion_timestamp.is_some() || !selects(selector, rev.labels()) {
             continue;
         }

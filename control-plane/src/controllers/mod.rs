@@ -123,6 +123,44 @@ where
     });
 }
 
+/// The owner reference marked `controller: true`, if any.
+pub(crate) fn controller_of(
+    obj: &impl kube::Resource,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+    obj.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+}
+
+/// Whether `obj`'s controller is the object with `uid`.
+pub(crate) fn controlled_by(obj: &impl kube::Resource, uid: &str) -> bool {
+    controller_of(obj).is_some_and(|o| o.uid == uid)
+}
+
+/// An absolute number or a percentage of `total` (Kubernetes' GetScaledValueFromIntOrPercent):
+/// maxSurge, maxUnavailable. None for a string that is not `<number>%`.
+pub(crate) fn scaled_value(
+    value: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    total: i32,
+    round_up: bool,
+) -> Option<i32> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match value {
+        IntOrString::Int(n) => Some(*n),
+        IntOrString::String(s) => {
+            let percent: i64 = s.strip_suffix('%')?.trim().parse().ok()?;
+            let scaled = percent * total as i64;
+            Some(if round_up {
+                (scaled + 99).div_euclid(100)
+            } else {
+                scaled.div_euclid(100)
+            } as i32)
+        }
+    }
+}
+
 /// Writes `status` to the status subresource of `name` unless `current` already is it; an
 /// object deleted meanwhile is not an error.
 pub(crate) async fn write_status<K, S>(api: &kube::Api<K>, name: &str, current: Option<&S>, status: &S) -> Result<()>

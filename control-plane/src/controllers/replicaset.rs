@@ -20,7 +20,7 @@ use super::events::{EventType, Recorder};
 
 /// Pods one reconcile creates at most, as Kubernetes' burstReplicas.
 const BURST_REPLICAS: usize = 500;
-use super::{Error, Result, is_status, write_status};
+use super::{Error, Result, controller_of, is_status, write_status};
 
 /// Whether `selector` selects `labels`; an empty selector selects nothing, as for ReplicaSets.
 pub fn selects(selector: &LabelSelector, labels: &std::collections::BTreeMap<String, String>) -> bool {
@@ -76,10 +76,6 @@ pub(crate) fn is_active(pod: &Pod) -> bool {
             pod.status.as_ref().and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
         )
-}
-
-fn controller_of(pod: &Pod) -> Option<&OwnerReference> {
-    pod.owner_references().iter().find(|o| o.controller == Some(true))
 }
 
 /// The pods a controller (`uid`, `selector`) has after adoption and release, as Kubernetes'

@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use super::events::{EventType, Recorder};
 use super::volume::SELECTED_NODE;
-use super::{Error, Result, is_status};
+use super::{Error, Result, controller_of, is_status};
 pub use affinity::{NamespaceLabels, PlacedPods, PodAffinity};
 pub use volumes::{ClaimsOnNode, PodVolumes, Storage, claims_on_node};
 
@@ -208,10 +208,7 @@ impl NodeState {
 }
 
 fn controller_uid(pod: &Pod) -> Option<String> {
-    pod.owner_references()
-        .iter()
-        .find(|o| o.controller == Some(true))
-        .map(|o| o.uid.clone())
+    controller_of(pod).map(|o| o.uid.clone())
 }
 
 /// Whether this scheduler should place `pod` now.

@@ -13,7 +13,6 @@ use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodTemplateSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -24,7 +23,7 @@ use serde_json::json;
 use super::events::{EventType, Recorder};
 use super::history::{self, HASH_LABEL};
 use super::replicaset::{claim, is_available, is_ready, selects, set_owner};
-use super::{Error, Result, is_status, write_status};
+use super::{Error, Result, controller_of, is_status, scaled_value, write_status};
 
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
@@ -99,15 +98,8 @@ pub fn max_unavailable(set: &StatefulSet, replicas: i32) -> i32 {
         .as_ref()
         .and_then(|s| s.rolling_update.as_ref())
         .and_then(|r| r.max_unavailable.as_ref());
-    let n = match value {
-        None => 1,
-        Some(IntOrString::Int(n)) => *n,
-        Some(IntOrString::String(s)) => s
-            .strip_suffix('%')
-            .and_then(|p| p.parse::<i64>().ok())
-            .map_or(1, |p| (p * replicas as i64 / 100) as i32),
-    };
-    n.max(1)
+    // Rounded up, as Kubernetes does: 50% of 3 is 2.
+    value.and_then(|v| scaled_value(v, replicas, true)).unwrap_or(1).max(1)
 }
 
 /// The claims pod `ordinal` of `set` mounts, as new objects.
@@ -552,7 +544,7 @@ pub async fn run(client: Client) -> Result<()> {
             Api::<Pod>::all(client.clone()),
             watcher::Config::default(),
             move |pod: Pod| {
-                if pod.owner_references().iter().any(|o| o.controller == Some(true)) {
+                if controller_of(&pod).is_some() {
                     return Vec::new();
                 }
                 sets.state()
@@ -586,6 +578,7 @@ mod tests {
     };
     use k8s_openapi::api::core::v1::{Container, PodCondition, PodSpec, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn template(image: &str) -> PodTemplateSpec {
         PodTemplateSpec {
@@ -849,6 +842,7 @@ mod tests {
         });
         assert_eq!(max_unavailable(&s, 4), 2);
         assert_eq!(max_unavailable(&s, 1), 1, "never below one");
+        assert_eq!(max_unavailable(&s, 3), 2, "rounded up");
         let old = template("nginx:0");
         let mut pods: Vec<_> = (0..4).map(|i| member(&s, i, "web-old", true)).collect();
         assert_eq!(plan(&s, &pods, &[], &revs(&old), now()).delete, ["web-3", "web-2"]);
