@@ -25,8 +25,8 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weir_agent::datapath::{
-    Backend, Config, Datapath, Error, LB_ALGORITHM_ANNOTATION, LbAlgorithm, Protocol, ServiceKey, ServiceSelection,
-    desired_state,
+    Backend, Capacity, Config, Datapath, Error, LB_ALGORITHM_ANNOTATION, LbAlgorithm, Protocol, ServiceKey,
+    ServiceSelection, desired_state,
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 123, 45);
@@ -116,6 +116,7 @@ impl Fixture {
             config: Config {
                 cgroup_path: cgroup.clone(),
                 pin_root: PathBuf::from("/sys/fs/bpf").join(&name),
+                capacity: Capacity::default(),
             },
             cgroup,
             backends: Vec::new(),
@@ -755,4 +756,38 @@ fn k8s_slice(service: &str, addresses: &[&str], port: i32) -> EndpointSlice {
             ..EndpointPort::default()
         }]),
     }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn map_capacity_is_set_at_creation_kept_by_the_pins_and_a_full_map_says_what_to_raise() {
+    let mut fx = Fixture::new();
+    fx.config.capacity = Capacity {
+        services: 3,
+        service_slots: 16,
+        backends: 8,
+    };
+    let backend = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    let mut datapath = fx.load();
+    for port in 1..=3 {
+        datapath.upsert_service(tcp_service(port), vec![backend]).unwrap();
+    }
+    let err = datapath.upsert_service(tcp_service(4), vec![backend]).unwrap_err();
+    assert!(matches!(err, Error::IdsExhausted(_)), "{err}");
+    assert!(err.to_string().contains("raise datapath::Capacity::services"), "{err}");
+    assert_eq!(
+        datapath.services().len(),
+        3,
+        "a refused service must leave the others alone"
+    );
+    drop(datapath);
+
+    // Reopened with a larger configured capacity: the pinned maps keep their size.
+    fx.config.capacity = Capacity::default();
+    let mut datapath = fx.load();
+    assert!(datapath.upsert_service(tcp_service(4), vec![backend]).is_err());
+    datapath.remove_service(&tcp_service(1)).unwrap();
+    datapath.upsert_service(tcp_service(4), vec![backend]).unwrap();
+    let outcomes = fx.client("tcp", 4, 2);
+    assert_eq!(reached(&outcomes), ["127.0.0.2:8080", "127.0.0.2:8080"]);
 }

@@ -31,8 +31,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weir_agent::datapath::{
-    Backend, Config, ConntrackTimeouts, Datapath, Error, ExternalConfig, InterfaceAttachment, NodeContext, Protocol,
-    ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy, desired_state_for_node,
+    Backend, Capacity, Config, ConntrackTimeouts, Datapath, Error, ExternalConfig, InterfaceAttachment, NodeContext,
+    Protocol, ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy, desired_state_for_node,
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
@@ -171,6 +171,7 @@ impl Topology {
             config: Config {
                 cgroup_path: cgroup.clone(),
                 pin_root: PathBuf::from("/sys/fs/bpf").join(name("pins")),
+                capacity: Capacity::default(),
             },
             in_node: None,
             id,

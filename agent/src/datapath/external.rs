@@ -13,10 +13,10 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aya::Ebpf;
 use aya::maps::{Array, MapError, PerCpuArray};
 use aya::programs::links::FdLink;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
-use aya::{Ebpf, EbpfLoader};
 use tracing::info;
 use weir_ebpf_common::{
     CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, CT4, Ct4Key, Ct4Value, NODE4, Node4Config,
@@ -26,7 +26,7 @@ use weir_ebpf_common::{
 
 use super::index::map_address;
 use super::model::Protocol;
-use super::{Datapath, Error, OBJECT, ignore_missing};
+use super::{Capacity, Datapath, Error, OBJECT, ignore_missing};
 
 /// Where and how NodePort/LoadBalancer traffic from outside is translated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -273,6 +273,7 @@ fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &ConntrackTi
 /// its programs are loaded into the kernel.
 struct Loader<'a> {
     pin_dir: &'a Path,
+    capacity: Capacity,
     ebpf: Option<Ebpf>,
     loaded: HashSet<&'static str>,
 }
@@ -280,8 +281,9 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn ebpf(&mut self) -> Result<&mut Ebpf, Error> {
         if self.ebpf.is_none() {
-            let ebpf = EbpfLoader::new()
-                .default_map_pin_directory(self.pin_dir)
+            let ebpf = self
+                .capacity
+                .loader(self.pin_dir)
                 .load(OBJECT)
                 .map_err(|e| Error::Load(Box::new(e)))?;
             self.ebpf = Some(ebpf);
@@ -357,6 +359,7 @@ impl Datapath {
         let pin_dir = self.pin_dir.clone();
         let mut loader = Loader {
             pin_dir: &pin_dir,
+            capacity: self.capacity,
             ebpf: None,
             loaded: HashSet::new(),
         };
@@ -582,9 +585,8 @@ mod tests {
             peer,
             rev_nat_id: 1,
             flags,
-            pad: 0,
+            pad: [0; 3],
             backend_id: 1,
-            pad2: 0,
         };
         entries.insert(forward, value(seen.0, reply, flags.0));
         entries.insert(reply, value(seen.1, forward, flags.1 | CT_FLAG_REPLY));

@@ -17,16 +17,17 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData, MapError};
 use aya::pin::PinError;
 use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{EbpfError, EbpfLoader};
 use tracing::{debug, info};
 use weir_ebpf_common::{
-    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, Backend4Value, CT4, Ct4Key, Ct4Value, DATAPATH_VERSION,
-    MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, RevNat4Value, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL,
-    SERVICE_FLAG_MAGLEV, SERVICES4, SOCK_PROGRAMS, STATS, Service4Key, Service4Value, maglev_key,
+    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, BACKENDS4_MAX_ENTRIES, Backend4Value, CT4, Ct4Key, Ct4Value,
+    DATAPATH_VERSION, MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, REV_NAT4_MAX_ENTRIES, RevNat4Value,
+    SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, SERVICE_FLAG_MAGLEV, SERVICES4, SERVICES4_MAX_ENTRIES, SOCK_PROGRAMS,
+    STATS, Service4Key, Service4Value, maglev_key,
 };
 
 pub use desired::{LB_ALGORITHM_ANNOTATION, NodeContext, desired_state, desired_state_for_node};
@@ -38,7 +39,7 @@ pub use model::{
     Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection as ServiceSelection, ServiceKey,
 };
 
-use index::{Index, Selection, Write};
+use index::{Index, Limits, Selection, Write};
 
 /// The kernel programs, built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
@@ -56,6 +57,56 @@ pub struct Config {
     pub cgroup_path: PathBuf,
     /// Pins go to `<pin_root>/<DATAPATH_VERSION>/`; must be on a bpffs.
     pub pin_root: PathBuf,
+    /// The sizes of the service maps, applied when they are created; maps reopened from
+    /// pins keep the size they were created with.
+    pub capacity: Capacity,
+}
+
+/// How much the service maps hold. The kernel preallocates hash maps, so this is memory
+/// the node gives up front: the defaults take about 30 MB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Service frontends (one per ClusterIP, NodePort, LoadBalancer or external address
+    /// and port): the size of REV_NAT4.
+    pub services: u32,
+    /// Frontends plus one slot per backend of each: the size of SERVICES4.
+    pub service_slots: u32,
+    /// Distinct backend address:port pairs: the size of BACKENDS4.
+    pub backends: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Capacity {
+        Capacity {
+            services: REV_NAT4_MAX_ENTRIES,
+            service_slots: SERVICES4_MAX_ENTRIES,
+            backends: BACKENDS4_MAX_ENTRIES,
+        }
+    }
+}
+
+impl Capacity {
+    /// Room for `services` frontends with `backends_each` backends each, all distinct.
+    pub fn for_services(services: u32, backends_each: u32) -> Capacity {
+        let slots = u64::from(services) * (1 + u64::from(backends_each));
+        Capacity {
+            services,
+            service_slots: u32::try_from(slots).unwrap_or(u32::MAX),
+            backends: services.saturating_mul(backends_each),
+        }
+    }
+
+    /// The loader for the object, with the maps sized and pinned in `pin_dir` (maps already
+    /// pinned there are reused as they are).
+    fn loader(self, pin_dir: &Path) -> EbpfLoader<'_> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(REV_NAT4, self.services.max(1))
+            .map_max_entries(SERVICES4, self.service_slots.max(1))
+            .map_max_entries(BACKENDS4, self.backends.max(1));
+        loader
+    }
 }
 
 impl Config {
@@ -142,14 +193,15 @@ pub enum Error {
 pub struct Datapath {
     services: BpfHashMap<MapData, Service4Key, Service4Value>,
     backends: BpfHashMap<MapData, u32, Backend4Value>,
-    rev_nat: BpfHashMap<MapData, u16, RevNat4Value>,
-    maglev: BpfHashMap<MapData, u32, u32>,
+    rev_nat: BpfHashMap<MapData, u32, RevNat4Value>,
+    maglev: BpfHashMap<MapData, u64, u32>,
     affinity: BpfHashMap<MapData, Affinity4Key, Affinity4Value>,
     conntrack: BpfHashMap<MapData, Ct4Key, Ct4Value>,
     node: external::NodeMap,
     stats: external::StatsMap,
     index: Index,
     pin_dir: PathBuf,
+    capacity: Capacity,
 }
 
 impl Datapath {
@@ -185,6 +237,7 @@ impl Datapath {
             stats: open_pinned(&pin_dir, STATS, Map::PerCpuArray)?,
             index: Index::default(),
             pin_dir,
+            capacity: config.capacity,
         };
         datapath.resync()?;
         Ok(datapath)
@@ -298,7 +351,7 @@ impl Datapath {
     /// Removes the affinity entries of the service with `rev_nat_id` whose backend is not
     /// in `keep`: a backend leaving the service, or a reverse-NAT id about to be reused,
     /// must not hold on to clients.
-    fn forget_affinities(&mut self, rev_nat_id: u16, keep: &[u32]) -> Result<usize, Error> {
+    fn forget_affinities(&mut self, rev_nat_id: u32, keep: &[u32]) -> Result<usize, Error> {
         let map_err = |source| Error::Map {
             name: AFFINITY4,
             source,
@@ -349,7 +402,7 @@ impl Datapath {
         Ok(count)
     }
 
-    fn remove_maglev_table(&mut self, rev_nat_id: u16) -> Result<usize, Error> {
+    fn remove_maglev_table(&mut self, rev_nat_id: u32) -> Result<usize, Error> {
         let mut count = 0;
         for slot in 0..MAGLEV_TABLE_SIZE {
             match self.maglev.remove(&maglev_key(rev_nat_id, slot)) {
@@ -424,7 +477,17 @@ impl Datapath {
         let services = collect(&self.services, SERVICES4)?;
         let backends = collect(&self.backends, BACKENDS4)?;
         let rev_nats = collect(&self.rev_nat, REV_NAT4)?;
-        self.index = Index::restore(services, backends, rev_nats);
+        // Pinned maps keep the size they were created with, whatever the config says now.
+        let max_entries = |map: &MapData, name| {
+            map.info()
+                .map(|info| info.max_entries() as usize)
+                .map_err(|source| Error::Map { name, source })
+        };
+        let limits = Limits {
+            backends: max_entries(IterableMap::map(&self.backends), BACKENDS4)?,
+            rev_nats: max_entries(IterableMap::map(&self.rev_nat), REV_NAT4)?,
+        };
+        self.index = Index::restore(services, backends, rev_nats, limits);
         Ok(())
     }
 
@@ -473,8 +536,9 @@ fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
 fn attach(config: &Config, pin_dir: &Path, missing: &[&'static str]) -> Result<(), Error> {
     info!(cgroup = %config.cgroup_path.display(), pin_dir = %pin_dir.display(), programs = ?missing,
         "datapath: loading and attaching socket-LB programs");
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
+    let mut ebpf = config
+        .capacity
+        .loader(pin_dir)
         .load(OBJECT)
         .map_err(|e| Error::Load(Box::new(e)))?;
     let cgroup = File::open(&config.cgroup_path).map_err(|source| Error::Io {
