@@ -967,3 +967,37 @@ fn processes_on_the_node_reach_node_ports_and_load_balancer_ips_through_socket_l
     }
     assert_eq!(datapath.packet_stats().unwrap(), Default::default(), "TC/XDP never ran");
 }
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn the_conntrack_sweeper_thread_removes_idle_flows_on_its_own() {
+    let mut topo = Topology::new();
+    topo.local_servers();
+    let mut datapath = topo.load();
+    datapath.attach_external(&topo.external(XdpPolicy::Off)).unwrap();
+    program_node_ports(&mut datapath, LOCAL_BACKEND, false);
+    topo.answers("udp", NODE_IP, 30053, 2);
+    assert_eq!(datapath.conntrack().unwrap().len(), 4);
+
+    let timeouts = ConntrackTimeouts {
+        udp: Duration::from_millis(500),
+        ..ConntrackTimeouts::default()
+    };
+    let sweeper = datapath
+        .spawn_conntrack_sweeper(timeouts, Duration::from_millis(200))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !datapath.conntrack().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper left {:?}",
+            datapath.conntrack()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Stopped: new flows stay however idle they get.
+    drop(sweeper);
+    topo.answers("udp", NODE_IP, 30053, 1);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(datapath.conntrack().unwrap().len(), 2);
+}

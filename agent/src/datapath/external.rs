@@ -14,19 +14,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::Ebpf;
-use aya::maps::{Array, MapError, PerCpuArray};
+use aya::maps::{Array, PerCpuArray};
 use aya::programs::links::FdLink;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use tracing::info;
 use weir_ebpf_common::{
-    CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, CT4, Ct4Key, Ct4Value, NODE4, Node4Config,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, PROTO_TCP, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT,
-    STAT_TC_EGRESS_TRACKED, STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED, STAT_XDP_NEW, STAT_XDP_TRACKED, STATS,
+    CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, Ct4Key, Ct4Value, NODE4, Node4Config, PROG_TC_EGRESS,
+    PROG_TC_INGRESS, PROG_XDP, PROTO_TCP, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT, STAT_TC_EGRESS_TRACKED,
+    STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED, STAT_XDP_NEW, STAT_XDP_TRACKED, STATS,
 };
 
 use super::index::map_address;
 use super::model::Protocol;
-use super::{Capacity, Datapath, Error, OBJECT, ignore_missing};
+use super::{Capacity, Datapath, Error, OBJECT, gc};
 
 /// Where and how NodePort/LoadBalancer traffic from outside is translated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,7 +237,7 @@ fn remove_pin(path: &Path) -> Result<bool, Error> {
 }
 
 /// Now on the clock bpf_ktime_get_ns reads (CLOCK_MONOTONIC), in ns.
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime with a valid clock id and out-parameter.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
@@ -251,7 +251,7 @@ fn socket(address: u32, port: u16) -> SocketAddrV4 {
 /// The entries of `entries` idle longer than their timeout at `now` (ns, CLOCK_MONOTONIC).
 /// An entry counts as seen when its peer (the other direction) was, and as closing when
 /// either direction saw a FIN or RST.
-fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &ConntrackTimeouts) -> Vec<Ct4Key> {
+pub(super) fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &ConntrackTimeouts) -> Vec<Ct4Key> {
     entries
         .iter()
         .filter(|(key, value)| {
@@ -474,11 +474,7 @@ impl Datapath {
     }
 
     fn conntrack_raw(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, Error> {
-        self.conntrack
-            .iter()
-            .filter(|entry| !matches!(entry, Err(MapError::KeyNotFound)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Map { name: CT4, source })
+        gc::entries(&self.conntrack)
     }
 
     /// The tracked NodePort/LoadBalancer flows, one entry per direction.
@@ -509,19 +505,7 @@ impl Datapath {
     /// sweeps still works, but a full table evicts live flows before dead ones. Returns
     /// the entries removed.
     pub fn sweep_conntrack(&mut self, timeouts: &ConntrackTimeouts) -> Result<usize, Error> {
-        let entries: HashMap<Ct4Key, Ct4Value> = self.conntrack_raw()?.into_iter().collect();
-        let dead = expired(&entries, monotonic_ns(), timeouts);
-        for key in &dead {
-            ignore_missing(self.conntrack.remove(key)).map_err(|source| Error::Map { name: CT4, source })?;
-        }
-        if !dead.is_empty() {
-            info!(
-                removed = dead.len(),
-                remaining = entries.len() - dead.len(),
-                "datapath: conntrack sweep"
-            );
-        }
-        Ok(dead.len())
+        gc::sweep(&mut self.conntrack, timeouts)
     }
 
     /// TC and XDP packet counters since the maps were created.

@@ -9,6 +9,7 @@
 
 mod desired;
 mod external;
+mod gc;
 mod index;
 pub mod maglev;
 mod model;
@@ -24,16 +25,17 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{EbpfError, EbpfLoader};
 use tracing::{debug, info};
 use weir_ebpf_common::{
-    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, BACKENDS4_MAX_ENTRIES, Backend4Value, CT4, Ct4Key, Ct4Value,
-    DATAPATH_VERSION, MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, REV_NAT4_MAX_ENTRIES, RevNat4Value,
-    SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL, SERVICE_FLAG_MAGLEV, SERVICES4, SERVICES4_MAX_ENTRIES, SOCK_PROGRAMS,
-    STATS, Service4Key, Service4Value, maglev_key,
+    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, BACKENDS4_MAX_ENTRIES, Backend4Value, CT4, DATAPATH_VERSION,
+    MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICE_FLAG_EXTERNAL,
+    SERVICE_FLAG_LOCAL, SERVICE_FLAG_MAGLEV, SERVICES4, SERVICES4_MAX_ENTRIES, SOCK_PROGRAMS, STATS, Service4Key,
+    Service4Value, maglev_key,
 };
 
 pub use desired::{LB_ALGORITHM_ANNOTATION, NodeContext, desired_state, desired_state_for_node};
 pub use external::{
     ConntrackEntry, ConntrackTimeouts, ExternalConfig, InterfaceAttachment, PacketStats, XdpAttachment, XdpPolicy,
 };
+pub use gc::ConntrackSweeper;
 pub use index::IdsExhausted;
 pub use model::{
     Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection as ServiceSelection, ServiceKey,
@@ -196,7 +198,7 @@ pub struct Datapath {
     rev_nat: BpfHashMap<MapData, u32, RevNat4Value>,
     maglev: BpfHashMap<MapData, u64, u32>,
     affinity: BpfHashMap<MapData, Affinity4Key, Affinity4Value>,
-    conntrack: BpfHashMap<MapData, Ct4Key, Ct4Value>,
+    conntrack: gc::ConntrackMap,
     node: external::NodeMap,
     stats: external::StatsMap,
     index: Index,
