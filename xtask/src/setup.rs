@@ -44,6 +44,11 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "llvm-22-dev",
         present: || Path::new(LLVM_PREFIX).join("bin/llvm-config").exists(),
     },
+    // The shell and tools of the test images (`cargo xtask images`).
+    DebianPackage {
+        name: "busybox-static",
+        present: || Path::new("/bin/busybox").exists(),
+    },
     DebianPackage {
         name: "python3",
         present: || command::find_on_path("python3").is_some(),
@@ -111,7 +116,7 @@ pub fn etcd() -> PathBuf {
     command::find_on_path("etcd").unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
 }
 
-fn debian_packages() -> Result<()> {
+pub fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .filter(|p| !(dpkg_installed(p.name) || (p.present)()))
