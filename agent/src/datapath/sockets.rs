@@ -636,6 +636,25 @@ mod tests {
     }
 
     #[test]
+    fn kernel_refusals_say_what_is_missing_and_how_to_fix_it() {
+        let netns = Path::new("/proc/1/ns/net");
+        let missing_destroy = refusal("destroy", libc::EOPNOTSUPP, netns).to_string();
+        assert!(
+            missing_destroy.contains("CONFIG_INET_DIAG_DESTROY"),
+            "{missing_destroy}"
+        );
+        let missing_diag = refusal("dump", libc::ENOENT, netns).to_string();
+        assert!(missing_diag.contains("modprobe udp_diag"), "{missing_diag}");
+        let denied = refusal("destroy", libc::EPERM, netns).to_string();
+        assert!(
+            denied.contains("CAP_NET_ADMIN") && denied.contains("/proc/1/ns/net"),
+            "{denied}"
+        );
+        let other = refusal("dump", libc::ENOBUFS, netns).to_string();
+        assert!(other.contains("dump") && other.contains("/proc/1/ns/net"), "{other}");
+    }
+
+    #[test]
     fn network_namespaces_are_deduplicated_by_inode() {
         let dir = tempfile::tempdir().unwrap();
         let proc = dir.path().join("proc");
