@@ -6,6 +6,10 @@
 //!
 //! Everything is pinned, so translation goes on while no agent runs; a new
 //! [`Datapath::load`] reopens the pins and [`Datapath::reconcile`] writes only differences.
+//!
+//! When a backend leaves a UDP service, the connected UDP sockets socket-LB had sent to it
+//! are destroyed through sock_diag netlink in every network namespace of the node (see
+//! `sockets.rs` for why not a BPF iterator with `bpf_sock_destroy`).
 
 mod desired;
 mod external;
@@ -13,6 +17,7 @@ mod gc;
 mod index;
 pub mod maglev;
 mod model;
+mod sockets;
 
 use std::fs::File;
 use std::io;
@@ -27,8 +32,8 @@ use tracing::{debug, info};
 use weir_ebpf_common::{
     AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, BACKENDS4_MAX_ENTRIES, Backend4Value, CT4, DATAPATH_VERSION,
     MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICE_FLAG_EXTERNAL,
-    SERVICE_FLAG_LOCAL, SERVICE_FLAG_MAGLEV, SERVICES4, SERVICES4_MAX_ENTRIES, SOCK_PROGRAMS, STATS, Service4Key,
-    Service4Value, maglev_key,
+    SERVICE_FLAG_LOCAL, SERVICE_FLAG_MAGLEV, SERVICES4, SERVICES4_MAX_ENTRIES, SOCK_PROGRAMS, SOCK_REV_NAT4, STATS,
+    Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value, maglev_key,
 };
 
 pub use desired::{LB_ALGORITHM_ANNOTATION, NodeContext, desired_state, desired_state_for_node};
@@ -40,6 +45,7 @@ pub use index::IdsExhausted;
 pub use model::{
     Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection as ServiceSelection, ServiceKey,
 };
+pub use sockets::UdpSocketError;
 
 use index::{Index, Limits, Selection, Write};
 
@@ -188,6 +194,9 @@ pub enum Error {
     NoTcx { interface: String },
     #[error("invalid datapath configuration: {0}")]
     InvalidConfig(String),
+    /// The map writes were done; the sockets stay open (a later update does not retry them).
+    #[error("the maps are updated, but closing connected UDP sockets of departed backends failed: {0}")]
+    UdpSockets(#[from] UdpSocketError),
 }
 
 /// The loaded (or reopened) datapath: typed handles on the pinned service maps and a
@@ -201,6 +210,8 @@ pub struct Datapath {
     conntrack: gc::ConntrackMap,
     node: external::NodeMap,
     stats: external::StatsMap,
+    sock_rev_nat: BpfHashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
+    destroyed_udp_sockets: u64,
     index: Index,
     pin_dir: PathBuf,
     capacity: Capacity,
@@ -237,6 +248,8 @@ impl Datapath {
             conntrack: open_lru_map(&pin_dir, CT4)?,
             node: open_pinned(&pin_dir, NODE4, Map::Array)?,
             stats: open_pinned(&pin_dir, STATS, Map::PerCpuArray)?,
+            sock_rev_nat: open_lru_map(&pin_dir, SOCK_REV_NAT4)?,
+            destroyed_udp_sockets: 0,
             index: Index::default(),
             pin_dir,
             capacity: config.capacity,
@@ -297,7 +310,9 @@ impl Datapath {
     }
 
     /// [`Datapath::upsert_service`] with a choice of backend selection. A Maglev service
-    /// gets its table written after its slots, only the table slots that differ.
+    /// gets its table written after its slots, only the table slots that differ. Connected
+    /// UDP sockets translated to a backend that left are destroyed after the writes
+    /// ([`Datapath::destroyed_udp_sockets`] counts them).
     pub fn upsert_service_with(
         &mut self,
         key: ServiceKey,
@@ -314,6 +329,8 @@ impl Datapath {
                 flags |= SERVICE_FLAG_LOCAL;
             }
         }
+        let departed = self.udp_departures(&key, Some(&backends));
+        let stale_udp = self.stale_udp_sockets(&departed);
         let old = self.index.selection_of(&key);
         let affinity_timeout = selection.affinity_timeout.unwrap_or(0);
         let writes = self.index.plan_upsert_flagged(key, &backends, flags, affinity_timeout);
@@ -347,6 +364,7 @@ impl Datapath {
             };
             count += self.forget_affinities(rev_nat_id, &keep)?;
         }
+        self.close_stale_udp_sockets(&departed, stale_udp)?;
         Ok(count)
     }
 
@@ -416,8 +434,11 @@ impl Datapath {
         Ok(count)
     }
 
-    /// Removes `key`; connections to it are no longer translated. Returns the map writes.
+    /// Removes `key`; connections to it are no longer translated, and connected UDP sockets
+    /// translated to its backends are destroyed. Returns the map writes.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<usize, Error> {
+        let departed = self.udp_departures(key, None);
+        let stale_udp = self.stale_udp_sockets(&departed);
         let old = self.index.selection_of(key);
         let writes = self.index.plan_remove(key);
         debug!(service = %key, writes = writes.len(), "datapath: remove service");
@@ -430,6 +451,7 @@ impl Datapath {
                 count += self.forget_affinities(old.rev_nat_id, &[])?;
             }
         }
+        self.close_stale_udp_sockets(&departed, stale_udp)?;
         Ok(count)
     }
 
