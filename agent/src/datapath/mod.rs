@@ -212,6 +212,8 @@ pub struct Datapath {
     stats: external::StatsMap,
     sock_rev_nat: BpfHashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
     destroyed_udp_sockets: u64,
+    /// Stale UDP sockets a failed destroy left open: tried again with the next update.
+    pending_udp_sockets: std::collections::BTreeSet<sockets::StaleSocket>,
     index: Index,
     pin_dir: PathBuf,
     capacity: Capacity,
@@ -250,6 +252,7 @@ impl Datapath {
             stats: open_pinned(&pin_dir, STATS, Map::PerCpuArray)?,
             sock_rev_nat: open_lru_map(&pin_dir, SOCK_REV_NAT4)?,
             destroyed_udp_sockets: 0,
+            pending_udp_sockets: Default::default(),
             index: Index::default(),
             pin_dir,
             capacity: config.capacity,

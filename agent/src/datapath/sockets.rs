@@ -203,7 +203,8 @@ impl Datapath {
 
     /// After the map writes: destroys the sockets in `before` and those `SOCK_REV_NAT4` holds
     /// now for the `departed` backends, in every network namespace of the node, then drops
-    /// their entries. Returns how many sockets were destroyed.
+    /// their entries. Returns how many sockets were destroyed. When destroying fails, the
+    /// sockets are kept and tried again by the next call (the next service update).
     pub(super) fn close_stale_udp_sockets(
         &mut self,
         departed: &[Departure],
@@ -211,11 +212,18 @@ impl Datapath {
     ) -> Result<u64, Error> {
         let mut stale = before;
         stale.extend(self.stale_udp_sockets(departed));
+        stale.append(&mut self.pending_udp_sockets);
         if stale.is_empty() {
             return Ok(0);
         }
         let started = std::time::Instant::now();
-        let destroyed = destroy_everywhere(&stale)?;
+        let destroyed = match destroy_everywhere(&stale) {
+            Ok(destroyed) => destroyed,
+            Err(e) => {
+                self.pending_udp_sockets = stale;
+                return Err(e.into());
+            }
+        };
         self.destroyed_udp_sockets += destroyed;
         forget(&mut self.sock_rev_nat, &stale)?;
         info!(
