@@ -9,13 +9,13 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Write as _;
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -25,8 +25,8 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weir_agent::datapath::{
-    Backend, Config, Datapath, Error, LB_ALGORITHM_ANNOTATION, LbAlgorithm, Protocol, ServiceKey, ServiceSelection,
-    desired_state,
+    Backend, Capacity, Config, Datapath, DesiredState, Error, LB_ALGORITHM_ANNOTATION, LbAlgorithm, Protocol,
+    ServiceKey, ServiceSelection, desired_state,
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 123, 45);
@@ -116,6 +116,7 @@ impl Fixture {
             config: Config {
                 cgroup_path: cgroup.clone(),
                 pin_root: PathBuf::from("/sys/fs/bpf").join(&name),
+                capacity: Capacity::default(),
             },
             cgroup,
             backends: Vec::new(),
@@ -140,6 +141,157 @@ impl Fixture {
     /// Runs the client inside the test cgroup.
     fn client(&self, mode: &str, port: u16, count: usize) -> Vec<Outcome> {
         run_client(Some(&self.cgroup), mode, port, count)
+    }
+
+    /// A backend that answers every line on a TCP connection with its own address, for as
+    /// long as the connection lasts.
+    fn tcp_session_backend(&mut self, address: Ipv4Addr, port: u16) -> Backend {
+        self.backends.push(BackendServer::tcp_session(address, port));
+        Backend::active(address, port)
+    }
+
+    /// Starts `script` in the test cgroup, talking to it over its stdin and stdout.
+    fn spawn(&self, script: &str, args: &[&str]) -> ChildProcess {
+        let mut cmd = python_in_cgroup(Some(&self.cgroup), script, args);
+        ChildProcess::spawn(cmd.stdin(Stdio::piped()))
+    }
+
+    /// Starts this test binary as a loader (see [`loader_child_hook`]) that loads the
+    /// datapath, reconciles `port` to `backends` and says "ready".
+    fn spawn_loader(&self, port: u16, backends: &[Backend]) -> ChildProcess {
+        let backends: Vec<String> = backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect();
+        let spec = format!(
+            "{}\t{}\t{port}\t{}",
+            self.config.cgroup_path.display(),
+            self.config.pin_root.display(),
+            backends.join(",")
+        );
+        let mut cmd = Command::new(std::env::current_exe().expect("the test binary's path"));
+        cmd.env(LOADER_CHILD_ENV, spec)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        ChildProcess::spawn(&mut cmd)
+    }
+}
+
+/// A child process this test started, spoken to line by line; killed (by its pid) and
+/// reaped on drop if still running.
+struct ChildProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl ChildProcess {
+    fn spawn(cmd: &mut Command) -> ChildProcess {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("starting a child process");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        ChildProcess { child, stdin, stdout }
+    }
+
+    /// The next line the child prints; panics when it exits first.
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading a child's output");
+        assert!(!line.is_empty(), "the child exited: {:?}", self.child.try_wait());
+        line.trim_end().to_owned()
+    }
+
+    fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("the child's stdin");
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .expect("writing to a child");
+    }
+
+    /// Everything the child prints until it exits, which it must do successfully.
+    fn rest(mut self) -> Vec<String> {
+        self.stdin = None;
+        let lines: Vec<String> = (&mut self.stdout).lines().map(Result::unwrap).collect();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the child failed: {status}; it printed {lines:?}");
+        lines
+    }
+
+    /// SIGKILL, by pid, and reap.
+    fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Set in the environment of a loader child: `cgroup\tpin root\tport\tip:port,ip:port`.
+const LOADER_CHILD_ENV: &str = "WEIR_TEST_LOADER_CHILD";
+
+// SAFETY: runs once, before main, like any ELF constructor. It reads the environment
+// (set up by libc before constructors run) and returns at once unless this process is a
+// loader child, which then never reaches main: it runs the loader and exits.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static LOADER_CHILD_HOOK: extern "C" fn() = loader_child_hook;
+
+/// When started with [`LOADER_CHILD_ENV`], this test binary is a datapath loader instead:
+/// load, reconcile one TCP service on [`CLUSTER_IP`], print "ready", sleep until killed.
+/// (An ELF constructor rather than a test function: a helper must not show up as a test.)
+extern "C" fn loader_child_hook() {
+    let Ok(spec) = std::env::var(LOADER_CHILD_ENV) else {
+        return;
+    };
+    let error = run_loader_child(&spec);
+    eprintln!("loader child: {error}");
+    std::process::exit(1);
+}
+
+fn run_loader_child(spec: &str) -> String {
+    let fields: Vec<&str> = spec.split('\t').collect();
+    let [cgroup, pin_root, port, backends] = fields[..] else {
+        return format!("bad {LOADER_CHILD_ENV}: {spec:?}");
+    };
+    let Ok(port) = port.parse() else {
+        return format!("bad port {port:?}");
+    };
+    let mut backends: Vec<Backend> = match backends
+        .split(',')
+        .map(|b| b.parse::<SocketAddrV4>().map(|b| Backend::active(*b.ip(), b.port())))
+        .collect()
+    {
+        Ok(backends) => backends,
+        Err(e) => return format!("bad backends {backends:?}: {e}"),
+    };
+    backends.sort();
+    let config = Config {
+        cgroup_path: PathBuf::from(cgroup),
+        pin_root: PathBuf::from(pin_root),
+        capacity: Capacity::default(),
+    };
+    let mut datapath = match Datapath::load(&config) {
+        Ok(datapath) => datapath,
+        Err(e) => return format!("loading the datapath: {e}"),
+    };
+    let mut desired = DesiredState::default();
+    desired.services.insert(tcp_service(port), backends);
+    if let Err(e) = datapath.reconcile(&desired) {
+        return format!("reconciling: {e}");
+    }
+    println!("ready");
+    if let Err(e) = std::io::stdout().flush() {
+        return format!("writing to stdout: {e}");
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
@@ -170,17 +322,24 @@ impl Drop for Fixture {
 }
 
 fn run_client(cgroup: Option<&Path>, mode: &str, port: u16, count: usize) -> Vec<Outcome> {
-    let mut cmd = Command::new("python3");
-    cmd.args([
-        "-c",
+    let mut cmd = python_in_cgroup(
+        cgroup,
         CLIENT,
-        mode,
-        &CLUSTER_IP.to_string(),
-        &port.to_string(),
-        &count.to_string(),
-    ])
-    .stdin(Stdio::null())
-    .stderr(Stdio::inherit());
+        &[mode, &CLUSTER_IP.to_string(), &port.to_string(), &count.to_string()],
+    );
+    cmd.stdin(Stdio::null());
+    let output = cmd
+        .output()
+        .expect("running the python3 client (cargo xtask setup installs python3)");
+    assert!(output.status.success(), "client failed: {}", output.status);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    parse_outcomes(stdout.trim())
+}
+
+/// `python3 -c script args...`, moved into `cgroup` (when given) before it runs.
+fn python_in_cgroup(cgroup: Option<&Path>, script: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c").arg(script).args(args).stderr(Stdio::inherit());
     if let Some(cgroup) = cgroup {
         let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
         // SAFETY: between fork and exec only async-signal-safe calls (open, write, close);
@@ -201,12 +360,7 @@ fn run_client(cgroup: Option<&Path>, mode: &str, port: u16, count: usize) -> Vec
             });
         }
     }
-    let output = cmd
-        .output()
-        .expect("running the python3 client (cargo xtask setup installs python3)");
-    assert!(output.status.success(), "client failed: {}", output.status);
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    parse_outcomes(stdout.trim())
+    cmd
 }
 
 /// A tiny reader for the client's one-line JSON (`[{"backend": "..", "peer": ".."}, ...]`).
@@ -299,6 +453,46 @@ impl BackendServer {
                     let _ = socket.send_to(me.as_bytes(), from);
                 }
             }
+        })
+    }
+
+    fn tcp_session(address: Ipv4Addr, port: u16) -> BackendServer {
+        let listener = TcpListener::bind(SocketAddrV4::new(address, port)).expect("binding a TCP backend");
+        listener.set_nonblocking(true).unwrap();
+        let me = format!("{address}:{port}\n");
+        BackendServer::spawn(move |stop| {
+            std::thread::scope(|scope| {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((stream, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    };
+                    let me = me.as_bytes();
+                    scope.spawn(move || {
+                        stream.set_nonblocking(false).unwrap();
+                        stream.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                        let mut writer = &stream;
+                        let mut reader = BufReader::new(&stream);
+                        let mut line = String::new();
+                        while !stop.load(Ordering::Relaxed) {
+                            match reader.read_line(&mut line) {
+                                Ok(0) => break,
+                                Ok(_) if line.ends_with('\n') => {
+                                    line.clear();
+                                    if writer.write_all(me).is_err() {
+                                        break;
+                                    }
+                                }
+                                // A partial line, or the read timed out: look at `stop`, go on.
+                                Ok(_) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                        }
+                    });
+                }
+            });
         })
     }
 
@@ -636,6 +830,326 @@ fn terminating_backends_take_traffic_only_when_no_backend_is_active() {
     assert!(reached(&fx.client("tcp", 80, 5)).iter().all(|h| *h == "127.0.0.3:8080"));
 }
 
+/// One TCP connection to `argv[1]:argv[2]`; for each number n on stdin, n request/replies,
+/// printed on one line (the replies, or `error:ERRNO`).
+const SESSION_CLIENT: &str = r#"
+import errno, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+for line in sys.stdin:
+    replies = []
+    for _ in range(int(line)):
+        try:
+            s.sendall(b"ping\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(256)
+                if not chunk:
+                    raise OSError(0, "closed")
+                data += chunk
+            replies.append(data.decode().strip())
+        except OSError as e:
+            replies.append("error:" + errno.errorcode.get(e.errno, "closed"))
+    print(" ".join(replies), flush=True)
+"#;
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn a_terminating_backend_keeps_its_connections_while_new_ones_go_to_the_active_backend() {
+    let mut fx = Fixture::new();
+    let a = fx.tcp_session_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    let b = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 3), 8080);
+    let mut datapath = fx.load();
+    datapath.upsert_service(tcp_service(80), vec![a]).unwrap();
+    let mut session = fx.spawn(SESSION_CLIENT, &[&CLUSTER_IP.to_string(), "80"]);
+    session.say("3");
+    assert_eq!(session.line(), ["127.0.0.2:8080"; 3].join(" "));
+
+    // A starts terminating while B is active.
+    let terminating = Backend::terminating(a.address, a.port);
+    datapath.upsert_service(tcp_service(80), vec![terminating, b]).unwrap();
+    assert_eq!(datapath.backends(&tcp_service(80)), Some(vec![b, terminating]));
+
+    // The established connection goes on with A, before, between and after new
+    // connections, all of which go to B (the plain TCP client would time out on A, which
+    // waits for a line).
+    session.say("5");
+    assert_eq!(session.line(), ["127.0.0.2:8080"; 5].join(" "));
+    let outcomes = fx.client("tcp", 80, 20);
+    assert!(
+        reached(&outcomes).iter().all(|h| *h == "127.0.0.3:8080"),
+        "{outcomes:?}"
+    );
+    session.say("5");
+    assert_eq!(session.line(), ["127.0.0.2:8080"; 5].join(" "));
+    assert!(session.rest().is_empty());
+}
+
+/// Three connected UDP sockets: one to the service `argv[1]:argv[2]`, an IPv6 one to the
+/// service (connected with an IPv4 address, as glibc's resolver may do: connect4 translates
+/// it and its peer reads v4-mapped), one straight to `argv[3]:argv[4]`. Prints one
+/// exchange on each; after a line on stdin, one more on each and one on a new socket to
+/// the service. An exchange prints the reply, or
+/// `send:ERRNO` / `recv:ERRNO` (after a failed send, recv still runs, to show the error the
+/// socket holds).
+const UDP_STALE_CLIENT: &str = r#"
+import ctypes, errno, socket, struct, sys
+host, port, direct_host, direct_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def name(e):
+    return errno.errorcode.get(e.errno, "timeout" if isinstance(e, socket.timeout) else str(e.errno))
+def exchange(s):
+    try:
+        s.send(b"ping")
+    except OSError as e:
+        failed = "send:" + name(e)
+        try:
+            s.recv(256)
+        except OSError as e:
+            return failed + ",recv:" + name(e)
+        return failed
+    try:
+        return s.recv(256).decode().strip()
+    except OSError as e:
+        return "recv:" + name(e)
+def connected(h, p):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.connect((h, p))
+    return s
+def connected_v6_with_v4_address(h, p):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    sockaddr_in = struct.pack("=H", socket.AF_INET) + struct.pack("!H", p) + socket.inet_aton(h) + bytes(8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.connect(s.fileno(), sockaddr_in, len(sockaddr_in)) != 0:
+        raise OSError(ctypes.get_errno(), "connect")
+    return s
+service = connected(host, port)
+mapped = connected_v6_with_v4_address(host, port)
+direct = connected(direct_host, direct_port)
+print(exchange(service), exchange(mapped), exchange(direct), flush=True)
+sys.stdin.readline()
+def fresh():
+    try:
+        return exchange(connected(host, port))
+    except OSError as e:
+        return "connect:" + name(e)
+print(exchange(service), exchange(mapped), exchange(direct), fresh(), flush=True)
+"#;
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn connected_udp_sockets_of_a_departed_backend_are_closed_but_direct_ones_are_not() {
+    let mut fx = Fixture::new();
+    let a = fx.udp_backend(Ipv4Addr::new(127, 0, 0, 3), 5353);
+    let b = fx.udp_backend(Ipv4Addr::new(127, 0, 0, 4), 5353);
+    let mut datapath = fx.load();
+    let dns = ServiceKey {
+        address: CLUSTER_IP,
+        port: 53,
+        protocol: Protocol::Udp,
+    };
+    datapath.upsert_service(dns, vec![a]).unwrap();
+    let mut client = fx.spawn(
+        UDP_STALE_CLIENT,
+        &[
+            &CLUSTER_IP.to_string(),
+            "53",
+            &a.address.to_string(),
+            &a.port.to_string(),
+        ],
+    );
+    assert_eq!(client.line(), "127.0.0.3:5353 127.0.0.3:5353 127.0.0.3:5353");
+
+    // A leaves: the sockets connect4 sent to it are destroyed, the direct one stays. The
+    // update runs from another network namespace than the client's, as an agent does on a
+    // node whose pods have their own: the sockets are found through the client's pid.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let _elsewhere = NetnsGuard::enter();
+                let started = std::time::Instant::now();
+                datapath.upsert_service(dns, vec![b]).unwrap();
+                eprintln!("upsert with the namespace walk: {:?}", started.elapsed());
+            })
+            .join()
+            .unwrap();
+    });
+    assert_eq!(datapath.destroyed_udp_sockets(), 2);
+    client.say("go");
+    let after = client.line();
+    eprintln!("after A left: service socket, IPv6 service socket, direct socket, new socket: {after}");
+    let after: Vec<&str> = after.split(' ').collect();
+    assert_eq!(after.len(), 4, "{after:?}");
+    // SOCK_DESTROY disconnects the socket (send: EDESTADDRREQ) and leaves ECONNABORTED as
+    // its error (recv, as a resolver blocked in recv would see at once).
+    assert_eq!(after[0], "send:EDESTADDRREQ,recv:ECONNABORTED", "{after:?}");
+    assert_eq!(after[1], "send:EDESTADDRREQ,recv:ECONNABORTED", "{after:?}");
+    assert_eq!(
+        after[2], "127.0.0.3:5353",
+        "the socket connected straight to A is left alone"
+    );
+    assert_eq!(after[3], "127.0.0.4:5353", "a new socket reaches B");
+    assert!(client.rest().is_empty());
+
+    // B leaves too, after its client exited: its entry is found, but no socket is left.
+    datapath.upsert_service(dns, vec![a]).unwrap();
+    assert_eq!(datapath.destroyed_udp_sockets(), 2);
+
+    // Back to B; then the service goes (reconcile to nothing) while a client holds sockets
+    // translated to B: they are closed too, and the ClusterIP is untranslated again.
+    datapath.upsert_service(dns, vec![b]).unwrap();
+    let mut client = fx.spawn(
+        UDP_STALE_CLIENT,
+        &[
+            &CLUSTER_IP.to_string(),
+            "53",
+            &b.address.to_string(),
+            &b.port.to_string(),
+        ],
+    );
+    assert_eq!(client.line(), "127.0.0.4:5353 127.0.0.4:5353 127.0.0.4:5353");
+    datapath.reconcile(&DesiredState::default()).unwrap();
+    assert_eq!(datapath.destroyed_udp_sockets(), 4);
+    client.say("go");
+    assert_eq!(
+        client.line(),
+        "send:EDESTADDRREQ,recv:ECONNABORTED send:EDESTADDRREQ,recv:ECONNABORTED 127.0.0.4:5353 connect:ENETUNREACH"
+    );
+    assert!(client.rest().is_empty());
+}
+
+/// Connects to `argv[1]:argv[2]` over and over (connect, read the reply to EOF, close),
+/// until "stop" (or EOF) on stdin; "mark" starts phase 1. Prints `total N`, `failed N
+/// ERRNO...` (the first five), and `phaseP BACKEND COUNT` lines.
+const LOAD_CLIENT: &str = r#"
+import errno, select, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+phase, counts, failed, errors, total = 0, [{}, {}], 0, [], 0
+while True:
+    if select.select([sys.stdin], [], [], 0)[0]:
+        if sys.stdin.readline().strip() == "mark":
+            phase = 1
+            continue
+        break
+    total += 1
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        data = b""
+        while True:
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            data += chunk
+        backend = data.decode().strip()
+        if not backend:
+            raise OSError(0, "empty reply")
+        counts[phase][backend] = counts[phase].get(backend, 0) + 1
+    except OSError as e:
+        failed += 1
+        if len(errors) < 5:
+            errors.append(errno.errorcode.get(e.errno, str(e).replace(" ", "_")))
+    finally:
+        s.close()
+print("total", total)
+print("failed", failed, *errors)
+for p in (0, 1):
+    for backend, n in sorted(counts[p].items()):
+        print("phase%d" % p, backend, n)
+"#;
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn no_request_fails_while_the_loader_is_killed_and_restarted() {
+    let mut fx = Fixture::new();
+    let old: Vec<Backend> = (2..=3)
+        .map(|last| fx.tcp_backend(Ipv4Addr::new(127, 0, 0, last), 8080))
+        .collect();
+    let new: Vec<Backend> = (4..=5)
+        .map(|last| fx.tcp_backend(Ipv4Addr::new(127, 0, 0, last), 8080))
+        .collect();
+    let mut loader = fx.spawn_loader(80, &old);
+    assert_eq!(loader.line(), "ready");
+    let mut load = fx.spawn(LOAD_CLIENT, &[&CLUSTER_IP.to_string(), "80"]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Each round SIGKILLs the running loader; most start one more and kill it after a few
+    // milliseconds (a loader gets from exec to "ready" in 2-5 ms here, so this lands while
+    // it loads or reconciles), then a loader runs to "ready". The backends flip between
+    // old and new four times, and end new.
+    let rounds: [(&[Backend], Option<u64>); 8] = [
+        (&old, None),
+        (&old, Some(0)),
+        (&new, Some(2)),
+        (&old, Some(3)),
+        (&new, Some(4)),
+        (&new, Some(1)),
+        (&old, Some(2)),
+        (&new, None),
+    ];
+    let mut kills = 0;
+    let mut ready_ms = Vec::new();
+    for (backends, early_kill_ms) in rounds {
+        loader.kill();
+        kills += 1;
+        if let Some(ms) = early_kill_ms {
+            let doomed = fx.spawn_loader(80, backends);
+            std::thread::sleep(Duration::from_millis(ms));
+            doomed.kill();
+            kills += 1;
+        }
+        let started = std::time::Instant::now();
+        loader = fx.spawn_loader(80, backends);
+        assert_eq!(loader.line(), "ready");
+        ready_ms.push(started.elapsed().as_millis());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    load.say("mark");
+    std::thread::sleep(Duration::from_millis(300));
+    load.say("stop");
+    let report = load.rest();
+    loader.kill();
+
+    let value = |prefix: &str| -> Vec<String> {
+        let line = report.iter().find(|l| l.starts_with(prefix)).expect("a report line");
+        line.split(' ').skip(1).map(str::to_owned).collect()
+    };
+    let total: usize = value("total ")[0].parse().unwrap();
+    let failed = value("failed ");
+    eprintln!("load loop: {total} requests, {kills} loader kills, restart to ready (ms) {ready_ms:?}, {report:?}");
+    assert_eq!(failed[0], "0", "requests failed while the loader restarted: {report:?}");
+    assert!(total > 100, "the load loop ran: {report:?}");
+    let backends_in = |phase: &str| -> Vec<String> {
+        report
+            .iter()
+            .filter_map(|l| l.strip_prefix(phase))
+            .map(|l| l.split(' ').next().unwrap().to_owned())
+            .collect()
+    };
+    let before = backends_in("phase0 ");
+    assert!(
+        before
+            .iter()
+            .any(|b| b.starts_with("127.0.0.2") || b.starts_with("127.0.0.3")),
+        "{report:?}"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|b| b.starts_with("127.0.0.4") || b.starts_with("127.0.0.5")),
+        "{report:?}"
+    );
+    let after = backends_in("phase1 ");
+    assert!(!after.is_empty(), "{report:?}");
+    assert!(
+        after
+            .iter()
+            .all(|b| b.starts_with("127.0.0.4") || b.starts_with("127.0.0.5")),
+        "traffic moved to the new backends: {report:?}"
+    );
+}
+
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
 fn translation_outlives_the_loader_and_a_new_load_reconciles_only_differences() {
@@ -755,4 +1269,38 @@ fn k8s_slice(service: &str, addresses: &[&str], port: i32) -> EndpointSlice {
             ..EndpointPort::default()
         }]),
     }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn map_capacity_is_set_at_creation_kept_by_the_pins_and_a_full_map_says_what_to_raise() {
+    let mut fx = Fixture::new();
+    fx.config.capacity = Capacity {
+        services: 3,
+        service_slots: 16,
+        backends: 8,
+    };
+    let backend = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    let mut datapath = fx.load();
+    for port in 1..=3 {
+        datapath.upsert_service(tcp_service(port), vec![backend]).unwrap();
+    }
+    let err = datapath.upsert_service(tcp_service(4), vec![backend]).unwrap_err();
+    assert!(matches!(err, Error::IdsExhausted(_)), "{err}");
+    assert!(err.to_string().contains("raise datapath::Capacity::services"), "{err}");
+    assert_eq!(
+        datapath.services().len(),
+        3,
+        "a refused service must leave the others alone"
+    );
+    drop(datapath);
+
+    // Reopened with a larger configured capacity: the pinned maps keep their size.
+    fx.config.capacity = Capacity::default();
+    let mut datapath = fx.load();
+    assert!(datapath.upsert_service(tcp_service(4), vec![backend]).is_err());
+    datapath.remove_service(&tcp_service(1)).unwrap();
+    datapath.upsert_service(tcp_service(4), vec![backend]).unwrap();
+    let outcomes = fx.client("tcp", 4, 2);
+    assert_eq!(reached(&outcomes), ["127.0.0.2:8080", "127.0.0.2:8080"]);
 }

@@ -16,10 +16,13 @@
 //! servers and clients (python3) run in theirs through `ip netns exec`. Drop guards kill
 //! the servers, remove pins and cgroup, and delete the namespaces (and with them the veths).
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,8 +34,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weir_agent::datapath::{
-    Backend, Config, ConntrackTimeouts, Datapath, Error, ExternalConfig, InterfaceAttachment, NodeContext, Protocol,
-    ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy, desired_state_for_node,
+    Backend, Capacity, Config, ConntrackTimeouts, Datapath, Error, ExternalConfig, InterfaceAttachment, NodeContext,
+    Protocol, ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy, desired_state_for_node,
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
@@ -171,6 +174,7 @@ impl Topology {
             config: Config {
                 cgroup_path: cgroup.clone(),
                 pin_root: PathBuf::from("/sys/fs/bpf").join(name("pins")),
+                capacity: Capacity::default(),
             },
             in_node: None,
             id,
@@ -296,8 +300,50 @@ impl Topology {
         count: usize,
         timeout: f64,
     ) -> Vec<Result<Answer, String>> {
-        let output = Command::new("ip")
-            .args(["netns", "exec", &self.client, "python3", "-c", CLIENT, proto])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.client]);
+        self.run_client(cmd, proto, sport, host, port, count, timeout)
+    }
+
+    /// A client process on the node itself (its namespace and the datapath's cgroup):
+    /// socket-LB translates its connections at connect(), no packet reaches TC or XDP.
+    fn node_client(&self, proto: &str, host: Ipv4Addr, port: u16, count: usize) -> Vec<Result<Answer, String>> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node]);
+        let procs = CString::new(self.config.cgroup_path.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close);
+        // "0" moves the writing process itself, and `ip netns exec` and python3 inherit it.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        self.run_client(cmd, proto, 0, host, port, count, 3.0)
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "the client's command line, spelled out")]
+    fn run_client(
+        &self,
+        mut cmd: Command,
+        proto: &str,
+        sport: u16,
+        host: Ipv4Addr,
+        port: u16,
+        count: usize,
+        timeout: f64,
+    ) -> Vec<Result<Answer, String>> {
+        let output = cmd
+            .args(["python3", "-c", CLIENT, proto])
             .args([
                 host.to_string(),
                 port.to_string(),
@@ -881,4 +927,77 @@ fn attach_external_explains_a_missing_interface_and_a_bad_config() {
         "{report:?}"
     );
     assert_eq!(datapath.detach_external(&no_xdp).unwrap(), 2, "TC ingress and egress");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn processes_on_the_node_reach_node_ports_and_load_balancer_ips_through_socket_lb() {
+    let mut topo = Topology::new();
+    topo.local_servers();
+    topo.remote_servers();
+    let mut datapath = topo.load();
+    // No TC or XDP at all: only the cgroup programs can translate.
+    let slice = web_slice(&[(LOCAL_BACKEND, "node-a"), (REMOTE_BACKEND, "node-b")]);
+    let desired = desired_state_for_node(&[lb_service("Cluster")], &[slice], &this_node());
+    datapath.reconcile(&desired).unwrap();
+
+    for (host, port) in [(LB_IP, 80), (NODE_IP, 30090)] {
+        let answers: Vec<Answer> = topo
+            .node_client("tcp", host, port, 24)
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|e| panic!("tcp to {host}:{port} from the node failed: {e}")))
+            .collect();
+        // Random choice: P(one backend gets none of 24) = 2^-23.
+        assert!(answers.iter().any(|a| a.server == "local"), "{answers:?}");
+        assert!(answers.iter().any(|a| a.server == "remote"), "{answers:?}");
+        // getpeername shows the frontend; the local backend sees the node's own address on
+        // its link (the kernel's source choice, nothing rewritten a packet).
+        assert!(
+            answers.iter().all(|a| a.from == format!("{host}:{port}")),
+            "{answers:?}"
+        );
+        let node_on_pod_link = Ipv4Addr::new(10, 2, 0, 1);
+        assert!(
+            answers
+                .iter()
+                .filter(|a| a.server == "local")
+                .all(|a| a.seen_ip() == node_on_pod_link),
+            "{answers:?}"
+        );
+    }
+    assert_eq!(datapath.packet_stats().unwrap(), Default::default(), "TC/XDP never ran");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn the_conntrack_sweeper_thread_removes_idle_flows_on_its_own() {
+    let mut topo = Topology::new();
+    topo.local_servers();
+    let mut datapath = topo.load();
+    datapath.attach_external(&topo.external(XdpPolicy::Off)).unwrap();
+    program_node_ports(&mut datapath, LOCAL_BACKEND, false);
+    topo.answers("udp", NODE_IP, 30053, 2);
+    assert_eq!(datapath.conntrack().unwrap().len(), 4);
+
+    let timeouts = ConntrackTimeouts {
+        udp: Duration::from_millis(500),
+        ..ConntrackTimeouts::default()
+    };
+    let sweeper = datapath
+        .spawn_conntrack_sweeper(timeouts, Duration::from_millis(200))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !datapath.conntrack().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper left {:?}",
+            datapath.conntrack()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Stopped: new flows stay however idle they get.
+    drop(sweeper);
+    topo.answers("udp", NODE_IP, 30053, 1);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(datapath.conntrack().unwrap().len(), 2);
 }

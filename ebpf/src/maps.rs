@@ -18,7 +18,7 @@ pub static SERVICES4: HashMap<Service4Key, Service4Value> = HashMap::pinned(SERV
 pub static BACKENDS4: HashMap<u32, Backend4Value> = HashMap::pinned(BACKENDS4_MAX_ENTRIES, 0);
 
 #[map]
-pub static REV_NAT4: HashMap<u16, RevNat4Value> = HashMap::pinned(REV_NAT4_MAX_ENTRIES, 0);
+pub static REV_NAT4: HashMap<u32, RevNat4Value> = HashMap::pinned(REV_NAT4_MAX_ENTRIES, 0);
 
 #[map]
 pub static SOCK_REV_NAT4: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
@@ -26,7 +26,7 @@ pub static SOCK_REV_NAT4: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
 
 /// Allocated on use (BPF_F_NO_PREALLOC): only Maglev services have tables.
 #[map]
-pub static MAGLEV4: HashMap<u32, u32> = HashMap::pinned(MAGLEV4_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+pub static MAGLEV4: HashMap<u64, u32> = HashMap::pinned(MAGLEV4_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 

@@ -242,9 +242,8 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
         peer: reply,
         rev_nat_id,
         flags: flags | syn_flag,
-        pad: 0,
+        pad: [0; 3],
         backend_id,
-        pad2: 0,
     };
     let reverse = Ct4Value {
         last_seen_ns: now,
@@ -255,9 +254,8 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
         peer: key,
         rev_nat_id,
         flags: flags | CT_FLAG_REPLY | CT_FLAG_EGRESS,
-        pad: 0,
+        pad: [0; 3],
         backend_id,
-        pad2: 0,
     };
     if snat {
         let mut snat_reply = Ct4Key {
@@ -278,9 +276,8 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
             peer: snat_reply,
             rev_nat_id,
             flags: flags | syn_flag | CT_FLAG_EGRESS,
-            pad: 0,
+            pad: [0; 3],
             backend_id,
-            pad2: 0,
         };
         let snat_reverse = Ct4Value {
             last_seen_ns: now,
@@ -291,9 +288,8 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
             peer: dnatted,
             rev_nat_id,
             flags: flags | CT_FLAG_REPLY,
-            pad: 0,
+            pad: [0; 3],
             backend_id,
-            pad2: 0,
         };
         if CT4.insert(snat_reply, snat_reverse, 0).is_err() || CT4.insert(dnatted, snat_forward, 0).is_err() {
             count(STAT_DROP_NO_SNAT);

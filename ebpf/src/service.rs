@@ -28,7 +28,7 @@ pub enum Selection {
     Backend {
         backend: Backend4Value,
         backend_id: u32,
-        rev_nat_id: u16,
+        rev_nat_id: u32,
     },
 }
 
@@ -64,7 +64,7 @@ pub fn select_backend(key: Service4Key, frontend: Service4Value, client: u64, ha
     let affinity_key = Affinity4Key {
         netns_cookie: client,
         rev_nat_id: frontend.rev_nat_id,
-        pad: [0; 6],
+        pad: 0,
     };
     let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
     if let Some(entry) = AFFINITY4.get_ptr(affinity_key) {
@@ -195,6 +195,7 @@ pub fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
     let value = SockRevNat4Value {
         address,
         port,
+        pad: [0; 2],
         rev_nat_id,
     };
     // UDP replies cannot be recognised without this entry; a TCP socket only loses the

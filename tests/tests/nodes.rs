@@ -296,3 +296,54 @@ async fn no_execute_taint_evicts_untolerating_pods_embedded() -> Result<()> {
 async fn no_execute_taint_evicts_untolerating_pods_etcd() -> Result<()> {
     no_execute_taint_evicts_untolerating_pods(Backend::Etcd).await
 }
+
+fn pod_cidrs(node: &Node) -> Vec<String> {
+    node.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default()
+}
+
+/// Node IPAM: each node gets a block of --cluster-cidr (here a /23 of two /24s), a deleted
+/// node's block goes to the next node, a node beyond the CIDR waits with a CIDRNotAvailable
+/// Event and gets the block a deletion frees; the real kubectl shows the podCIDR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_get_pod_cidrs_from_the_cluster_cidr() -> Result<()> {
+    let server = TestServer::start_with_args(Backend::Embedded, &["--cluster-cidr", "10.50.0.0/23"]).await?;
+    let client = server.kube_client().await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let cidr_of = |name: &'static str| {
+        let nodes = nodes.clone();
+        async move {
+            eventually(&format!("{name} gets a podCIDR"), SETTLE, || async {
+                let node = nodes.get(name).await?;
+                let cidrs = pod_cidrs(&node);
+                let single = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+                Ok((!cidrs.is_empty()).then(|| {
+                    assert_eq!(single.as_ref(), cidrs.first(), "podCIDR is podCIDRs[0]");
+                    cidrs
+                }))
+            })
+            .await
+        }
+    };
+    fake::node(&client, "ipam-a", "4", "8Gi", json!({}), json!([])).await?;
+    assert_eq!(cidr_of("ipam-a").await?, ["10.50.0.0/24"]);
+    fake::node(&client, "ipam-b", "4", "8Gi", json!({}), json!([])).await?;
+    assert_eq!(cidr_of("ipam-b").await?, ["10.50.1.0/24"]);
+
+    fake::node(&client, "ipam-c", "4", "8Gi", json!({}), json!([])).await?;
+    eventually("ipam-c hears that the cluster CIDR is full", SETTLE, || async {
+        let events = events(&client, "CIDRNotAvailable").await?;
+        Ok(events
+            .iter()
+            .any(|e| e.involved_object.name.as_deref() == Some("ipam-c"))
+            .then_some(()))
+    })
+    .await?;
+    ensure!(pod_cidrs(&nodes.get("ipam-c").await?).is_empty());
+
+    let out = server.kubectl(&["get", "node", "ipam-b", "-o", "jsonpath={.spec.podCIDR}"]);
+    ensure!(String::from_utf8_lossy(&out.stdout) == "10.50.1.0/24", "{out:?}");
+
+    nodes.delete("ipam-a", &Default::default()).await?;
+    assert_eq!(cidr_of("ipam-c").await?, ["10.50.0.0/24"], "the freed block");
+    Ok(())
+}

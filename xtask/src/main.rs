@@ -3,6 +3,7 @@
 
 mod bench;
 mod command;
+mod images;
 mod openapi;
 mod protobuf;
 mod setup;
@@ -53,6 +54,9 @@ enum Task {
         #[arg(last = true)]
         weir_args: Vec<String>,
     },
+    /// Build the test and example images (weir.local/busybox:latest, weir.local/echo:latest)
+    /// as OCI archives under target/images/, from busybox-static and the project's binaries.
+    Images,
     /// Regenerate control-plane/openapi/definitions.json from Kubernetes' published schemas.
     GenOpenapi,
     /// Regenerate control-plane/openapi/protobuf.json (protobuf field numbers, from the crate
@@ -80,6 +84,7 @@ fn main() -> Result<()> {
             secure_port,
             weir_args,
         } => up(&ws, &data_dir, secure_port, &weir_args),
+        Task::Images => images::run(&ws).map(|_| ()),
         Task::GenOpenapi => openapi::generate(&ws),
         Task::Bench { area, bench_args } => bench::run(&ws, area, &bench_args),
         Task::GenProtobuf => protobuf::generate(&ws),

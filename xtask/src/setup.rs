@@ -45,6 +45,11 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "llvm-22-dev",
         present: || Path::new(LLVM_PREFIX).join("bin/llvm-config").exists(),
     },
+    // The shell and tools of the test images (`cargo xtask images`).
+    DebianPackage {
+        name: "busybox-static",
+        present: || Path::new("/bin/busybox").exists(),
+    },
     DebianPackage {
         name: "python3",
         present: || command::find_on_path("python3").is_some(),
@@ -114,7 +119,7 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run(ws: &Workspace) -> Result<()> {
-    debian_packages(&[DEBIAN_PACKAGES, DATAPATH_BENCH_PACKAGES].concat())?;
+    install_debian_packages(&[DEBIAN_PACKAGES, DATAPATH_BENCH_PACKAGES].concat())?;
     ebpf_toolchain()?;
     bpffs()?;
     kubectl_and_helm(ws)?;
@@ -128,12 +133,17 @@ pub fn etcd() -> PathBuf {
     command::find_on_path("etcd").unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
 }
 
-/// iptables and ipvsadm, for `cargo xtask bench datapath`.
-pub fn datapath_bench_packages() -> Result<()> {
-    debian_packages(DATAPATH_BENCH_PACKAGES)
+/// The Debian packages the build and the tests need.
+pub fn debian_packages() -> Result<()> {
+    install_debian_packages(DEBIAN_PACKAGES)
 }
 
-fn debian_packages(packages: &[DebianPackage]) -> Result<()> {
+/// iptables and ipvsadm, for `cargo xtask bench datapath`.
+pub fn datapath_bench_packages() -> Result<()> {
+    install_debian_packages(DATAPATH_BENCH_PACKAGES)
+}
+
+fn install_debian_packages(packages: &[DebianPackage]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .filter(|p| !(dpkg_installed(p.name) || (p.present)()))

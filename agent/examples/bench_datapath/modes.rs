@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::ValueEnum;
 use weir_agent::datapath::{
-    Backend, DesiredState, ExternalConfig, Protocol, ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy,
+    Backend, Capacity, DesiredState, ExternalConfig, Protocol, ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy,
 };
 
 use crate::topology::{BACKEND, NODE_IP, NODE_POD_SIDE_IP, NetnsGuard, Topology, ip};
@@ -113,6 +113,18 @@ impl Catalog {
             SocketAddrV4::new(NODE_IP, NODE_PORT)
         } else {
             SocketAddrV4::new(offset(Ipv4Addr::new(198, 18, 0, 0), i), SERVICE_PORT)
+        }
+    }
+
+    /// Map sizes with room for these services (one backend each), never below the
+    /// defaults a node starts with.
+    fn capacity(&self) -> Capacity {
+        let default = Capacity::default();
+        let needed = Capacity::for_services(u32::try_from(self.size).unwrap_or(u32::MAX), 1);
+        Capacity {
+            services: default.services.max(needed.services),
+            service_slots: default.service_slots.max(needed.service_slots),
+            backends: default.backends.max(needed.backends),
         }
     }
 
@@ -332,7 +344,7 @@ fn program_maps(
     let ext = topology.ext.clone();
     // TC and XDP attach by interface name, which resolves in the node's namespace.
     let _in_node = NetnsGuard::enter(&topology.node)?;
-    let datapath = topology.load_datapath()?;
+    let datapath = topology.load_datapath(catalog.capacity())?;
     if let Some(xdp) = external {
         let config = ExternalConfig {
             interfaces: vec![ext],

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context as _, Result, bail};
-use weir_agent::datapath::{Config, Datapath};
+use weir_agent::datapath::{Capacity, Config, Datapath};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 /// The node's address on the client's side: NodePorts listen here.
@@ -184,12 +184,13 @@ impl Topology {
         Ok(())
     }
 
-    /// Loads the datapath with a pin root of its own and the topology's cgroup; it is
-    /// uninstalled when the topology goes.
-    pub fn load_datapath(&mut self) -> Result<&mut Datapath> {
+    /// Loads the datapath with a pin root of its own, the topology's cgroup and maps of
+    /// `capacity`; it is uninstalled when the topology goes.
+    pub fn load_datapath(&mut self, capacity: Capacity) -> Result<&mut Datapath> {
         let config = Config {
             cgroup_path: self.cgroup.0.clone(),
             pin_root: PathBuf::from("/sys/fs/bpf").join(format!("weir-bench-{}", self.id)),
+            capacity,
         };
         match Datapath::load(&config) {
             Ok(datapath) => {

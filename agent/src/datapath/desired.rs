@@ -47,7 +47,8 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
 /// whose `nodeName` is not `node.name` are remote backends (SNATed when reached from
 /// outside). With externalTrafficPolicy Local, the external frontends get only this
 /// node's endpoints (none: packets to them are dropped, as kube-proxy does); ClusterIPs
-/// keep all of them.
+/// keep all of them unless internalTrafficPolicy is Local, which gives the ClusterIPs only
+/// this node's endpoints (none: connections are refused).
 pub fn desired_state_for_node(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> DesiredState {
     desired(services, slices, Some(node))
 }
@@ -89,6 +90,8 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
             ..Selection::default()
         };
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        // Which endpoints are this node's is known only with a node.
+        let internal_local = node.is_some() && spec.internal_traffic_policy.as_deref() == Some("Local");
         let external = Selection {
             external: true,
             external_local,
@@ -156,7 +159,12 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
                 )
             }));
             for (key, selection) in frontends {
-                let backends = if selection.external_local {
+                let local_only = if selection.external {
+                    selection.external_local
+                } else {
+                    internal_local
+                };
+                let backends = if local_only {
                     backends.iter().filter(|b| !b.remote).copied().collect()
                 } else {
                     backends.clone()
@@ -634,5 +642,32 @@ mod tests {
         // The ClusterIP keeps both endpoints.
         assert_eq!(desired.services[&key("10.96.0.51", 80, Protocol::Tcp)].len(), 2);
         assert_eq!(desired.services.len(), 5, "{:?}", desired.services.keys());
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_gives_the_cluster_ip_only_this_nodes_endpoints() {
+        let mut service = exposed("web", "10.96.0.53", "NodePort", 30083, None);
+        service.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".to_owned());
+        let slices = [on_node(
+            slice(
+                "web",
+                &[(None, 8080, "TCP")],
+                &[("10.244.1.2", None, None, None), ("10.244.2.2", None, None, None)],
+            ),
+            &["node-a", "node-b"],
+        )];
+        let desired = desired_state_for_node(std::slice::from_ref(&service), &slices, &node());
+        let cluster_ip = key("10.96.0.53", 80, Protocol::Tcp);
+        assert_eq!(desired.services[&cluster_ip], [Backend::active(ip("10.244.1.2"), 8080)]);
+        // External traffic follows externalTrafficPolicy (Cluster): every endpoint.
+        assert_eq!(desired.services[&key("192.168.1.10", 30083, Protocol::Tcp)].len(), 2);
+
+        // On a node without endpoints of its own the ClusterIP has no backend: refused.
+        let other = NodeContext {
+            name: "node-c".to_owned(),
+            ..node()
+        };
+        let desired = desired_state_for_node(std::slice::from_ref(&service), &slices, &other);
+        assert!(desired.services[&cluster_ip].is_empty(), "{desired:?}");
     }
 }

@@ -13,20 +13,20 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{Array, MapError, PerCpuArray};
+use aya::Ebpf;
+use aya::maps::{Array, PerCpuArray};
 use aya::programs::links::FdLink;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
-use aya::{Ebpf, EbpfLoader};
 use tracing::info;
 use weir_ebpf_common::{
-    CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, CT4, Ct4Key, Ct4Value, NODE4, Node4Config,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, PROTO_TCP, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT,
-    STAT_TC_EGRESS_TRACKED, STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED, STAT_XDP_NEW, STAT_XDP_TRACKED, STATS,
+    CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, Ct4Key, Ct4Value, NODE4, Node4Config, PROG_TC_EGRESS,
+    PROG_TC_INGRESS, PROG_XDP, PROTO_TCP, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT, STAT_TC_EGRESS_TRACKED,
+    STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED, STAT_XDP_NEW, STAT_XDP_TRACKED, STATS,
 };
 
 use super::index::map_address;
 use super::model::Protocol;
-use super::{Datapath, Error, OBJECT, ignore_missing};
+use super::{Capacity, Datapath, Error, OBJECT, gc};
 
 /// Where and how NodePort/LoadBalancer traffic from outside is translated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,7 +237,7 @@ fn remove_pin(path: &Path) -> Result<bool, Error> {
 }
 
 /// Now on the clock bpf_ktime_get_ns reads (CLOCK_MONOTONIC), in ns.
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime with a valid clock id and out-parameter.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
@@ -251,7 +251,7 @@ fn socket(address: u32, port: u16) -> SocketAddrV4 {
 /// The entries of `entries` idle longer than their timeout at `now` (ns, CLOCK_MONOTONIC).
 /// An entry counts as seen when its peer (the other direction) was, and as closing when
 /// either direction saw a FIN or RST.
-fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &ConntrackTimeouts) -> Vec<Ct4Key> {
+pub(super) fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &ConntrackTimeouts) -> Vec<Ct4Key> {
     entries
         .iter()
         .filter(|(key, value)| {
@@ -273,6 +273,7 @@ fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &ConntrackTi
 /// its programs are loaded into the kernel.
 struct Loader<'a> {
     pin_dir: &'a Path,
+    capacity: Capacity,
     ebpf: Option<Ebpf>,
     loaded: HashSet<&'static str>,
 }
@@ -280,8 +281,9 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn ebpf(&mut self) -> Result<&mut Ebpf, Error> {
         if self.ebpf.is_none() {
-            let ebpf = EbpfLoader::new()
-                .default_map_pin_directory(self.pin_dir)
+            let ebpf = self
+                .capacity
+                .loader(self.pin_dir)
                 .load(OBJECT)
                 .map_err(|e| Error::Load(Box::new(e)))?;
             self.ebpf = Some(ebpf);
@@ -357,6 +359,7 @@ impl Datapath {
         let pin_dir = self.pin_dir.clone();
         let mut loader = Loader {
             pin_dir: &pin_dir,
+            capacity: self.capacity,
             ebpf: None,
             loaded: HashSet::new(),
         };
@@ -471,11 +474,7 @@ impl Datapath {
     }
 
     fn conntrack_raw(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, Error> {
-        self.conntrack
-            .iter()
-            .filter(|entry| !matches!(entry, Err(MapError::KeyNotFound)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Map { name: CT4, source })
+        gc::entries(&self.conntrack)
     }
 
     /// The tracked NodePort/LoadBalancer flows, one entry per direction.
@@ -506,19 +505,7 @@ impl Datapath {
     /// sweeps still works, but a full table evicts live flows before dead ones. Returns
     /// the entries removed.
     pub fn sweep_conntrack(&mut self, timeouts: &ConntrackTimeouts) -> Result<usize, Error> {
-        let entries: HashMap<Ct4Key, Ct4Value> = self.conntrack_raw()?.into_iter().collect();
-        let dead = expired(&entries, monotonic_ns(), timeouts);
-        for key in &dead {
-            ignore_missing(self.conntrack.remove(key)).map_err(|source| Error::Map { name: CT4, source })?;
-        }
-        if !dead.is_empty() {
-            info!(
-                removed = dead.len(),
-                remaining = entries.len() - dead.len(),
-                "datapath: conntrack sweep"
-            );
-        }
-        Ok(dead.len())
+        gc::sweep(&mut self.conntrack, timeouts)
     }
 
     /// TC and XDP packet counters since the maps were created.
@@ -582,9 +569,8 @@ mod tests {
             peer,
             rev_nat_id: 1,
             flags,
-            pad: 0,
+            pad: [0; 3],
             backend_id: 1,
-            pad2: 0,
         };
         entries.insert(forward, value(seen.0, reply, flags.0));
         entries.insert(reply, value(seen.1, forward, flags.1 | CT_FLAG_REPLY));

@@ -13,7 +13,7 @@ use weir_ebpf_common::{
 use super::model::{Backend, BackendState, Protocol, ServiceKey};
 
 pub(crate) type BackendId = u32;
-pub(crate) type RevNatId = u16;
+pub(crate) type RevNatId = u32;
 
 /// One map operation, in the order it must be applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl ServiceEntry {
             rev_nat_id: self.rev_nat_id,
             draining_count: (self.slots.len() - self.selectable) as u16,
             flags: self.flags,
-            pad: 0,
+            pad: [0; 3],
             affinity_timeout: self.affinity_timeout,
         }
     }
@@ -72,10 +72,26 @@ struct BackendAddr {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IdsExhausted {
-    #[error("all {BACKENDS4_MAX_ENTRIES} backend ids are in use")]
-    Backend,
-    #[error("all {} reverse-NAT ids are in use", REV_NAT4_MAX_ENTRIES - 1)]
-    RevNat,
+    #[error("the backend map is full ({0} backends); raise datapath::Capacity::backends")]
+    Backend(usize),
+    #[error("the reverse-NAT map is full ({0} service frontends); raise datapath::Capacity::services")]
+    RevNat(usize),
+}
+
+/// How many backends and service frontends the maps hold: ids are handed out below these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) backends: usize,
+    pub(crate) rev_nats: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            backends: BACKENDS4_MAX_ENTRIES as usize,
+            rev_nats: REV_NAT4_MAX_ENTRIES as usize,
+        }
+    }
 }
 
 /// What the maps hold, in the agent's terms, plus the entries found on restore that
@@ -91,6 +107,7 @@ pub(crate) struct Index {
     next_rev_nat_id: RevNatId,
     stray_slots: Vec<Service4Key>,
     stray_rev_nats: Vec<RevNatId>,
+    limits: Limits,
 }
 
 pub(crate) fn map_address(address: Ipv4Addr) -> u32 {
@@ -166,8 +183,12 @@ impl Index {
         services: impl IntoIterator<Item = (Service4Key, Service4Value)>,
         backends: impl IntoIterator<Item = (BackendId, Backend4Value)>,
         rev_nats: impl IntoIterator<Item = (RevNatId, RevNat4Value)>,
+        limits: Limits,
     ) -> Index {
-        let mut index = Index::default();
+        let mut index = Index {
+            limits,
+            ..Index::default()
+        };
         let mut frontends = Vec::new();
         let mut slots: HashMap<Service4Key, BTreeMap<u16, BackendId>> = HashMap::new();
         for (key, value) in services {
@@ -474,8 +495,8 @@ impl Index {
     }
 
     fn allocate_backend_id(&mut self) -> Result<BackendId, IdsExhausted> {
-        if self.backends.len() >= BACKENDS4_MAX_ENTRIES as usize {
-            return Err(IdsExhausted::Backend);
+        if self.backends.len() >= self.limits.backends {
+            return Err(IdsExhausted::Backend(self.limits.backends));
         }
         loop {
             let id = self.next_backend_id.max(1);
@@ -487,8 +508,8 @@ impl Index {
     }
 
     fn allocate_rev_nat_id(&mut self) -> Result<RevNatId, IdsExhausted> {
-        if self.rev_nat_ids.len() >= usize::from(u16::MAX) {
-            return Err(IdsExhausted::RevNat);
+        if self.rev_nat_ids.len() >= self.limits.rev_nats {
+            return Err(IdsExhausted::RevNat(self.limits.rev_nats));
         }
         loop {
             let id = self.next_rev_nat_id.max(1);
@@ -622,7 +643,7 @@ mod tests {
                 false,
             ),
         ));
-        let mut restored = Index::restore(services, backends, rev_nats);
+        let mut restored = Index::restore(services, backends, rev_nats, Limits::default());
         assert!(
             restored
                 .plan_upsert(key(), &[backend(1), backend(2)])

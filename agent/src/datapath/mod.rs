@@ -6,39 +6,48 @@
 //!
 //! Everything is pinned, so translation goes on while no agent runs; a new
 //! [`Datapath::load`] reopens the pins and [`Datapath::reconcile`] writes only differences.
+//!
+//! When a backend leaves a UDP service, the connected UDP sockets socket-LB had sent to it
+//! are destroyed through sock_diag netlink in every network namespace of the node (see
+//! `sockets.rs` for why not a BPF iterator with `bpf_sock_destroy`).
 
 mod desired;
 mod external;
+mod gc;
 mod index;
 pub mod maglev;
 mod model;
+mod sockets;
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData, MapError};
 use aya::pin::PinError;
 use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{EbpfError, EbpfLoader};
 use tracing::{debug, info};
 use weir_ebpf_common::{
-    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, Backend4Value, CT4, Ct4Key, Ct4Value, DATAPATH_VERSION,
-    MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, RevNat4Value, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL,
-    SERVICE_FLAG_MAGLEV, SERVICES4, SOCK_PROGRAMS, STATS, Service4Key, Service4Value, maglev_key,
+    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, BACKENDS4_MAX_ENTRIES, Backend4Value, CT4, DATAPATH_VERSION,
+    MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICE_FLAG_EXTERNAL,
+    SERVICE_FLAG_LOCAL, SERVICE_FLAG_MAGLEV, SERVICES4, SERVICES4_MAX_ENTRIES, SOCK_PROGRAMS, SOCK_REV_NAT4, STATS,
+    Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value, maglev_key,
 };
 
 pub use desired::{LB_ALGORITHM_ANNOTATION, NodeContext, desired_state, desired_state_for_node};
 pub use external::{
     ConntrackEntry, ConntrackTimeouts, ExternalConfig, InterfaceAttachment, PacketStats, XdpAttachment, XdpPolicy,
 };
+pub use gc::ConntrackSweeper;
 pub use index::IdsExhausted;
 pub use model::{
     Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection as ServiceSelection, ServiceKey,
 };
+pub use sockets::UdpSocketError;
 
-use index::{Index, Selection, Write};
+use index::{Index, Limits, Selection, Write};
 
 /// The kernel programs, built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
@@ -56,6 +65,56 @@ pub struct Config {
     pub cgroup_path: PathBuf,
     /// Pins go to `<pin_root>/<DATAPATH_VERSION>/`; must be on a bpffs.
     pub pin_root: PathBuf,
+    /// The sizes of the service maps, applied when they are created; maps reopened from
+    /// pins keep the size they were created with.
+    pub capacity: Capacity,
+}
+
+/// How much the service maps hold. The kernel preallocates hash maps, so this is memory
+/// the node gives up front: the defaults take about 30 MB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Service frontends (one per ClusterIP, NodePort, LoadBalancer or external address
+    /// and port): the size of REV_NAT4.
+    pub services: u32,
+    /// Frontends plus one slot per backend of each: the size of SERVICES4.
+    pub service_slots: u32,
+    /// Distinct backend address:port pairs: the size of BACKENDS4.
+    pub backends: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Capacity {
+        Capacity {
+            services: REV_NAT4_MAX_ENTRIES,
+            service_slots: SERVICES4_MAX_ENTRIES,
+            backends: BACKENDS4_MAX_ENTRIES,
+        }
+    }
+}
+
+impl Capacity {
+    /// Room for `services` frontends with `backends_each` backends each, all distinct.
+    pub fn for_services(services: u32, backends_each: u32) -> Capacity {
+        let slots = u64::from(services) * (1 + u64::from(backends_each));
+        Capacity {
+            services,
+            service_slots: u32::try_from(slots).unwrap_or(u32::MAX),
+            backends: services.saturating_mul(backends_each),
+        }
+    }
+
+    /// The loader for the object, with the maps sized and pinned in `pin_dir` (maps already
+    /// pinned there are reused as they are).
+    fn loader(self, pin_dir: &Path) -> EbpfLoader<'_> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(REV_NAT4, self.services.max(1))
+            .map_max_entries(SERVICES4, self.service_slots.max(1))
+            .map_max_entries(BACKENDS4, self.backends.max(1));
+        loader
+    }
 }
 
 impl Config {
@@ -135,6 +194,9 @@ pub enum Error {
     NoTcx { interface: String },
     #[error("invalid datapath configuration: {0}")]
     InvalidConfig(String),
+    /// The map writes were done; the sockets stay open (a later update does not retry them).
+    #[error("the maps are updated, but closing connected UDP sockets of departed backends failed: {0}")]
+    UdpSockets(#[from] UdpSocketError),
 }
 
 /// The loaded (or reopened) datapath: typed handles on the pinned service maps and a
@@ -142,14 +204,19 @@ pub enum Error {
 pub struct Datapath {
     services: BpfHashMap<MapData, Service4Key, Service4Value>,
     backends: BpfHashMap<MapData, u32, Backend4Value>,
-    rev_nat: BpfHashMap<MapData, u16, RevNat4Value>,
-    maglev: BpfHashMap<MapData, u32, u32>,
+    rev_nat: BpfHashMap<MapData, u32, RevNat4Value>,
+    maglev: BpfHashMap<MapData, u64, u32>,
     affinity: BpfHashMap<MapData, Affinity4Key, Affinity4Value>,
-    conntrack: BpfHashMap<MapData, Ct4Key, Ct4Value>,
+    conntrack: gc::ConntrackMap,
     node: external::NodeMap,
     stats: external::StatsMap,
+    sock_rev_nat: BpfHashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
+    destroyed_udp_sockets: u64,
+    /// Stale UDP sockets a failed destroy left open: tried again with the next update.
+    pending_udp_sockets: std::collections::BTreeSet<sockets::StaleSocket>,
     index: Index,
     pin_dir: PathBuf,
+    capacity: Capacity,
 }
 
 impl Datapath {
@@ -183,8 +250,12 @@ impl Datapath {
             conntrack: open_lru_map(&pin_dir, CT4)?,
             node: open_pinned(&pin_dir, NODE4, Map::Array)?,
             stats: open_pinned(&pin_dir, STATS, Map::PerCpuArray)?,
+            sock_rev_nat: open_lru_map(&pin_dir, SOCK_REV_NAT4)?,
+            destroyed_udp_sockets: 0,
+            pending_udp_sockets: Default::default(),
             index: Index::default(),
             pin_dir,
+            capacity: config.capacity,
         };
         datapath.resync()?;
         Ok(datapath)
@@ -242,7 +313,9 @@ impl Datapath {
     }
 
     /// [`Datapath::upsert_service`] with a choice of backend selection. A Maglev service
-    /// gets its table written after its slots, only the table slots that differ.
+    /// gets its table written after its slots, only the table slots that differ. Connected
+    /// UDP sockets translated to a backend that left are destroyed after the writes
+    /// ([`Datapath::destroyed_udp_sockets`] counts them).
     pub fn upsert_service_with(
         &mut self,
         key: ServiceKey,
@@ -259,6 +332,8 @@ impl Datapath {
                 flags |= SERVICE_FLAG_LOCAL;
             }
         }
+        let departed = self.udp_departures(&key, Some(&backends));
+        let stale_udp = self.stale_udp_sockets(&departed);
         let old = self.index.selection_of(&key);
         let affinity_timeout = selection.affinity_timeout.unwrap_or(0);
         let writes = self.index.plan_upsert_flagged(key, &backends, flags, affinity_timeout);
@@ -292,13 +367,14 @@ impl Datapath {
             };
             count += self.forget_affinities(rev_nat_id, &keep)?;
         }
+        self.close_stale_udp_sockets(&departed, stale_udp)?;
         Ok(count)
     }
 
     /// Removes the affinity entries of the service with `rev_nat_id` whose backend is not
     /// in `keep`: a backend leaving the service, or a reverse-NAT id about to be reused,
     /// must not hold on to clients.
-    fn forget_affinities(&mut self, rev_nat_id: u16, keep: &[u32]) -> Result<usize, Error> {
+    fn forget_affinities(&mut self, rev_nat_id: u32, keep: &[u32]) -> Result<usize, Error> {
         let map_err = |source| Error::Map {
             name: AFFINITY4,
             source,
@@ -349,7 +425,7 @@ impl Datapath {
         Ok(count)
     }
 
-    fn remove_maglev_table(&mut self, rev_nat_id: u16) -> Result<usize, Error> {
+    fn remove_maglev_table(&mut self, rev_nat_id: u32) -> Result<usize, Error> {
         let mut count = 0;
         for slot in 0..MAGLEV_TABLE_SIZE {
             match self.maglev.remove(&maglev_key(rev_nat_id, slot)) {
@@ -361,8 +437,11 @@ impl Datapath {
         Ok(count)
     }
 
-    /// Removes `key`; connections to it are no longer translated. Returns the map writes.
+    /// Removes `key`; connections to it are no longer translated, and connected UDP sockets
+    /// translated to its backends are destroyed. Returns the map writes.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<usize, Error> {
+        let departed = self.udp_departures(key, None);
+        let stale_udp = self.stale_udp_sockets(&departed);
         let old = self.index.selection_of(key);
         let writes = self.index.plan_remove(key);
         debug!(service = %key, writes = writes.len(), "datapath: remove service");
@@ -375,6 +454,7 @@ impl Datapath {
                 count += self.forget_affinities(old.rev_nat_id, &[])?;
             }
         }
+        self.close_stale_udp_sockets(&departed, stale_udp)?;
         Ok(count)
     }
 
@@ -424,7 +504,17 @@ impl Datapath {
         let services = collect(&self.services, SERVICES4)?;
         let backends = collect(&self.backends, BACKENDS4)?;
         let rev_nats = collect(&self.rev_nat, REV_NAT4)?;
-        self.index = Index::restore(services, backends, rev_nats);
+        // Pinned maps keep the size they were created with, whatever the config says now.
+        let max_entries = |map: &MapData, name| {
+            map.info()
+                .map(|info| info.max_entries() as usize)
+                .map_err(|source| Error::Map { name, source })
+        };
+        let limits = Limits {
+            backends: max_entries(IterableMap::map(&self.backends), BACKENDS4)?,
+            rev_nats: max_entries(IterableMap::map(&self.rev_nat), REV_NAT4)?,
+        };
+        self.index = Index::restore(services, backends, rev_nats, limits);
         Ok(())
     }
 
@@ -473,8 +563,9 @@ fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
 fn attach(config: &Config, pin_dir: &Path, missing: &[&'static str]) -> Result<(), Error> {
     info!(cgroup = %config.cgroup_path.display(), pin_dir = %pin_dir.display(), programs = ?missing,
         "datapath: loading and attaching socket-LB programs");
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
+    let mut ebpf = config
+        .capacity
+        .loader(pin_dir)
         .load(OBJECT)
         .map_err(|e| Error::Load(Box::new(e)))?;
     let cgroup = File::open(&config.cgroup_path).map_err(|source| Error::Io {

@@ -73,6 +73,16 @@ pub struct ServerConfig {
     /// ranges (`198.51.100.10-198.51.100.20`) and single addresses, IPv4 and IPv6.
     #[arg(long, env = "WEIR_LOAD_BALANCER_POOL", value_parser = crate::controllers::loadbalancer::Pool::parse)]
     pub load_balancer_pool: Option<crate::controllers::loadbalancer::Pool>,
+    /// Pod addresses of the cluster: each node gets a block of it as spec.podCIDR (one IPv4
+    /// and one IPv6 CIDR, comma-separated, for dual-stack; empty: nodes get none).
+    #[arg(long, env = "WEIR_CLUSTER_CIDR", default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
+    /// Prefix length of each node's IPv4 block of --cluster-cidr.
+    #[arg(long, default_value_t = 24)]
+    pub node_cidr_mask_size_ipv4: u8,
+    /// Prefix length of each node's IPv6 block of --cluster-cidr.
+    #[arg(long, default_value_t = 64)]
+    pub node_cidr_mask_size_ipv6: u8,
 }
 
 /// A duration flag: `40s`, `1m30s`, `500ms` (jiff's friendly format) or plain seconds.
@@ -93,12 +103,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl ServerConfig {
-    /// What the controllers need from the flags.
-    pub fn controllers(&self) -> crate::controllers::Config {
-        crate::controllers::Config {
+    /// What the controllers need from the flags; an error names the flag that is wrong.
+    pub fn controllers(&self) -> Result<crate::controllers::Config> {
+        let cluster_cidrs = crate::controllers::nodeipam::ClusterCidrs::parse(
+            &self.cluster_cidr,
+            self.node_cidr_mask_size_ipv4,
+            self.node_cidr_mask_size_ipv6,
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok(crate::controllers::Config {
             node_monitor_grace_period: self.node_monitor_grace_period,
             load_balancer_pool: self.load_balancer_pool.clone(),
-        }
+            cluster_cidrs,
+        })
     }
 }
 
@@ -143,6 +160,7 @@ struct Shared {
 
 /// Run the API server until Ctrl-C or SIGTERM.
 pub async fn run(config: ServerConfig) -> Result<()> {
+    let controllers = config.controllers()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
@@ -204,7 +222,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     };
     let kubeconfig = config.data_dir.join("admin.kubeconfig");
     pki.write_admin_kubeconfig(&kubeconfig, &url)?;
-    tokio::spawn(start_controllers(kubeconfig.clone(), config.controllers()));
+    tokio::spawn(start_controllers(kubeconfig.clone(), controllers));
     tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
     println!(
         "weir: API server at {url}\nweir: admin kubeconfig: {}\n  export KUBECONFIG={}",
@@ -482,9 +500,10 @@ mod tests {
     #[test]
     fn node_and_load_balancer_flags_reach_the_controllers() {
         let cli = Cli::try_parse_from(["weir"]).unwrap();
-        let c = cli.server.controllers();
+        let c = cli.server.controllers().unwrap();
         assert_eq!(c.node_monitor_grace_period, Duration::from_secs(40));
         assert!(c.load_balancer_pool.is_none());
+        assert_eq!(c.cluster_cidrs.to_string(), "10.244.0.0/16/24");
         assert_eq!(cli.server.default_unreachable_toleration_seconds, 300);
         let cli = Cli::try_parse_from([
             "weir",
@@ -496,12 +515,21 @@ mod tests {
             "2",
         ])
         .unwrap();
-        let c = cli.server.controllers();
+        let c = cli.server.controllers().unwrap();
         assert_eq!(c.node_monitor_grace_period, Duration::from_secs(3));
         assert!(c.load_balancer_pool.unwrap().contains("198.51.100.15".parse().unwrap()));
         assert_eq!(cli.server.default_not_ready_toleration_seconds, 2);
         let bad = Cli::try_parse_from(["weir", "--load-balancer-pool", "192.0.2.0/33"]);
         let message = bad.err().expect("rejected").to_string();
         assert!(message.contains("--load-balancer-pool"), "{message}");
+        let cli = Cli::try_parse_from([
+            "weir",
+            "--cluster-cidr",
+            "10.42.0.0/16",
+            "--node-cidr-mask-size-ipv4",
+            "12",
+        ]);
+        let message = cli.unwrap().server.controllers().unwrap_err().to_string();
+        assert!(message.contains("--node-cidr-mask-size-ipv4 12"), "{message}");
     }
 }

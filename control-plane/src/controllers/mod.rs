@@ -12,6 +12,7 @@ pub mod garbagecollector;
 pub mod history;
 pub mod loadbalancer;
 pub mod namespace;
+pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod scheduler;
@@ -45,6 +46,8 @@ pub struct Config {
     pub node_monitor_grace_period: Duration,
     /// Addresses for Services of type LoadBalancer; none configured leaves them pending.
     pub load_balancer_pool: Option<loadbalancer::Pool>,
+    /// The pod CIDRs node IPAM hands out blocks of; empty: none.
+    pub cluster_cidrs: nodeipam::ClusterCidrs,
 }
 
 impl Default for Config {
@@ -52,6 +55,7 @@ impl Default for Config {
         Config {
             node_monitor_grace_period: Duration::from_secs(40),
             load_balancer_pool: None,
+            cluster_cidrs: nodeipam::ClusterCidrs::parse("10.244.0.0/16", 24, 64).expect("a valid default"),
         }
     }
 }
@@ -66,6 +70,10 @@ pub fn run(client: Client, config: Config) {
     spawn_supervised("loadbalancer", {
         let (client, pool) = (client.clone(), config.load_balancer_pool);
         move || loadbalancer::run(client.clone(), pool.clone())
+    });
+    spawn_supervised("nodeipam", {
+        let (client, cidrs) = (client.clone(), config.cluster_cidrs);
+        move || nodeipam::run(client.clone(), cidrs.clone())
     });
     spawn_supervised("serviceaccount", {
         let client = client.clone();

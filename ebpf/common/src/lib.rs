@@ -9,19 +9,19 @@
 
 /// Pins live under `<pin root>/<DATAPATH_VERSION>/`: a program or map layout change bumps
 /// it, and the agent of a new version loads beside the old pins instead of misreading them.
-pub const DATAPATH_VERSION: &str = "v3";
+pub const DATAPATH_VERSION: &str = "v4";
 
 /// Service frontends and their backend slots: [`Service4Key`] → [`Service4Value`].
 pub const SERVICES4: &str = "SERVICES4";
 /// Backends by id: `u32` → [`Backend4Value`].
 pub const BACKENDS4: &str = "BACKENDS4";
-/// Reverse NAT by id: `u16` → [`RevNat4Value`].
+/// Reverse NAT by id: `u32` → [`RevNat4Value`].
 pub const REV_NAT4: &str = "REV_NAT4";
 /// LRU of translated sockets, for replies and getpeername: [`SockRevNat4Key`] → [`SockRevNat4Value`].
 pub const SOCK_REV_NAT4: &str = "SOCK_REV_NAT4";
 /// sessionAffinity ClientIP: [`Affinity4Key`] → [`Affinity4Value`], LRU.
 pub const AFFINITY4: &str = "AFFINITY4";
-/// Maglev lookup tables: [`maglev_key`]`(rev_nat_id, slot)` → backend id (`u32`).
+/// Maglev lookup tables: [`maglev_key`]`(rev_nat_id, slot)` (`u64`) → backend id (`u32`).
 pub const MAGLEV4: &str = "MAGLEV4";
 /// Connection tracking of NodePort/LoadBalancer flows translated by TC or XDP, one entry
 /// per direction: [`Ct4Key`] → [`Ct4Value`], LRU.
@@ -31,8 +31,11 @@ pub const NODE4: &str = "NODE4";
 /// Per-CPU packet counters of TC and XDP: `STAT_*` → `u64`.
 pub const STATS: &str = "STATS";
 
-pub const SERVICES4_MAX_ENTRIES: u32 = 65536;
+/// Default sizes of the service maps; the agent sizes them at load (`datapath::Capacity`).
+/// SERVICES4 holds a frontend and one slot per backend of every service.
+pub const SERVICES4_MAX_ENTRIES: u32 = 262144;
 pub const BACKENDS4_MAX_ENTRIES: u32 = 65536;
+/// One reverse-NAT id per service frontend.
 pub const REV_NAT4_MAX_ENTRIES: u32 = 65536;
 pub const SOCK_REV_NAT4_MAX_ENTRIES: u32 = 131072;
 pub const AFFINITY4_MAX_ENTRIES: u32 = 65536;
@@ -88,8 +91,8 @@ pub const STAT_DROP_NO_SNAT: u32 = 6;
 /// The MAGLEV4 key of `slot` (< [`MAGLEV_TABLE_SIZE`]) in the table of the service with
 /// reverse-NAT id `rev_nat_id`.
 #[inline(always)]
-pub const fn maglev_key(rev_nat_id: u16, slot: u32) -> u32 {
-    ((rev_nat_id as u32) << 14) | slot
+pub const fn maglev_key(rev_nat_id: u32, slot: u32) -> u64 {
+    ((rev_nat_id as u64) << 14) | slot as u64
 }
 
 /// cgroup/connect4: translates a ClusterIP:port to a backend when a socket connects.
@@ -145,10 +148,10 @@ pub struct Service4Key {
 pub struct Service4Value {
     pub backend_id: u32,
     pub backend_count: u16,
-    pub rev_nat_id: u16,
     pub draining_count: u16,
+    pub rev_nat_id: u32,
     pub flags: u8,
-    pub pad: u8,
+    pub pad: [u8; 3],
     /// At slot 0: sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
     pub affinity_timeout: u32,
 }
@@ -158,8 +161,8 @@ pub struct Service4Value {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Affinity4Key {
     pub netns_cookie: u64,
-    pub rev_nat_id: u16,
-    pub pad: [u8; 6],
+    pub rev_nat_id: u32,
+    pub pad: u32,
 }
 
 /// The backend a client was last sent to, and when (bpf_ktime_get_ns).
@@ -217,7 +220,8 @@ pub struct SockRevNat4Value {
     pub address: u32,
     /// Service port, network byte order.
     pub port: u16,
-    pub rev_nat_id: u16,
+    pub pad: [u8; 2],
+    pub rev_nat_id: u32,
 }
 
 /// One direction of a flow as it appears on the wire. Addresses and ports in network
@@ -248,14 +252,13 @@ pub struct Ct4Value {
     pub sport: u16,
     pub dport: u16,
     pub peer: Ct4Key,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
     /// `CT_FLAG_*`.
     pub flags: u8,
-    pub pad: u8,
+    pub pad: [u8; 3],
     /// The flow's backend: a DNAT entry whose backend left BACKENDS4 (or whose id now
     /// names another backend) is dropped, and the packet balanced again.
     pub backend_id: u32,
-    pub pad2: u32,
 }
 
 /// The node's TC/XDP settings, written by the agent when it attaches.
@@ -297,15 +300,15 @@ mod tests {
     #[test]
     fn map_types_have_no_implicit_padding() {
         assert_eq!(size_of::<Service4Key>(), 4 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<Service4Value>(), 4 + 2 + 2 + 2 + 1 + 1 + 4);
-        assert_eq!(size_of::<Affinity4Key>(), 8 + 2 + 6);
+        assert_eq!(size_of::<Service4Value>(), 4 + 2 + 2 + 4 + 1 + 3 + 4);
+        assert_eq!(size_of::<Affinity4Key>(), 8 + 4 + 4);
         assert_eq!(size_of::<Affinity4Value>(), 8 + 4 + 4);
         assert_eq!(size_of::<Backend4Value>(), 4 + 2 + 1 + 1 + 1 + 3);
         assert_eq!(size_of::<Ct4Key>(), 4 + 4 + 2 + 2 + 1 + 3);
-        assert_eq!(size_of::<Ct4Value>(), 8 + 4 + 4 + 2 + 2 + 16 + 2 + 1 + 1 + 4 + 4);
+        assert_eq!(size_of::<Ct4Value>(), 8 + 4 + 4 + 2 + 2 + 16 + 4 + 1 + 3 + 4);
         assert_eq!(size_of::<Node4Config>(), 4 + 2 + 2);
         assert_eq!(size_of::<RevNat4Value>(), 4 + 2 + 2);
         assert_eq!(size_of::<SockRevNat4Key>(), 8 + 4 + 2 + 2);
-        assert_eq!(size_of::<SockRevNat4Value>(), 4 + 2 + 2);
+        assert_eq!(size_of::<SockRevNat4Value>(), 4 + 2 + 2 + 4);
     }
 }
