@@ -28,7 +28,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::load::LoadSample;
-use crate::modes::{Catalog, MAX_SERVICES, Mode, NotMeasured};
+use crate::modes::{Catalog, MAX_SERVICES, Mode, NotMeasured, Programming};
 use crate::report::{Outcome, Outcomes, Params, Report, duration_text, thousands};
 use crate::topology::Topology;
 
@@ -195,7 +195,12 @@ fn bench(args: BenchArgs) -> Result<()> {
                 match Stand::prepare(mode, &catalog) {
                     Ok(stand) => {
                         if let Some(p) = stand.programming {
-                            status(format!("{}: programmed in {}", prefix(mode), duration_text(p)));
+                            status(format!(
+                                "{}: programmed in {} (CPU {})",
+                                prefix(mode),
+                                duration_text(p.wall),
+                                duration_text(p.cpu)
+                            ));
                         }
                         stands.push(stand);
                     }
@@ -267,7 +272,8 @@ fn progress_line(prefix: &str, outcomes: &Outcomes, size: usize, mode: Mode) -> 
                 Some(r) if mode != Mode::Direct => format!(" ({r:.2}x direct)"),
                 _ => String::new(),
             };
-            let programmed = programming.map_or(String::new(), |p| format!(", programmed in {}", duration_text(p)));
+            let programmed =
+                programming.map_or(String::new(), |p| format!(", programmed in {}", duration_text(p.wall)));
             let failed = if load.failures > 0 {
                 format!(
                     ", {} failed ({})",
@@ -293,7 +299,7 @@ fn progress_line(prefix: &str, outcomes: &Outcomes, size: usize, mode: Mode) -> 
 /// One mode at one size, ready to measure: its own namespaces, the services programmed.
 struct Stand {
     mode: Mode,
-    programming: Option<Duration>,
+    programming: Option<Programming>,
     load: LoadSample,
     error: Option<anyhow::Error>,
     topology: Topology,

@@ -318,10 +318,20 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
         })
 }
 
+/// How long programming N services took.
+#[derive(Clone, Copy, Debug)]
+pub struct Programming {
+    /// Wall time: what the target is about.
+    pub wall: Duration,
+    /// CPU time spent on it (user and system; this thread's for map writes, the restore
+    /// process's otherwise): a busy machine stretches it less than the wall time.
+    pub cpu: Duration,
+}
+
 /// Programs `catalog`'s services for `mode` into `topology` and returns how long the
 /// programming itself took (`None` for direct): the map writes of one
 /// `Datapath::reconcile` from empty, or one run of the restore command.
-pub fn program(mode: Mode, topology: &mut Topology, catalog: &Catalog) -> Result<Option<Duration>, NotMeasured> {
+pub fn program(mode: Mode, topology: &mut Topology, catalog: &Catalog) -> Result<Option<Programming>, NotMeasured> {
     match mode {
         Mode::Direct => Ok(None),
         Mode::SocketLb => program_maps(topology, catalog, None).map(Some),
@@ -339,7 +349,7 @@ fn program_maps(
     topology: &mut Topology,
     catalog: &Catalog,
     external: Option<XdpPolicy>,
-) -> Result<Duration, NotMeasured> {
+) -> Result<Programming, NotMeasured> {
     let desired = catalog.desired(external.is_some());
     let ext = topology.ext.clone();
     // TC and XDP attach by interface name, which resolves in the node's namespace.
@@ -359,9 +369,12 @@ fn program_maps(
             return Err(anyhow!("XDP did not attach in native mode: {report:?}").into());
         }
     }
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), thread_cpu_time());
     let result = datapath.reconcile(&desired);
-    let took = started.elapsed();
+    let took = Programming {
+        wall: started.elapsed(),
+        cpu: thread_cpu_time().saturating_sub(cpu),
+    };
     result.map_err(|e| {
         anyhow!(
             "{} services do not fit the datapath maps: {e}",
@@ -371,7 +384,7 @@ fn program_maps(
     Ok(took)
 }
 
-fn program_iptables(topology: &Topology, catalog: &Catalog, variant: &str) -> Result<Duration, NotMeasured> {
+fn program_iptables(topology: &Topology, catalog: &Catalog, variant: &str) -> Result<Programming, NotMeasured> {
     // The kernel side (nf_tables or ip_tables with the nat table) may be missing even where
     // the tools are installed.
     let probe = topology
@@ -392,7 +405,7 @@ fn program_iptables(topology: &Topology, catalog: &Catalog, variant: &str) -> Re
     timed(topology.node.command(&restore).stdin(rules.open()?), &restore).map_err(NotMeasured::Failed)
 }
 
-fn program_ipvs(topology: &Topology, catalog: &Catalog) -> Result<Duration, NotMeasured> {
+fn program_ipvs(topology: &Topology, catalog: &Catalog) -> Result<Programming, NotMeasured> {
     // kube-proxy binds every ClusterIP to the dummy kube-ipvs0, so the node accepts them
     // locally where IPVS picks them up. Not timed: only the IPVS programming is.
     let node = &topology.node.name;
@@ -415,14 +428,19 @@ fn program_ipvs(topology: &Topology, catalog: &Catalog) -> Result<Duration, NotM
 }
 
 /// Runs `cmd` (stdin already set) and returns its wall time, process start included (as
-/// kube-proxy pays it too).
-fn timed(cmd: &mut Command, what: &str) -> Result<Duration> {
-    let started = Instant::now();
+/// kube-proxy pays it too), and its CPU time.
+fn timed(cmd: &mut Command, what: &str) -> Result<Programming> {
+    // The benchmark waits for one child at a time, so the growth of the reaped children's
+    // CPU time is this command's.
+    let (started, cpu) = (Instant::now(), children_cpu_time());
     let output = cmd
         .stdout(Stdio::null())
         .output()
         .with_context(|| format!("starting {what}"))?;
-    let took = started.elapsed();
+    let took = Programming {
+        wall: started.elapsed(),
+        cpu: children_cpu_time().saturating_sub(cpu),
+    };
     if !output.status.success() {
         bail!(
             "{what} failed ({}): {}",
@@ -431,6 +449,22 @@ fn timed(cmd: &mut Command, what: &str) -> Result<Duration> {
         );
     }
     Ok(took)
+}
+
+fn thread_cpu_time() -> Duration {
+    // SAFETY: clock_gettime with a valid clock id and out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// User and system time of the children reaped so far.
+fn children_cpu_time() -> Duration {
+    // SAFETY: getrusage with a valid `who` and a properly sized out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let micros = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    micros(usage.ru_utime) + micros(usage.ru_stime)
 }
 
 /// Restore input written to a file first, so the timed command reads it at disk-cache

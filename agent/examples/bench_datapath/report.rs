@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
 use crate::load::LoadResult;
-use crate::modes::Mode;
+use crate::modes::{Mode, Programming};
 
 /// Socket-LB and TC must keep this share of direct's connection rate at every size.
 pub const RATIO_TARGET: f64 = 0.95;
@@ -22,7 +22,7 @@ const PROGRAMMING_TARGET_SIZE: usize = 100_000;
 #[derive(Debug)]
 pub enum Outcome {
     Measured {
-        programming: Option<Duration>,
+        programming: Option<Programming>,
         load: LoadResult,
     },
     Failed(String),
@@ -64,6 +64,7 @@ struct Summary {
     p50_us: Option<f64>,
     p99_us: Option<f64>,
     programming: Option<Duration>,
+    programming_cpu: Option<Duration>,
     failed_connections: u64,
     measured_runs: usize,
     reason: Option<String>,
@@ -154,15 +155,16 @@ fn summarize(outcomes: &Outcomes, size: usize, mode: Mode) -> Summary {
             _ => None,
         })
         .collect();
-    let programming: Vec<f64> = runs
+    let programming: Vec<Programming> = runs
         .iter()
         .filter_map(|o| match o {
-            Outcome::Measured {
-                programming: Some(p), ..
-            } => Some(p.as_secs_f64()),
+            Outcome::Measured { programming, .. } => *programming,
             _ => None,
         })
         .collect();
+    let programming_median = |part: fn(&Programming) -> Duration| {
+        median(programming.iter().map(|p| part(p).as_secs_f64()).collect()).map(Duration::from_secs_f64)
+    };
     let reason = if loads.is_empty() {
         runs.iter()
             .find_map(|o| match o {
@@ -181,7 +183,8 @@ fn summarize(outcomes: &Outcomes, size: usize, mode: Mode) -> Summary {
         ratio: median(ratios),
         p50_us: median(loads.iter().map(|l| l.p50_us).collect()),
         p99_us: median(loads.iter().map(|l| l.p99_us).collect()),
-        programming: median(programming).map(Duration::from_secs_f64),
+        programming: programming_median(|p| p.wall),
+        programming_cpu: programming_median(|p| p.cpu),
         failed_connections: loads.iter().map(|l| l.failures).sum(),
         measured_runs: loads.len(),
         reason,
@@ -311,7 +314,8 @@ fn to_json(params: &Params, outcomes: &Outcomes, summaries: &[Summary], targets:
                     Outcome::Measured { programming, load } => {
                         let mut run = load.to_json();
                         run["status"] = json!("ok");
-                        run["programming_ms"] = json!(programming.map(|p| p.as_secs_f64() * 1000.0));
+                        run["programming_ms"] = json!(programming.map(|p| p.wall.as_secs_f64() * 1000.0));
+                        run["programming_cpu_ms"] = json!(programming.map(|p| p.cpu.as_secs_f64() * 1000.0));
                         run
                     }
                     Outcome::Failed(error) => json!({"status": "failed", "error": error}),
@@ -330,6 +334,7 @@ fn to_json(params: &Params, outcomes: &Outcomes, summaries: &[Summary], targets:
                 "p50_us": s.p50_us,
                 "p99_us": s.p99_us,
                 "programming_ms": s.programming.map(|p| p.as_secs_f64() * 1000.0),
+                "programming_cpu_ms": s.programming_cpu.map(|p| p.as_secs_f64() * 1000.0),
                 "failed_connections": s.failed_connections,
                 "measured_runs": s.measured_runs,
                 "runs": runs,
@@ -405,7 +410,8 @@ fn to_markdown(params: &Params, summaries: &[Summary], targets: &[Target]) -> St
         md,
         "\n### Programming time of N services, from empty\n\nMaps: one `Datapath::reconcile`. \
          iptables: one `iptables-*-restore` of the nat table (process start included). \
-         IPVS: one `ipvsadm --restore` (the VIPs on kube-ipvs0 are added before, untimed).\n"
+         IPVS: one `ipvsadm --restore` (the VIPs on kube-ipvs0 are added before, untimed). Wall time, \
+         and in brackets the CPU time spent (the writing thread's, or the restore process's).\n"
     );
     header(&mut md, "mode");
     for &mode in params.modes.iter().filter(|m| **m != Mode::Direct) {
@@ -414,8 +420,10 @@ fn to_markdown(params: &Params, summaries: &[Summary], targets: &[Target]) -> St
             .iter()
             .map(|&size| match by(mode, size) {
                 Some(Summary {
-                    programming: Some(p), ..
-                }) => duration_text(*p),
+                    programming: Some(p),
+                    programming_cpu: Some(cpu),
+                    ..
+                }) => format!("{} (CPU {})", duration_text(*p), duration_text(*cpu)),
                 Some(Summary { reason: Some(r), .. }) => r.clone(),
                 _ => "—".to_owned(),
             })
@@ -484,7 +492,10 @@ mod tests {
                     load: load(direct),
                 },
             );
-            let programming = Some(Duration::from_millis(2));
+            let programming = Some(Programming {
+                wall: Duration::from_millis(2),
+                cpu: Duration::from_millis(1),
+            });
             outcomes.push(
                 1,
                 Mode::Tc,
@@ -498,6 +509,7 @@ mod tests {
         assert_eq!(s.ratio, Some(0.96));
         assert_eq!(s.conns_per_s, Some(990.0));
         assert_eq!(s.programming, Some(Duration::from_millis(2)));
+        assert_eq!(s.programming_cpu, Some(Duration::from_millis(1)));
     }
 
     #[test]
