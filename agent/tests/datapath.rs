@@ -250,7 +250,7 @@ fn reached(outcomes: &[Outcome]) -> Vec<&str> {
 
 fn tcp_service(port: u16) -> ServiceKey {
     ServiceKey {
-        address: CLUSTER_IP,
+        address: CLUSTER_IP.into(),
         port,
         protocol: Protocol::Tcp,
     }
@@ -418,7 +418,7 @@ fn udp_replies_appear_to_come_from_the_service_address() {
     let backend = fx.udp_backend(Ipv4Addr::new(127, 0, 0, 3), 5353);
     let mut datapath = fx.load();
     let dns = ServiceKey {
-        address: CLUSTER_IP,
+        address: CLUSTER_IP.into(),
         port: 53,
         protocol: Protocol::Udp,
     };
@@ -766,6 +766,7 @@ fn map_capacity_is_set_at_creation_kept_by_the_pins_and_a_full_map_says_what_to_
         services: 3,
         service_slots: 16,
         backends: 8,
+        ..Capacity::default()
     };
     let backend = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
     let mut datapath = fx.load();

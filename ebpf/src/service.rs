@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use weir_ebpf_common::{
     AffinityKey, AffinityValue, BackendValue, Ipv6Words, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, RevNatValue,
-    SCOPE_EXTERNAL, SERVICE_FLAG_MAGLEV, ServiceMapKey, ServiceValue, SockRevNat4Key, SockRevNat6Key,
-    SockRevNatValue, maglev_key,
+    SCOPE_EXTERNAL, SERVICE_FLAG_MAGLEV, ServiceMapKey, ServiceValue, SockRevNat4Key, SockRevNat6Key, SockRevNatValue,
+    maglev_key,
 };
 
 use crate::maps::{
@@ -142,7 +142,12 @@ pub fn lookup_frontend<A: Family>(address: A, port: u16, proto: u8) -> Option<(S
 /// written yet or names a backend already gone). With sessionAffinity, `client` (a netns
 /// cookie, or [`weir_ebpf_common::AFFINITY_CLIENT_IP`] | an IPv4 address) keeps its last backend.
 #[inline(always)]
-pub fn select_backend<A: Family>(key: ServiceMapKey<A>, frontend: ServiceValue, client: u64, hash: u64) -> Selection<A> {
+pub fn select_backend<A: Family>(
+    key: ServiceMapKey<A>,
+    frontend: ServiceValue,
+    client: u64,
+    hash: u64,
+) -> Selection<A> {
     if frontend.affinity_timeout == 0 || frontend.backend_count == 0 {
         return choose_backend(key, frontend, hash);
     }
