@@ -7,8 +7,11 @@
 //! (`::ffff:a.b.c.d`, a dual-stack socket): the IPv6 hooks translate those through the
 //! IPv4 maps and hand back the backend as an IPv4-mapped address.
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
@@ -321,6 +324,40 @@ fn map_v4(address: u32) -> Ipv6Words {
     [0, 0, V4_MAPPED_WORD, address]
 }
 
+/// `user_ip6`, read one word at a time at fixed offsets from the context: a copy of the
+/// whole array may compile to loads through a pointer moved off the context, which the
+/// verifier refuses ("dereference of modified ctx ptr").
+///
+/// # Safety
+/// `sock_addr` is the context of a cgroup/sock_addr program.
+#[inline(always)]
+unsafe fn read_user_ip6(sock_addr: *const bpf_sock_addr) -> Ipv6Words {
+    // SAFETY: fields of the valid context, read in place.
+    unsafe {
+        [
+            read_volatile(&raw const (*sock_addr).user_ip6[0]),
+            read_volatile(&raw const (*sock_addr).user_ip6[1]),
+            read_volatile(&raw const (*sock_addr).user_ip6[2]),
+            read_volatile(&raw const (*sock_addr).user_ip6[3]),
+        ]
+    }
+}
+
+/// Writes `user_ip6` one word at a time, for the reason given at [`read_user_ip6`].
+///
+/// # Safety
+/// `sock_addr` is the context of a cgroup/sock_addr program whose hook may write `user_ip6`.
+#[inline(always)]
+unsafe fn write_user_ip6(sock_addr: *mut bpf_sock_addr, address: Ipv6Words) {
+    // SAFETY: fields of the valid context, written in place.
+    unsafe {
+        write_volatile(&raw mut (*sock_addr).user_ip6[0], address[0]);
+        write_volatile(&raw mut (*sock_addr).user_ip6[1], address[1]);
+        write_volatile(&raw mut (*sock_addr).user_ip6[2], address[2]);
+        write_volatile(&raw mut (*sock_addr).user_ip6[3], address[3]);
+    }
+}
+
 /// connect4/sendmsg4: rewrites the destination of a call to a service into one of its
 /// backends. `Err(errno)`: reject the call.
 #[inline(always)]
@@ -353,7 +390,7 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let (protocol, address, port) = unsafe {
         (
             (*sock_addr).protocol,
-            (*sock_addr).user_ip6,
+            read_user_ip6(sock_addr),
             (*sock_addr).user_port as u16,
         )
     };
@@ -364,7 +401,7 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> Result<i32, i32> {
     if let Some((address, port)) = backend {
         // SAFETY: as above; these fields are writable in connect6 and sendmsg6.
         unsafe {
-            (*sock_addr).user_ip6 = address;
+            write_user_ip6(sock_addr, address);
             (*sock_addr).user_port = u32::from(port);
         }
     }
@@ -391,7 +428,7 @@ pub fn translate_reverse4(ctx: &SockAddrContext) {
 pub fn translate_reverse6(ctx: &SockAddrContext) {
     let sock_addr = ctx.sock_addr;
     // SAFETY: the kernel hands every cgroup/sock_addr program a valid `bpf_sock_addr`.
-    let (address, port) = unsafe { ((*sock_addr).user_ip6, (*sock_addr).user_port as u16) };
+    let (address, port) = unsafe { (read_user_ip6(sock_addr), (*sock_addr).user_port as u16) };
     let service = match unmap_v4(address) {
         Some(v4) => reverse(ctx, v4, port).map(|(v4, port)| (map_v4(v4), port)),
         None => reverse(ctx, address, port),
@@ -399,7 +436,7 @@ pub fn translate_reverse6(ctx: &SockAddrContext) {
     if let Some((address, port)) = service {
         // SAFETY: these fields are writable in recvmsg6 and getpeername6.
         unsafe {
-            (*sock_addr).user_ip6 = address;
+            write_user_ip6(sock_addr, address);
             (*sock_addr).user_port = u32::from(port);
         }
     }
