@@ -1092,3 +1092,29 @@ fn ipv6_frontends_cannot_be_external_and_backends_must_share_the_service_family(
     assert!(err.to_string().contains("must be of its address family"), "{err}");
     assert!(datapath.services().is_empty());
 }
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn the_ipv6_maps_are_sized_on_their_own_and_a_full_one_says_what_to_raise() {
+    let mut fx = Fixture::new();
+    fx.config.capacity = Capacity {
+        services6: 1,
+        service_slots6: 4,
+        backends6: 2,
+        ..Capacity::default()
+    };
+    let backend = fx.tcp_backend(Ipv6Addr::LOCALHOST, 8080);
+    let mut datapath = fx.load();
+    datapath
+        .upsert_service(service6(80, Protocol::Tcp), vec![backend])
+        .unwrap();
+    let err = datapath
+        .upsert_service(service6(81, Protocol::Tcp), vec![backend])
+        .unwrap_err();
+    assert!(err.to_string().contains("raise datapath::Capacity::services6"), "{err}");
+    // IPv4 has its own room.
+    let backend4 = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    datapath.upsert_service(tcp_service(80), vec![backend4]).unwrap();
+    assert_eq!(reached(&fx.client_to("tcp", CLUSTER_IP6, 80, 1)), ["[::1]:8080"]);
+    assert_eq!(reached(&fx.client("tcp", 80, 1)), ["127.0.0.2:8080"]);
+}
