@@ -1070,7 +1070,7 @@ fn ipv4_mapped_udp_from_a_dual_stack_socket_is_translated_both_ways() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
-fn ipv6_frontends_cannot_be_external_and_backends_must_share_the_service_family() {
+fn ipv6_frontends_cannot_be_external_or_ipv4_mapped_and_backends_must_share_the_service_family() {
     let fx = Fixture::new();
     let mut datapath = fx.load();
     let external = ServiceSelection {
@@ -1090,6 +1090,18 @@ fn ipv6_frontends_cannot_be_external_and_backends_must_share_the_service_family(
         )
         .unwrap_err();
     assert!(err.to_string().contains("must be of its address family"), "{err}");
+
+    let mapped = ServiceKey {
+        address: CLUSTER_IP.to_ipv6_mapped().into(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let err = datapath.upsert_service(mapped, Vec::new()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("give the service its IPv4 address 10.96.123.45"),
+        "{err}"
+    );
     assert!(datapath.services().is_empty());
 }
 

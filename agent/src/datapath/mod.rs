@@ -1,14 +1,14 @@
 //! The userspace side of the eBPF service datapath: loads and attaches the socket-LB
 //! programs from `ebpf/` (and, through [`Datapath::attach_external`], TC and XDP for
 //! NodePort/LoadBalancer traffic from outside), pins them, and keeps the service maps
-//! equal to the services and endpoints of the cluster.
+//! equal to the services and endpoints of the cluster. It owns the pins under
+//! `<pin root>/<version>/`; it never touches programs or maps it did not pin there.
 //!
 //! Socket-LB serves both families: IPv4 services live in the `*4` maps, IPv6 services in
 //! their `*6` twins (and an IPv6 socket reaching an IPv4 service through its IPv4-mapped
 //! address is translated through the IPv4 maps). Backend and reverse-NAT ids are one id
 //! space over both, so the AFFINITY and MAGLEV maps serve both. TC and XDP (NodePort,
-//! LoadBalancer) translate IPv4 only: an IPv6 frontend cannot be external. It owns the pins under `<pin root>/<version>/`; it never
-//! touches programs or maps it did not pin there.
+//! LoadBalancer) translate IPv4 only: an IPv6 frontend cannot be external.
 //!
 //! Everything is pinned, so translation goes on while no agent runs; a new
 //! [`Datapath::load`] reopens the pins and [`Datapath::reconcile`] writes only differences.
@@ -323,7 +323,7 @@ impl Datapath {
 
     /// [`Datapath::upsert_service`] with a choice of backend selection. A Maglev service
     /// gets its table written after its slots, only the table slots that differ. An IPv6
-    /// frontend cannot be `external` (TC and XDP translate IPv4 only).
+    /// frontend cannot be `external` (TC and XDP translate IPv4 only) nor IPv4-mapped.
     pub fn upsert_service_with(
         &mut self,
         key: ServiceKey,
@@ -336,6 +336,14 @@ impl Datapath {
                 "service {key} is {family} but its backend {} is not: a service's backends must be of its \
                  address family (dual-stack Services have one frontend per family)",
                 other.socket_addr()
+            )));
+        }
+        if let std::net::IpAddr::V6(address) = key.address
+            && let Some(v4) = address.to_ipv4_mapped()
+        {
+            return Err(Error::InvalidConfig(format!(
+                "service {key}: an IPv4-mapped address is no IPv6 frontend (sockets reach it through the \
+                 IPv4 maps); give the service its IPv4 address {v4}"
             )));
         }
         if selection.external && family == Family::V6 {
