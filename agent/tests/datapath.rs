@@ -1130,3 +1130,28 @@ fn the_ipv6_maps_are_sized_on_their_own_and_a_full_one_says_what_to_raise() {
     assert_eq!(reached(&fx.client_to("tcp", CLUSTER_IP6, 80, 1)), ["[::1]:8080"]);
     assert_eq!(reached(&fx.client("tcp", 80, 1)), ["127.0.0.2:8080"]);
 }
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv6_terminating_backends_take_traffic_only_when_no_backend_is_active() {
+    let mut fx = Fixture::new();
+    let (a, b) = (fx.ula(2), fx.ula(3));
+    let active = fx.tcp_backend(a, 8080);
+    let draining = fx.tcp_backend(b, 8080);
+    let draining = Backend::terminating(draining.address, draining.port);
+    let mut datapath = fx.load();
+    let key = service6(80, Protocol::Tcp);
+    datapath.upsert_service(key, vec![active, draining]).unwrap();
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 20);
+    assert!(
+        reached(&outcomes).iter().all(|h| *h == "[fd00:10::2]:8080"),
+        "{outcomes:?}"
+    );
+
+    datapath.upsert_service(key, vec![draining]).unwrap();
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 5);
+    assert!(
+        reached(&outcomes).iter().all(|h| *h == "[fd00:10::3]:8080"),
+        "{outcomes:?}"
+    );
+}
