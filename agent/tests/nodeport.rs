@@ -445,7 +445,7 @@ fn cgroup2_root() -> PathBuf {
 
 fn node_port(port: u16, protocol: Protocol) -> ServiceKey {
     ServiceKey {
-        address: NODE_IP,
+        address: NODE_IP.into(),
         port,
         protocol,
     }
