@@ -1671,3 +1671,63 @@ fn ipv6_terminating_backends_take_traffic_only_when_no_backend_is_active() {
         "{outcomes:?}"
     );
 }
+
+/// `service_host port direct_host direct_port` over IPv6: a UDP socket connected to the
+/// service and one connected straight to the backend, one exchange each; after a line on
+/// stdin, both again and a fresh socket to the service.
+const UDP6_STALE_CLIENT: &str = r#"
+import errno, socket, sys
+host, port, direct_host, direct_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def name(e):
+    return errno.errorcode.get(e.errno, "timeout" if isinstance(e, socket.timeout) else str(e.errno))
+def exchange(s):
+    try:
+        s.send(b"ping")
+        return s.recv(256).decode().strip()
+    except OSError as e:
+        return "err:" + name(e)
+def connected(h, p):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.connect((h, p))
+    return s
+service = connected(host, port)
+direct = connected(direct_host, direct_port)
+print(exchange(service), exchange(direct), flush=True)
+sys.stdin.readline()
+print(exchange(service), exchange(direct), exchange(connected(host, port)), flush=True)
+"#;
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn connected_ipv6_udp_sockets_of_a_departed_backend_are_closed_too() {
+    let mut fx = Fixture::new();
+    let (a, b) = (fx.ula(3), fx.ula(4));
+    let a = fx.udp_backend(a, 5353);
+    let b = fx.udp_backend(b, 5353);
+    let mut datapath = fx.load();
+    let dns = ServiceKey {
+        address: CLUSTER_IP6.into(),
+        port: 53,
+        protocol: Protocol::Udp,
+    };
+    datapath.upsert_service(dns, vec![a]).unwrap();
+    let args = [
+        CLUSTER_IP6.to_string(),
+        "53".to_owned(),
+        a.address.to_string(),
+        a.port.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut client = fx.spawn(UDP6_STALE_CLIENT, &args);
+    assert_eq!(client.line(), "[fd00:10::3]:5353 [fd00:10::3]:5353");
+
+    datapath.upsert_service(dns, vec![b]).unwrap();
+    assert_eq!(datapath.destroyed_udp_sockets(), 1, "only the translated socket");
+    client.say("go");
+    let after = client.line();
+    let after: Vec<&str> = after.split(' ').collect();
+    assert!(after[0].starts_with("err:"), "the stale socket is closed: {after:?}");
+    assert_eq!(after[1], "[fd00:10::3]:5353", "the direct socket is left alone");
+    assert_eq!(after[2], "[fd00:10::4]:5353", "a new socket reaches B");
+}
