@@ -2,7 +2,10 @@
 //! NodePort/LoadBalancer flows, replies from remote backends) before the kernel builds an
 //! skb. Packets are edited in place; checksums are updated incrementally (RFC 1624),
 //! since the skb checksum helpers do not exist here. The verdict is XDP_PASS: the kernel
-//! routes the translated packet. What XDP leaves alone (IPv4 options) TC still translates.
+//! routes the translated packet. What XDP leaves alone TC still translates: IPv4 headers
+//! with options, ICMP errors, and the packets of DSR flows that need the DSR option (a new
+//! or retransmitted TCP SYN, every UDP datagram), since growing the packet is TC's
+//! (bpf_skb_adjust_room); the other packets of a DSR flow XDP translates.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use weir_ebpf_common::{STAT_XDP_NEW, STAT_XDP_TRACKED};
@@ -48,6 +51,7 @@ impl Frame<'_> {
 
 impl Packet for Frame<'_> {
     const IP_OPTIONS: bool = false;
+    const DSR_AND_ICMP: bool = false;
 
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
@@ -70,6 +74,15 @@ impl Packet for Frame<'_> {
     fn set_port(&mut self, offset: usize, csum: L4Csum, old: u16, new: u16) -> Option<()> {
         self.csum_update(csum.offset, u32::from(old), u32::from(new), csum.udp)?;
         let field: *mut u16 = self.ptr(offset)?;
+        // SAFETY: bounds checked by `ptr`.
+        unsafe { field.write_unaligned(new) };
+        Some(())
+    }
+
+    #[inline(always)]
+    fn set_addr_l3(&mut self, offset: usize, ip_csum: usize, old: u32, new: u32) -> Option<()> {
+        self.csum_update(ip_csum, old, new, false)?;
+        let field: *mut u32 = self.ptr(offset)?;
         // SAFETY: bounds checked by `ptr`.
         unsafe { field.write_unaligned(new) };
         Some(())
