@@ -152,6 +152,26 @@ except socket.timeout:
 print("%s|%s" % (outcome, icmp), flush=True)
 "#;
 
+/// A connected UDP socket with path MTU discovery (DF set) sends a `size`-byte datagram to
+/// `host port` twice, half a second apart. Prints `<second send outcome>|<IP_MTU>`: `ok` or
+/// the errno name, then the path MTU the socket learned.
+const PMTU_CLIENT: &str = r#"
+import errno, socket, sys, time
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+s.connect((host, port))
+s.send(b"x" * size)
+time.sleep(0.5)
+try:
+    s.send(b"x" * size)
+    outcome = "ok"
+except OSError as e:
+    outcome = errno.errorcode.get(e.errno, str(e.errno))
+print("%s|%d" % (outcome, s.getsockopt(socket.IPPROTO_IP, IP_MTU)), flush=True)
+"#;
+
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -481,6 +501,21 @@ impl Topology {
         let line = String::from_utf8(output.stdout).unwrap();
         let (outcome, icmp) = line.trim().split_once('|').unwrap();
         (outcome.to_owned(), icmp.to_owned())
+    }
+
+    /// [`PMTU_CLIENT`] to `host:port` with `size`-byte datagrams: `(outcome, path MTU)`.
+    fn pmtu_client(&self, host: Ipv4Addr, port: u16, size: usize) -> (String, u32) {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.client, "python3", "-c", PMTU_CLIENT])
+            .args([host.to_string(), port.to_string(), size.to_string()])
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running the python3 path MTU client");
+        assert!(output.status.success(), "path MTU client failed: {}", output.status);
+        let line = String::from_utf8(output.stdout).unwrap();
+        let (outcome, mtu) = line.trim().split_once('|').unwrap();
+        (outcome.to_owned(), mtu.parse().unwrap())
     }
 
     /// Like [`Topology::client`], but every attempt must get an answer.
@@ -1170,4 +1205,25 @@ fn icmp_port_unreachable_from_a_local_backend_refuses_the_client() {
 #[ignore = "needs root: run by `cargo xtask test`"]
 fn icmp_port_unreachable_from_a_remote_snat_backend_refuses_the_client() {
     icmp_port_unreachable_through(REMOTE_BACKEND, true);
+}
+
+/// The node's link to the remote node has a smaller MTU: the node itself answers a DF
+/// datagram too big for it with "fragmentation needed", quoting the datagram as DNATed
+/// (to the backend). Reverse-NATed, it reaches the client's socket, which learns the
+/// path MTU to the NodePort and fails the next large send with EMSGSIZE.
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn icmp_fragmentation_needed_on_the_way_to_a_remote_backend_lowers_the_clients_path_mtu() {
+    let mut topo = Topology::new();
+    topo.remote_servers();
+    let mut datapath = topo.load();
+    datapath.attach_external(&topo.external(XdpPolicy::Native)).unwrap();
+    program_node_ports(&mut datapath, REMOTE_BACKEND, true);
+    ip(&["-n", &topo.node, "link", "set", &topo.rem(), "mtu", "1000"]);
+
+    let (outcome, mtu) = topo.pmtu_client(NODE_IP, 30053, 1200);
+    assert_eq!((outcome.as_str(), mtu), ("EMSGSIZE", 1000));
+    assert!(datapath.packet_stats().unwrap().icmp_errors_translated >= 1);
+    // Datagrams that fit still get through.
+    assert_eq!(topo.answers("udp", NODE_IP, 30053, 1)[0].server, "remote");
 }
