@@ -52,7 +52,8 @@ pub struct ExternalConfig {
     /// ingress). TC ingress and egress (and XDP, by `xdp`) attach to each.
     pub interfaces: Vec<String>,
     /// The node address remote backends see as the client (SNAT, externalTrafficPolicy
-    /// Cluster): one the other nodes route back to this node.
+    /// Cluster): one the other nodes route back to this node. Required in both modes
+    /// (a node in DSR mode can be switched back to SNAT at the next attach).
     pub snat_address: Ipv4Addr,
     /// Source ports for SNAT. Keep it clear of the node's ephemeral ports
     /// (net.ipv4.ip_local_port_range) and of NodePorts.
@@ -311,6 +312,20 @@ fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &ConntrackTi
         .collect()
 }
 
+/// What the programs read of `config` (NODE4).
+fn node_settings(config: &ExternalConfig) -> Node4Config {
+    Node4Config {
+        snat_address: map_address(config.snat_address),
+        snat_port_min: *config.snat_ports.start(),
+        snat_port_max: *config.snat_ports.end(),
+        flags: match config.mode {
+            ExternalMode::Snat => 0,
+            ExternalMode::Dsr => NODE_FLAG_DSR,
+        },
+        pad: [0; 3],
+    }
+}
+
 /// The object, loaded once per attach with its maps reopened from the pins, and which of
 /// its programs are loaded into the kernel.
 struct Loader<'a> {
@@ -389,18 +404,8 @@ impl Datapath {
                 });
             }
         }
-        let node = Node4Config {
-            snat_address: map_address(config.snat_address),
-            snat_port_min: *config.snat_ports.start(),
-            snat_port_max: *config.snat_ports.end(),
-            flags: match config.mode {
-                ExternalMode::Snat => 0,
-                ExternalMode::Dsr => NODE_FLAG_DSR,
-            },
-            pad: [0; 3],
-        };
         self.node
-            .set(0, node, 0)
+            .set(0, node_settings(config), 0)
             .map_err(|source| Error::Map { name: NODE4, source })?;
 
         let pin_dir = self.pin_dir.clone();
@@ -643,6 +648,30 @@ mod tests {
         entries.insert(forward, value(seen.0, reply, flags.0));
         entries.insert(reply, value(seen.1, forward, flags.1 | CT_FLAG_REPLY));
         (forward, reply)
+    }
+
+    #[test]
+    fn the_mode_reaches_the_programs_as_a_node_flag() {
+        let config = ExternalConfig {
+            interfaces: vec!["eth0".to_owned()],
+            snat_address: Ipv4Addr::new(10, 0, 0, 1),
+            snat_ports: 61000..=61999,
+            xdp: XdpPolicy::Auto,
+            mode: ExternalMode::default(),
+        };
+        let snat = node_settings(&config);
+        assert_eq!(config.mode, ExternalMode::Snat);
+        assert_eq!(snat.flags & NODE_FLAG_DSR, 0);
+        assert_eq!(
+            (snat.snat_address, snat.snat_port_min, snat.snat_port_max),
+            (u32::from_ne_bytes([10, 0, 0, 1]), 61000, 61999)
+        );
+        let dsr = node_settings(&ExternalConfig {
+            mode: ExternalMode::Dsr,
+            ..config
+        });
+        assert_eq!(dsr.flags, NODE_FLAG_DSR);
+        assert_eq!(dsr.snat_address, snat.snat_address);
     }
 
     fn timeouts() -> ConntrackTimeouts {
