@@ -18,8 +18,9 @@
 //! With DSR (the node's `NODE_FLAG_DSR`), a flow to a remote backend is DNATed only: the
 //! client's address is kept, there are no reply entries on this node, and the packets that
 //! need it (every UDP datagram, a TCP SYN) carry the service's address:port to the backend's
-//! node in an IPv4 option (`DSR_OPTION_TYPE`, 8 bytes after the fixed header). That node's TC
-//! ingress, seeing the option for a frontend it knows, records the flow:
+//! node in an IPv4 option (`DSR_OPTION_TYPE`, 8 bytes after the fixed header; XDP and TC
+//! both add it). That node's TC ingress, seeing the option for a frontend it knows, records
+//! the flow:
 //!
 //! ```text
 //!  ingress  client:cp  → backend:bp    nothing (tracks the connection after its SYN)
@@ -27,8 +28,9 @@
 //! ```
 //!
 //! The option makes packets 8 bytes longer: UDP datagrams within 8 bytes of the path MTU
-//! to the backend's node are dropped by the kernel (too big) or fragmented; TCP carries the
-//! option on the SYN only. The option stays in the packet the backend receives (the kernel
+//! to the backend's node are dropped by the kernel (too big, with DF) or fragmented, and
+//! fragments are not read for the option, so the replies would leave untranslated; TCP
+//! carries the option on the SYN only. The option stays in the packet the backend receives (the kernel
 //! ignores unknown options).
 //!
 //! ICMP errors (destination unreachable, time exceeded, parameter problem) about a flow
@@ -43,8 +45,8 @@
 //! Apache-2.0. The price: the interfaces towards other nodes must carry TC egress too.
 //!
 //! Not handled (passed to the kernel untouched): IPv6, IP fragments, protocols other than
-//! TCP, UDP and ICMP errors, and (XDP only) IPv4 headers with options, ICMP errors and the
-//! DSR packets that need the option, which TC then translates.
+//! TCP, UDP and ICMP errors, and (XDP only) IPv4 headers with options and ICMP errors,
+//! which TC then translates.
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use weir_ebpf_common::{
@@ -102,9 +104,9 @@ pub struct L4Csum {
 pub trait Packet {
     /// Whether IPv4 headers with options (variable L4 offsets) can be handled.
     const IP_OPTIONS: bool;
-    /// Whether the rarer work is done here: adding and reading the DSR option, and
-    /// reverse NAT of ICMP errors. Where it is not (XDP), those packets pass untouched to TC.
-    const DSR_AND_ICMP: bool;
+    /// Whether ICMP errors are reverse-NATed here. Where they are not (XDP), they pass
+    /// untouched to TC.
+    const ICMP_ERRORS: bool;
     fn load<T: Copy>(&self, offset: usize) -> Option<T>;
     /// Replaces the 4 bytes at `offset` (an address, `old` → `new`, network order) and
     /// updates the IPv4 header checksum and the L4 checksum (pseudo-header).
@@ -116,12 +118,11 @@ pub trait Packet {
     /// or of the IPv4 header an ICMP error quotes (whose sum, checksum included, does not
     /// change, so neither does the ICMP checksum over it).
     fn set_addr_l3(&mut self, offset: usize, ip_csum: usize, old: u32, new: u32) -> Option<()>;
-    /// Inserts `option` (whole 32-bit words) right after the fixed IPv4 header, updating
-    /// the header length, total length and header checksum. Only asked of packets whose
-    /// hook has [`Packet::DSR_AND_ICMP`]; the others keep this default, which does nothing.
-    fn insert_ip_option(&mut self, _option: [u8; DSR_OPTION_LEN as usize]) -> Option<()> {
-        None
-    }
+    /// Inserts `option` right after the fixed IPv4 header (of a packet whose header is
+    /// at most 52 bytes), updating the header length, total length and header checksum.
+    /// The L4 checksum does not cover the IPv4 header, so it stays. On failure the packet
+    /// may be left half-edited: the caller drops it.
+    fn insert_ip_option(&mut self, option: [u8; DSR_OPTION_LEN as usize]) -> Option<()>;
 }
 
 #[inline(always)]
@@ -163,7 +164,7 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
     }
     let proto: u8 = pkt.load(ETH_HLEN + 9)?;
     let l4 = ETH_HLEN + ihl;
-    if P::DSR_AND_ICMP && proto == PROTO_ICMP && hook != Hook::Xdp {
+    if P::ICMP_ERRORS && proto == PROTO_ICMP {
         return icmp_error(pkt, hook, l4);
     }
     let csum = match proto {
@@ -196,8 +197,8 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
     let dsr_option_wanted = proto == PROTO_UDP || syn;
 
     // This node is a DSR flow's backend node: the option says which service the client
-    // asked for. Only TC ingress reads it, and only headers with options get here.
-    if P::DSR_AND_ICMP && hook == Hook::TcIngress && ihl >= IP_HLEN + DSR_OPTION_LEN as usize {
+    // asked for. Only TC ingress reads it (XDP passes headers with options on).
+    if P::IP_OPTIONS && hook == Hook::TcIngress && ihl >= IP_HLEN + DSR_OPTION_LEN as usize {
         let option: [u8; 4] = pkt.load(ETH_HLEN + IP_HLEN)?;
         if option[0] == DSR_OPTION_TYPE && option[1] == DSR_OPTION_LEN {
             let port = u16::from_ne_bytes([option[2], option[3]]);
@@ -215,10 +216,6 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
             return Some(Verdict::Pass);
         }
         let dsr_option = entry.flags & CT_FLAG_DSR != 0 && dsr_option_wanted;
-        if dsr_option && !P::DSR_AND_ICMP {
-            // XDP cannot add the option: TC ingress translates this packet.
-            return Some(Verdict::Pass);
-        }
         let dnat = entry.flags & (CT_FLAG_REPLY | CT_FLAG_EGRESS) == 0;
         let stale = if dnat {
             // A new connection on a tracked tuple is balanced anew (a retransmitted SYN,
@@ -288,10 +285,6 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
     let remote = frontend.flags & SERVICE_FLAG_LOCAL == 0 && backend.flags & BACKEND_FLAG_REMOTE != 0;
     let syn_flag = if syn { CT_FLAG_SYN } else { 0 };
     if remote && node_config()?.flags & NODE_FLAG_DSR != 0 {
-        if !P::DSR_AND_ICMP {
-            // XDP cannot add the option: TC ingress balances this packet again.
-            return Some(Verdict::Pass);
-        }
         // DNAT only, the client's address kept; replies go from the backend's node
         // straight to the client, so nothing here waits for them.
         let forward = Ct4Value {
@@ -452,13 +445,27 @@ fn add_dsr_option<P: Packet>(pkt: &mut P, address: u32, port: u16) -> Verdict {
 /// On a DSR flow's backend node: records the flow `key` (client → backend) the option
 /// names service `address:port` for, so that the backend's replies leave with that
 /// source. An option naming no external frontend known here is ignored (the packet goes
-/// on untouched): nobody can make this node rewrite replies to an arbitrary address.
+/// on untouched): nobody can make this node rewrite replies to an arbitrary address. Nor
+/// is an option this node's XDP has just added (its DSR entry for the client's original
+/// tuple sends to this very backend).
 #[inline(always)]
 fn record_dsr(key: &Ct4Key, address: u32, port: u16, now: u64, syn: bool) {
     let Some((_, frontend)) = lookup_frontend(address, port, key.proto) else {
         return;
     };
     if frontend.flags & SERVICE_FLAG_EXTERNAL == 0 {
+        return;
+    }
+    let original = Ct4Key {
+        daddr: address,
+        dport: port,
+        ..*key
+    };
+    // SAFETY: a map value pointer from a successful lookup, read at once.
+    let balanced_here = CT4.get_ptr(original).is_some_and(|entry| unsafe {
+        (*entry).flags & CT_FLAG_DSR != 0 && (*entry).daddr == key.daddr && (*entry).dport == key.dport
+    });
+    if balanced_here {
         return;
     }
     let reply = Ct4Key {

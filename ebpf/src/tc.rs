@@ -5,9 +5,9 @@
 //! checksums with bpf_l3_csum_replace / bpf_l4_csum_replace, which also handle skbs whose
 //! L4 checksum is left to the device (CHECKSUM_PARTIAL).
 //!
-//! TC also does the rarer work XDP passes on: ICMP errors about translated flows, adding
-//! the DSR option (bpf_skb_adjust_room, BPF_ADJ_ROOM_NET: 8 bytes after the fixed IPv4
-//! header) and reading it on a DSR flow's backend node.
+//! TC also does the rarer work XDP passes on: ICMP errors about translated flows, and
+//! reading the DSR option on a DSR flow's backend node. It adds the option (where XDP did
+//! not) with bpf_skb_adjust_room (BPF_ADJ_ROOM_NET: room after the fixed IPv4 header).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use weir_ebpf_common::{STAT_TC_EGRESS_TRACKED, STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED};
@@ -26,7 +26,7 @@ struct Skb<'a>(&'a TcContext);
 
 impl Packet for Skb<'_> {
     const IP_OPTIONS: bool = true;
-    const DSR_AND_ICMP: bool = true;
+    const ICMP_ERRORS: bool = true;
 
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
