@@ -334,7 +334,8 @@ impl Topology {
 
     /// The remote node's own datapath (own pins and cgroup), TC attached to its two links
     /// (`mode` for flows it balances itself), and NodePorts 30080/TCP, 30053/UDP and
-    /// 30099/UDP (nothing listens) to its backend, as the cluster would program them there.
+    /// 30099/UDP (nothing listens) and LB_IP:80/TCP to its backend, as the cluster would
+    /// program them there.
     fn load_remote(&mut self, mode: ExternalMode) -> Datapath {
         let name = |role: &str| format!("weir-np-{}-{role}", self.id);
         let config = Config {
@@ -366,6 +367,9 @@ impl Topology {
                 vec![Backend::active(REMOTE_BACKEND, 5999)],
                 external(),
             )
+            .unwrap();
+        datapath
+            .upsert_service_with(lb_frontend(), vec![Backend::active(REMOTE_BACKEND, 8080)], external())
             .unwrap();
         datapath
     }
@@ -594,6 +598,15 @@ fn node_port(port: u16, protocol: Protocol) -> ServiceKey {
         address: NODE_IP,
         port,
         protocol,
+    }
+}
+
+/// LB_IP:80/TCP.
+fn lb_frontend() -> ServiceKey {
+    ServiceKey {
+        address: LB_IP,
+        port: 80,
+        protocol: Protocol::Tcp,
     }
 }
 
@@ -1096,27 +1109,35 @@ fn dsr_to_a_remote_backend_through(xdp: XdpPolicy) {
             external(),
         )
         .unwrap();
+    datapath
+        .upsert_service_with(
+            lb_frontend(),
+            vec![Backend::active(REMOTE_BACKEND, 8080).on_remote_node()],
+            external(),
+        )
+        .unwrap();
     let backend_node = topo.load_remote(ExternalMode::Snat);
 
-    // A TCP connection completes only if the SYN-ACK comes from the NodePort.
-    for answer in topo
-        .answers("tcp", NODE_IP, 30080, 5)
-        .into_iter()
-        .chain(topo.answers("udp", NODE_IP, 30053, 3))
-    {
-        assert_eq!(answer.server, "remote", "{answer:?}");
-        assert_eq!(answer.seen_ip(), CLIENT_IP, "the backend sees the client: {answer:?}");
-        let port = if answer.from.ends_with(":30080") { 30080 } else { 30053 };
-        assert_eq!(answer.from, format!("{NODE_IP}:{port}"), "{answer:?}");
+    // A TCP connection completes only if the SYN-ACK comes from the frontend.
+    for (proto, host, port, count) in [
+        ("tcp", NODE_IP, 30080, 5),
+        ("udp", NODE_IP, 30053, 3),
+        ("tcp", LB_IP, 80, 3),
+    ] {
+        for answer in topo.answers(proto, host, port, count) {
+            assert_eq!(answer.server, "remote", "{answer:?}");
+            assert_eq!(answer.seen_ip(), CLIENT_IP, "the backend sees the client: {answer:?}");
+            assert_eq!(answer.from, format!("{host}:{port}"), "{answer:?}");
+        }
     }
     let lb_entries = datapath.conntrack().unwrap();
-    assert_eq!(lb_entries.len(), 8, "one DNAT entry per flow: {lb_entries:?}");
+    assert_eq!(lb_entries.len(), 11, "one DNAT entry per flow: {lb_entries:?}");
     assert!(
         lb_entries.iter().all(|e| e.dsr && !e.snat && !e.reply && !e.egress),
         "{lb_entries:?}"
     );
     let stats = datapath.packet_stats().unwrap();
-    assert!(stats.dsr_options_added >= 8, "5 SYNs and 3 datagrams: {stats:?}");
+    assert!(stats.dsr_options_added >= 11, "8 SYNs and 3 datagrams: {stats:?}");
     assert_eq!(stats.tc_egress_tracked, 0, "no reply came through this node: {stats:?}");
     assert_eq!((stats.dropped_dsr, stats.dropped_no_snat), (0, 0), "{stats:?}");
     let new_flows = if xdp == XdpPolicy::Native {
@@ -1129,25 +1150,33 @@ fn dsr_to_a_remote_backend_through(xdp: XdpPolicy) {
         assert_eq!(stats.xdp_new_flows, 0, "{stats:?}");
         stats.tc_ingress_new_flows
     };
-    assert!(new_flows >= 8, "{stats:?}");
+    assert!(new_flows >= 11, "{stats:?}");
 
     let backend_entries = backend_node.conntrack().unwrap();
     let replies: Vec<_> = backend_entries.iter().filter(|e| e.reply).collect();
-    assert_eq!(replies.len(), 8, "{backend_entries:?}");
+    assert_eq!(replies.len(), 11, "{backend_entries:?}");
+    let mut frontends: Vec<String> = Vec::new();
     for reply in replies {
         assert!(reply.dsr && reply.egress && !reply.snat, "{reply:?}");
         assert_eq!(reply.source.ip(), &REMOTE_BACKEND, "{reply:?}");
         assert_eq!(reply.destination.ip(), &CLIENT_IP, "{reply:?}");
-        let frontend = if reply.source.port() == 8080 { 30080 } else { 30053 };
-        assert_eq!(
-            reply.new_source,
-            Some(std::net::SocketAddrV4::new(NODE_IP, frontend)),
-            "{reply:?}"
-        );
+        let new_source = reply.new_source.unwrap_or_else(|| panic!("{reply:?}"));
+        frontends.push(format!("{new_source} from :{}", reply.source.port()));
     }
+    frontends.sort();
+    let mut expected: Vec<String> = [
+        (LB_IP, 80, 8080, 3),
+        (NODE_IP, 30053, 5353, 3),
+        (NODE_IP, 30080, 8080, 5),
+    ]
+    .into_iter()
+    .flat_map(|(ip, port, from, n)| std::iter::repeat_n(format!("{ip}:{port} from :{from}"), n))
+    .collect();
+    expected.sort();
+    assert_eq!(frontends, expected);
     let backend_stats = backend_node.packet_stats().unwrap();
-    assert!(backend_stats.dsr_options_recorded >= 8, "{backend_stats:?}");
-    assert!(backend_stats.tc_egress_tracked >= 8, "{backend_stats:?}");
+    assert!(backend_stats.dsr_options_recorded >= 11, "{backend_stats:?}");
+    assert!(backend_stats.tc_egress_tracked >= 11, "{backend_stats:?}");
 
     // The backend's node reverse-NATs the ICMP error of a port without a listener too.
     let (outcome, icmp) = topo.icmp_client(NODE_IP, 30099);
