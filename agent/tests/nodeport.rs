@@ -1183,6 +1183,14 @@ fn dsr_to_a_remote_backend_through(xdp: XdpPolicy) {
     assert_eq!(outcome, "ECONNREFUSED", "{icmp}");
     assert_eq!(icmp, format!("{NODE_IP} {NODE_IP}:30099 ok"));
     assert!(backend_node.packet_stats().unwrap().icmp_errors_translated >= 1);
+
+    // A datagram that fits the client's link, but not with the option: this node answers
+    // "fragmentation needed", which reaches the client's socket for the NodePort, with
+    // room for the option taken off the MTU.
+    let before = datapath.packet_stats().unwrap().icmp_errors_translated;
+    let (outcome, mtu) = topo.pmtu_client(NODE_IP, 30053, 1500 - 28);
+    assert_eq!((outcome.as_str(), mtu), ("EMSGSIZE", 1492));
+    assert!(datapath.packet_stats().unwrap().icmp_errors_translated > before);
 }
 
 #[test]

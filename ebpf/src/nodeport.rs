@@ -27,10 +27,11 @@
 //!  egress   backend:bp → client:cp     source to frontend:fp, straight to the client
 //! ```
 //!
-//! The option makes packets 8 bytes longer: UDP datagrams within 8 bytes of the path MTU
-//! to the backend's node are dropped by the kernel (too big, with DF) or fragmented, and
-//! fragments are not read for the option, so the replies would leave untranslated; TCP
-//! carries the option on the SYN only. The option stays in the packet the backend receives (the kernel
+//! The option makes packets 8 bytes longer. A UDP datagram within 8 bytes of the path MTU
+//! to the backend's node is, with DF, answered with "fragmentation needed", which goes back
+//! to the client reverse-NATed and with the MTU lowered by 8 (path MTU discovery then makes
+//! room); without DF it is fragmented, and fragments are not read for the option, so its
+//! replies would leave untranslated. TCP carries the option on the SYN only. The option stays in the packet the backend receives (the kernel
 //! ignores unknown options).
 //!
 //! ICMP errors (destination unreachable, time exceeded, parameter problem) about a flow
@@ -70,6 +71,10 @@ const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Destination unreachable code: fragmentation needed and DF set (its MTU at bytes 6-7).
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// The smallest MTU an IPv4 link may have (RFC 791).
+const MIN_IPV4_MTU: u16 = 68;
 const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
@@ -461,11 +466,7 @@ fn record_dsr(key: &Ct4Key, address: u32, port: u16, now: u64, syn: bool) {
         dport: port,
         ..*key
     };
-    // SAFETY: a map value pointer from a successful lookup, read at once.
-    let balanced_here = CT4.get_ptr(original).is_some_and(|entry| unsafe {
-        (*entry).flags & CT_FLAG_DSR != 0 && (*entry).daddr == key.daddr && (*entry).dport == key.dport
-    });
-    if balanced_here {
+    if dsr_balanced_here(&original, key.daddr, key.dport) {
         return;
     }
     let reply = Ct4Key {
@@ -515,6 +516,8 @@ fn record_dsr(key: &Ct4Key, address: u32, port: u16, now: u64, syn: bool) {
 /// backend itself, the outer source with it (at egress); the quoted source and the outer
 /// destination from the SNAT address back to the client (at ingress). The quoted L4
 /// checksum is left as it is (it may lie beyond the quoted bytes; receivers ignore it).
+/// An error about a DSR packet this node sent on gets its frontend back from the quoted
+/// option, and "fragmentation needed" a path MTU 8 bytes lower, room for the option.
 #[inline(always)]
 fn icmp_error<P: Packet>(pkt: &mut P, hook: Hook, l4: usize) -> Option<Verdict> {
     let icmp_type: u8 = pkt.load(l4)?;
@@ -544,12 +547,16 @@ fn icmp_error<P: Packet>(pkt: &mut P, hook: Hook, l4: usize) -> Option<Verdict> 
         pad: [0; 3],
     };
     // SAFETY: a map value pointer from a successful lookup; copied out at once.
-    let Some(entry) = CT4.get_ptr(key).map(|ptr| unsafe { *ptr }) else {
-        return Some(Verdict::Pass);
+    let entry = CT4.get_ptr(key).map(|ptr| unsafe { *ptr }).filter(|entry| {
+        entry.flags & CT_FLAG_REPLY != 0 && (entry.flags & CT_FLAG_EGRESS != 0) == (hook == Hook::TcEgress)
+    });
+    let (entry, dsr) = match entry {
+        Some(entry) => (entry, false),
+        None => match dsr_sent_from_here(pkt, hook, inner, inner_ihl, &key)? {
+            Some(entry) => (entry, true),
+            None => return Some(Verdict::Pass),
+        },
     };
-    if entry.flags & CT_FLAG_REPLY == 0 || (entry.flags & CT_FLAG_EGRESS != 0) != (hook == Hook::TcEgress) {
-        return Some(Verdict::Pass);
-    }
     let outer_saddr: u32 = pkt.load(IP_SADDR)?;
     let outer_daddr: u32 = pkt.load(IP_DADDR)?;
     let icmp_csum = L4Csum {
@@ -575,8 +582,73 @@ fn icmp_error<P: Packet>(pkt: &mut P, hook: Hook, l4: usize) -> Option<Verdict> 
             pkt.set_port(inner_l4, icmp_csum, key.dport, entry.dport)?;
         }
     }
+    let code: u8 = pkt.load(l4 + 1)?;
+    if dsr && icmp_type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
+        // The client's datagrams must leave room for the option this node adds.
+        let mtu: u16 = pkt.load(l4 + 6)?;
+        let lowered = u16::from_be(mtu).saturating_sub(u16::from(DSR_OPTION_LEN));
+        if lowered >= MIN_IPV4_MTU {
+            pkt.set_port(l4 + 6, icmp_csum, mtu, lowered.to_be())?;
+        }
+    }
     count(STAT_ICMP_REV_NAT);
     Some(Verdict::Pass)
+}
+
+/// For an ICMP error leaving towards a client (TC egress) that quotes a DSR packet this
+/// node balanced and sent on with the option (say, "fragmentation needed" because the
+/// option made it too big): the rewrite that gives the quoted destination back its
+/// frontend, as a reply entry of `reply_key` (backend → client) would.
+#[inline(always)]
+fn dsr_sent_from_here<P: Packet>(
+    pkt: &P,
+    hook: Hook,
+    inner: usize,
+    inner_ihl: usize,
+    reply_key: &Ct4Key,
+) -> Option<Option<Ct4Value>> {
+    if hook != Hook::TcEgress || inner_ihl < IP_HLEN + DSR_OPTION_LEN as usize {
+        return Some(None);
+    }
+    let option: [u8; 4] = pkt.load(inner + IP_HLEN)?;
+    if option[0] != DSR_OPTION_TYPE || option[1] != DSR_OPTION_LEN {
+        return Some(None);
+    }
+    let port = u16::from_ne_bytes([option[2], option[3]]);
+    let address: u32 = pkt.load(inner + IP_HLEN + 4)?;
+    let original = Ct4Key {
+        saddr: reply_key.daddr,
+        daddr: address,
+        sport: reply_key.dport,
+        dport: port,
+        proto: reply_key.proto,
+        pad: [0; 3],
+    };
+    if !dsr_balanced_here(&original, reply_key.saddr, reply_key.sport) {
+        return Some(None);
+    }
+    Some(Some(Ct4Value {
+        last_seen_ns: 0,
+        saddr: address,
+        daddr: 0,
+        sport: port,
+        dport: 0,
+        peer: original,
+        rev_nat_id: 0,
+        flags: CT_FLAG_DSR | CT_FLAG_REPLY | CT_FLAG_EGRESS,
+        pad: [0; 3],
+        backend_id: 0,
+    }))
+}
+
+/// Whether this node balanced the client's `original` flow (client → frontend) with DSR
+/// to `backend:backend_port`.
+#[inline(always)]
+fn dsr_balanced_here(original: &Ct4Key, backend: u32, backend_port: u16) -> bool {
+    // SAFETY: a map value pointer from a successful lookup, read at once.
+    CT4.get_ptr(*original).is_some_and(|entry| unsafe {
+        (*entry).flags & CT_FLAG_DSR != 0 && (*entry).daddr == backend && (*entry).dport == backend_port
+    })
 }
 
 /// A SNAT address and a source port (network order) for a flow whose reply (backend →

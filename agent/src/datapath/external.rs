@@ -12,8 +12,10 @@
 //! TC on the interfaces that carry the replies). DSR needs a network that lets the backend's
 //! node send packets from the service address (no source filtering on the way), and
 //! 8 bytes of headroom below the MTU for UDP datagrams (TCP adds the option to its SYN
-//! only). XDP adds the option itself (moving the Ethernet and IPv4 headers into headroom it
-//! takes with bpf_xdp_adjust_head); TC adds it where XDP is not attached.
+//! only): a DF datagram that no longer fits gets "fragmentation needed" back with the MTU
+//! lowered by 8, so path MTU discovery makes room. XDP adds the option itself (moving the
+//! Ethernet and IPv4 headers into headroom it takes with bpf_xdp_adjust_head); TC adds it
+//! where XDP is not attached.
 //!
 //! ICMP errors about translated flows (port unreachable, fragmentation needed, time
 //! exceeded) are reverse-NATed by TC like the flow's replies, so clients see them.
