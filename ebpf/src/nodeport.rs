@@ -31,8 +31,8 @@
 //! to the backend's node is, with DF, answered with "fragmentation needed", which goes back
 //! to the client reverse-NATed and with the MTU lowered by 8 (path MTU discovery then makes
 //! room); without DF it is fragmented, and fragments are not read for the option, so its
-//! replies would leave untranslated. TCP carries the option on the SYN only. The option stays in the packet the backend receives (the kernel
-//! ignores unknown options).
+//! replies would leave untranslated. TCP carries the option on the SYN only. The option
+//! stays in the packet the backend receives (the kernel ignores unknown options).
 //!
 //! ICMP errors (destination unreachable, time exceeded, parameter problem) about a flow
 //! are found by the header they quote and rewritten as that flow's replies are, so the
@@ -116,7 +116,8 @@ pub trait Packet {
     /// Replaces the 4 bytes at `offset` (an address, `old` → `new`, network order) and
     /// updates the IPv4 header checksum and the L4 checksum (pseudo-header).
     fn set_addr(&mut self, offset: usize, csum: L4Csum, old: u32, new: u32) -> Option<()>;
-    /// Replaces the 2 bytes at `offset` (a port) and updates the L4 checksum.
+    /// Replaces the 2 bytes at `offset` (a port, or another 16-bit field the L4 checksum
+    /// covers without a pseudo-header) and updates the L4 checksum.
     fn set_port(&mut self, offset: usize, csum: L4Csum, old: u16, new: u16) -> Option<()>;
     /// Replaces the 4 bytes at `offset` (an address, `old` → `new`, network order) and
     /// updates the IPv4 header checksum at `ip_csum` only: an address of an ICMP packet,
@@ -289,7 +290,8 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
 
     let remote = frontend.flags & SERVICE_FLAG_LOCAL == 0 && backend.flags & BACKEND_FLAG_REMOTE != 0;
     let syn_flag = if syn { CT_FLAG_SYN } else { 0 };
-    if remote && node_config()?.flags & NODE_FLAG_DSR != 0 {
+    let config = if remote { node_config()? } else { Node4Config::default() };
+    if remote && config.flags & NODE_FLAG_DSR != 0 {
         // DNAT only, the client's address kept; replies go from the backend's node
         // straight to the client, so nothing here waits for them.
         let forward = Ct4Value {
@@ -361,7 +363,7 @@ fn try_process<P: Packet>(pkt: &mut P, hook: Hook, new_stat: u32, tracked_stat: 
             sport: backend.port,
             ..reply
         };
-        let Some((address, port)) = snat_port(&mut snat_reply) else {
+        let Some((address, port)) = snat_port(&config, &mut snat_reply) else {
             count(STAT_DROP_NO_SNAT);
             return Some(Verdict::Drop);
         };
@@ -655,8 +657,7 @@ fn dsr_balanced_here(original: &Ct4Key, backend: u32, backend_port: u16) -> bool
 /// node) key is `reply_key`, which gets them as its destination: random in the configured
 /// range, free when no reply entry uses it yet.
 #[inline(always)]
-fn snat_port(reply_key: &mut Ct4Key) -> Option<(u32, u16)> {
-    let config = node_config()?;
+fn snat_port(config: &Node4Config, reply_key: &mut Ct4Key) -> Option<(u32, u16)> {
     if config.snat_address == 0 || config.snat_port_max < config.snat_port_min {
         return None;
     }
