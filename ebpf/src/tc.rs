@@ -10,9 +10,7 @@
 //! not) with bpf_skb_adjust_room (BPF_ADJ_ROOM_NET: room after the fixed IPv4 header).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use weir_ebpf_common::{STAT_TC_EGRESS_TRACKED, STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED};
-
-use weir_ebpf_common::DSR_OPTION_LEN;
+use weir_ebpf_common::{DSR_OPTION_LEN, STAT_TC_EGRESS_TRACKED, STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED};
 
 use crate::nodeport::{ETH_HLEN, Hook, IP_CSUM, IP_HLEN, L4Csum, Packet, Verdict, process};
 

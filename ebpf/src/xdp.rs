@@ -6,8 +6,8 @@
 //! with options, and ICMP errors. The DSR option is added here (bpf_xdp_adjust_head gives
 //! 8 bytes in front; the Ethernet and fixed IPv4 headers move into them).
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_ebpf::helpers::bpf_xdp_adjust_head;
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use weir_ebpf_common::{DSR_OPTION_LEN, STAT_XDP_NEW, STAT_XDP_TRACKED};
 
 use crate::nodeport::{ETH_HLEN, Hook, IP_CSUM, IP_HLEN, L4Csum, Packet, Verdict, process};
