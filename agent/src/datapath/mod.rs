@@ -46,7 +46,8 @@ use weir_ebpf_common::{
 
 pub use desired::{LB_ALGORITHM_ANNOTATION, NodeContext, desired_state, desired_state_for_node};
 pub use external::{
-    ConntrackEntry, ConntrackTimeouts, ExternalConfig, InterfaceAttachment, PacketStats, XdpAttachment, XdpPolicy,
+    ConntrackEntry, ConntrackTimeouts, ExternalConfig, ExternalMode, InterfaceAttachment, PacketStats, XdpAttachment,
+    XdpPolicy,
 };
 pub use gc::ConntrackSweeper;
 pub use index::IdsExhausted;

@@ -15,7 +15,7 @@
 
 /// Pins live under `<pin root>/<DATAPATH_VERSION>/`: a program or map layout change bumps
 /// it, and the agent of a new version loads beside the old pins instead of misreading them.
-pub const DATAPATH_VERSION: &str = "v5";
+pub const DATAPATH_VERSION: &str = "v6";
 
 /// Service frontends and their backend slots: [`Service4Key`] → [`Service4Value`].
 pub const SERVICES4: &str = "SERVICES4";
@@ -65,7 +65,7 @@ pub const MAGLEV_TABLE_SIZE: u32 = 16381;
 pub const MAGLEV_MAX_ENTRIES: u32 = 64 * MAGLEV_TABLE_SIZE;
 /// Two entries per flow: room for 131072 flows before LRU eviction starts.
 pub const CT4_MAX_ENTRIES: u32 = 262144;
-pub const STATS_MAX_ENTRIES: u32 = 8;
+pub const STATS_MAX_ENTRIES: u32 = 16;
 
 /// Frontend flag (slot 0 `flags`): choose the backend from the service's Maglev table by
 /// a hash of the client's network namespace instead of at random.
@@ -80,6 +80,21 @@ pub const SERVICE_FLAG_LOCAL: u8 = 4;
 /// Backend flag: the backend runs on another node. External traffic to it gets its
 /// source rewritten to the node's SNAT address, so replies come back through this node.
 pub const BACKEND_FLAG_REMOTE: u8 = 1;
+
+/// Node flag ([`Node4Config::flags`]): flows to backends on other nodes use direct server
+/// return (DSR) instead of SNAT: the client's address is kept, the service address travels
+/// to the backend's node in an IPv4 option ([`DSR_OPTION_TYPE`]) and that node's TC egress
+/// gives the backend's replies the service address as their source.
+pub const NODE_FLAG_DSR: u8 = 1;
+
+/// The IPv4 option carrying a DSR flow's service address to the backend's node: type 158
+/// (copied flag set, class 0, number 30), the value RFC 4727 reserves for experiments
+/// ("RFC3692-style Experiment"), so it meets no standard option. Layout, 8 bytes, right
+/// after the fixed 20-byte IPv4 header: type, length (8), service port, service address
+/// (both network byte order).
+pub const DSR_OPTION_TYPE: u8 = 0x9e;
+/// Length of the DSR option, type and length bytes included.
+pub const DSR_OPTION_LEN: u8 = 8;
 
 /// Affinity keys of TC/XDP clients carry `AFFINITY_CLIENT_IP | client IPv4` in
 /// `netns_cookie`: netns cookies are small counters, so the two never meet.
@@ -96,6 +111,13 @@ pub const CT_FLAG_EGRESS: u8 = 8;
 /// Conntrack flag (forward direction): the last packet through the entry was a TCP SYN, so
 /// a SYN-ACK in the reply direction belongs to this flow.
 pub const CT_FLAG_SYN: u8 = 16;
+/// Conntrack flag (forward direction, on the node that balanced the flow): a DSR flow to a
+/// backend on another node. Packets that need it (every UDP datagram, a TCP SYN) get the
+/// DSR option; there are no reply entries here, since replies do not come back this way.
+pub const CT_FLAG_DSR: u8 = 32;
+/// Conntrack flag (on the backend's node): recorded from a DSR option. The forward entry
+/// rewrites nothing; the reply entry gives replies the service address as their source.
+pub const CT_FLAG_DSR_BACKEND: u8 = 64;
 
 /// STATS indices.
 pub const STAT_XDP_NEW: u32 = 0;
@@ -107,6 +129,14 @@ pub const STAT_TC_EGRESS_TRACKED: u32 = 4;
 pub const STAT_DROP_NO_BACKEND: u32 = 5;
 /// Dropped: no free SNAT port, no SNAT address, or a conntrack insert failed.
 pub const STAT_DROP_NO_SNAT: u32 = 6;
+/// ICMP errors about a translated flow, rewritten for the client (TC).
+pub const STAT_ICMP_REV_NAT: u32 = 7;
+/// Packets that left for a backend on another node with the DSR option added (TC ingress).
+pub const STAT_DSR_OPTION_ADDED: u32 = 8;
+/// Packets that arrived with a DSR option for a known frontend and were recorded (TC ingress).
+pub const STAT_DSR_RECORDED: u32 = 9;
+/// Dropped: the DSR option could not be added (say, a UDP GSO packet).
+pub const STAT_DROP_DSR: u32 = 10;
 
 /// The MAGLEV key of `slot` (< [`MAGLEV_TABLE_SIZE`]) in the table of the service with
 /// reverse-NAT id `rev_nat_id`.
@@ -310,7 +340,10 @@ pub struct Ct4Key {
 /// its source to `saddr:sport` when `saddr` is not 0, its destination to `daddr:dport`
 /// when `daddr` is not 0. A flow has two entries (DNAT at ingress, reverse at egress) or,
 /// with SNAT, four (plus SNAT at egress, reverse SNAT at ingress). `peer` is the entry of
-/// the other direction at the other hook, so a pair is aged and removed together.
+/// the other direction at the other hook, so a pair is aged and removed together. A DSR
+/// flow has one entry on the node that balanced it (DNAT, `CT_FLAG_DSR`, its own key as
+/// `peer`) and two on the backend's node (`CT_FLAG_DSR_BACKEND`: a forward entry that
+/// rewrites nothing, and the reply's source rewrite at egress).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ct4Value {
@@ -340,6 +373,9 @@ pub struct Node4Config {
     /// SNAT source ports, host byte order, inclusive.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// `NODE_FLAG_*`.
+    pub flags: u8,
+    pub pad: [u8; 3],
 }
 
 #[cfg(feature = "user")]
@@ -386,7 +422,7 @@ mod tests {
         assert_eq!(size_of::<Backend4Value>(), 4 + 2 + 1 + 1 + 1 + 3);
         assert_eq!(size_of::<Ct4Key>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<Ct4Value>(), 8 + 4 + 4 + 2 + 2 + 16 + 4 + 1 + 3 + 4);
-        assert_eq!(size_of::<Node4Config>(), 4 + 2 + 2);
+        assert_eq!(size_of::<Node4Config>(), 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<RevNat4Value>(), 4 + 2 + 2);
         assert_eq!(size_of::<SockRevNat4Key>(), 8 + 4 + 2 + 2);
         assert_eq!(size_of::<SockRevNat4Value>(), 4 + 2 + 2 + 4);
