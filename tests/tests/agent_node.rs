@@ -120,3 +120,50 @@ async fn a_bad_node_name_is_refused_before_anything_is_written() -> Result<()> {
     ensure!(err.to_string().contains("not a valid Kubernetes name"), "{err}");
     Ok(())
 }
+
+/// Joining with the server's token gives the node a client certificate (system:node:<name>)
+/// that the API server accepts; a token for another CA is refused before the secret is
+/// sent, and a wrong secret is refused by the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_with_the_token_and_a_wrong_token_is_refused() -> Result<()> {
+    use weir_agent::join::{self, JoinError, Token};
+    let server = TestServer::start(Backend::Embedded).await?;
+    let token_text = std::fs::read_to_string(server.data_dir().join("node-token"))?;
+    let token: Token = token_text.parse()?;
+    let url = server.base_url();
+
+    let credentials = join::join(&url, &token, "joined-a").await?;
+    ensure!(credentials.client_cert.contains("BEGIN CERTIFICATE"));
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    credentials.write_kubeconfig(&kubeconfig, &url, "joined-a")?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(&kubeconfig)?, &Default::default())
+            .await?;
+    let client = kube::Client::try_from(config)?;
+    let (_say, readiness) = watch::channel(Readiness::Ready);
+    let data_dir = tempfile::tempdir()?;
+    let _node = node::register(client.clone(), NodeConfig::new("joined-a", data_dir.path()), readiness).await?;
+    let nodes: Api<Node> = Api::all(server.kube_client().await?);
+    ensure!(nodes.get_opt("joined-a").await?.is_some());
+
+    // The right secret with another cluster's CA hash: refused here, nothing sent.
+    let wrong_ca = Token {
+        ca_hash: "00".repeat(32),
+        ..token.clone()
+    };
+    match join::join(&url, &wrong_ca, "joined-b").await {
+        Err(JoinError::CaMismatch { .. }) => {}
+        other => anyhow::bail!("a token for another CA must be refused: {other:?}"),
+    }
+    // The right CA with a wrong secret: the server says no.
+    let wrong_secret = Token {
+        secret: "not-the-secret".into(),
+        ..token
+    };
+    match join::join(&url, &wrong_secret, "joined-b").await {
+        Err(JoinError::Refused(message)) => ensure!(message.contains("node-token"), "{message}"),
+        other => anyhow::bail!("a wrong secret must be refused: {other:?}"),
+    }
+    Ok(())
+}
