@@ -1,4 +1,7 @@
-//! Weir's node agent. Today it holds the userspace side of the eBPF service datapath;
-//! node lifecycle, pods on containerd and the pod network grow around it.
+//! Weir's node agent: joining a cluster with a token (`join`), the Node and its heartbeats
+//! (`node`) and the userspace side of the eBPF service datapath (`datapath`); pods on
+//! containerd and the pod network grow around it.
 
 pub mod datapath;
+pub mod join;
+pub mod node;

@@ -10,7 +10,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -36,13 +36,16 @@ const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 123, 45);
 const CLIENT: &str = r#"
 import errno, json, socket, sys, time
 mode, host, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def show(a):
+    return ("[%s]:%d" if ":" in a[0] else "%s:%d") % a[:2]
 out = []
 def fail(e, started):
     return {"error": errno.errorcode.get(e.errno, str(e.errno)), "ms": (time.monotonic() - started) * 1000}
 for _ in range(count):
     started = time.monotonic()
     if mode == "tcp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(family, socket.SOCK_STREAM)
         s.settimeout(5)
         try:
             s.connect((host, port))
@@ -53,11 +56,11 @@ for _ in range(count):
                 if not chunk:
                     break
                 data += chunk
-            out.append({"backend": data.decode().strip(), "peer": "%s:%d" % peer})
+            out.append({"backend": data.decode().strip(), "peer": show(peer)})
         except OSError as e:
             out.append(fail(e, started))
     else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family, socket.SOCK_DGRAM)
         s.settimeout(5)
         try:
             if mode == "udp-connected":
@@ -68,7 +71,7 @@ for _ in range(count):
             else:
                 s.sendto(b"ping", (host, port))
                 data, src = s.recvfrom(256)
-            out.append({"backend": data.decode().strip(), "peer": "%s:%d" % src})
+            out.append({"backend": data.decode().strip(), "peer": show(src)})
         except OSError as e:
             out.append(fail(e, started))
     s.close()
@@ -128,12 +131,14 @@ impl Fixture {
         Datapath::load(&self.config).unwrap_or_else(|e| panic!("loading the datapath: {e}"))
     }
 
-    fn tcp_backend(&mut self, address: Ipv4Addr, port: u16) -> Backend {
+    fn tcp_backend(&mut self, address: impl Into<IpAddr>, port: u16) -> Backend {
+        let address = address.into();
         self.backends.push(BackendServer::tcp(address, port));
         Backend::active(address, port)
     }
 
-    fn udp_backend(&mut self, address: Ipv4Addr, port: u16) -> Backend {
+    fn udp_backend(&mut self, address: impl Into<IpAddr>, port: u16) -> Backend {
+        let address = address.into();
         self.backends.push(BackendServer::udp(address, port));
         Backend::active(address, port)
     }
@@ -322,11 +327,12 @@ impl Drop for Fixture {
 }
 
 fn run_client(cgroup: Option<&Path>, mode: &str, port: u16, count: usize) -> Vec<Outcome> {
-    let mut cmd = python_in_cgroup(
-        cgroup,
-        CLIENT,
-        &[mode, &CLUSTER_IP.to_string(), &port.to_string(), &count.to_string()],
-    );
+    run_client_to(cgroup, mode, &CLUSTER_IP.to_string(), port, count)
+}
+
+/// [`run_client`] to `host` (an IPv6 host makes the client use IPv6 sockets).
+fn run_client_to(cgroup: Option<&Path>, mode: &str, host: &str, port: u16, count: usize) -> Vec<Outcome> {
+    let mut cmd = python_in_cgroup(cgroup, CLIENT, &[mode, host, &port.to_string(), &count.to_string()]);
     cmd.stdin(Stdio::null());
     let output = cmd
         .output()
@@ -403,7 +409,7 @@ fn reached(outcomes: &[Outcome]) -> Vec<&str> {
 
 fn tcp_service(port: u16) -> ServiceKey {
     ServiceKey {
-        address: CLUSTER_IP,
+        address: CLUSTER_IP.into(),
         port,
         protocol: Protocol::Tcp,
     }
@@ -426,10 +432,11 @@ struct BackendServer {
 }
 
 impl BackendServer {
-    fn tcp(address: Ipv4Addr, port: u16) -> BackendServer {
-        let listener = TcpListener::bind(SocketAddrV4::new(address, port)).expect("binding a TCP backend");
+    fn tcp(address: IpAddr, port: u16) -> BackendServer {
+        let me = SocketAddr::new(address, port);
+        let listener = TcpListener::bind(me).unwrap_or_else(|e| panic!("binding a TCP backend on {me}: {e}"));
         listener.set_nonblocking(true).unwrap();
-        let me = format!("{address}:{port}");
+        let me = me.to_string();
         BackendServer::spawn(move |stop| {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -442,10 +449,11 @@ impl BackendServer {
         })
     }
 
-    fn udp(address: Ipv4Addr, port: u16) -> BackendServer {
-        let socket = UdpSocket::bind(SocketAddrV4::new(address, port)).expect("binding a UDP backend");
+    fn udp(address: IpAddr, port: u16) -> BackendServer {
+        let me = SocketAddr::new(address, port);
+        let socket = UdpSocket::bind(me).unwrap_or_else(|e| panic!("binding a UDP backend on {me}: {e}"));
         socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-        let me = format!("{address}:{port}");
+        let me = me.to_string();
         BackendServer::spawn(move |stop| {
             let mut buf = [0u8; 256];
             while !stop.load(Ordering::Relaxed) {
@@ -611,7 +619,7 @@ fn udp_replies_appear_to_come_from_the_service_address() {
     let backend = fx.udp_backend(Ipv4Addr::new(127, 0, 0, 3), 5353);
     let mut datapath = fx.load();
     let dns = ServiceKey {
-        address: CLUSTER_IP,
+        address: CLUSTER_IP.into(),
         port: 53,
         protocol: Protocol::Udp,
     };
@@ -944,7 +952,7 @@ fn connected_udp_sockets_of_a_departed_backend_are_closed_but_direct_ones_are_no
     let b = fx.udp_backend(Ipv4Addr::new(127, 0, 0, 4), 5353);
     let mut datapath = fx.load();
     let dns = ServiceKey {
-        address: CLUSTER_IP,
+        address: CLUSTER_IP.into(),
         port: 53,
         protocol: Protocol::Udp,
     };
@@ -1279,6 +1287,7 @@ fn map_capacity_is_set_at_creation_kept_by_the_pins_and_a_full_map_says_what_to_
         services: 3,
         service_slots: 16,
         backends: 8,
+        ..Capacity::default()
     };
     let backend = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
     let mut datapath = fx.load();
@@ -1303,4 +1312,422 @@ fn map_capacity_is_set_at_creation_kept_by_the_pins_and_a_full_map_says_what_to_
     datapath.upsert_service(tcp_service(4), vec![backend]).unwrap();
     let outcomes = fx.client("tcp", 4, 2);
     assert_eq!(reached(&outcomes), ["127.0.0.2:8080", "127.0.0.2:8080"]);
+}
+
+// IPv6 socket-LB. Backends listen on ::1 and on ULA addresses the test adds to lo in its
+// own netns; the IPv6 ClusterIP has no route there, so an untranslated connect fails.
+
+const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x45);
+
+/// `fd00:10::<last>`, added to lo by [`Fixture::ula`].
+fn ula(last: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, last)
+}
+
+impl Fixture {
+    /// Adds `fd00:10::<last>/128` to lo in the test's netns (gone with the netns) and
+    /// returns it.
+    fn ula(&self, last: u16) -> Ipv6Addr {
+        let address = ula(last);
+        let status = Command::new("ip")
+            .args(["-6", "addr", "add", &format!("{address}/128"), "dev", "lo", "nodad"])
+            .status()
+            .expect("running ip (iproute2)");
+        assert!(status.success(), "adding {address} to lo: {status}");
+        address
+    }
+
+    /// Runs the client inside the test cgroup against `host`.
+    fn client_to(&self, mode: &str, host: impl std::fmt::Display, port: u16, count: usize) -> Vec<Outcome> {
+        run_client_to(Some(&self.cgroup), mode, &host.to_string(), port, count)
+    }
+}
+
+fn service6(port: u16, protocol: Protocol) -> ServiceKey {
+    ServiceKey {
+        address: CLUSTER_IP6.into(),
+        port,
+        protocol,
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv6_tcp_to_a_cluster_ip_reaches_the_backend_and_getpeername_shows_the_service() {
+    let mut fx = Fixture::new();
+    let address = fx.ula(2);
+    let backend = fx.tcp_backend(address, 8080);
+    let mut datapath = fx.load();
+    datapath
+        .upsert_service(service6(80, Protocol::Tcp), vec![backend])
+        .unwrap();
+    assert_eq!(datapath.backends(&service6(80, Protocol::Tcp)), Some(vec![backend]));
+
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 3);
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Reached {
+                backend: "[fd00:10::2]:8080".to_owned(),
+                peer: "[fd00:96::45]:80".to_owned(),
+            };
+            3
+        ]
+    );
+    // Outside the cgroup nothing is translated, and the ClusterIP has no route.
+    let outcomes = run_client_to(None, "tcp", &CLUSTER_IP6.to_string(), 80, 1);
+    assert!(
+        matches!(&outcomes[..], [Outcome::Failed { errno, .. }] if errno == "ENETUNREACH"),
+        "{outcomes:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv6_udp_replies_appear_to_come_from_the_service_address() {
+    let mut fx = Fixture::new();
+    let backend = fx.udp_backend(Ipv6Addr::LOCALHOST, 5353);
+    let mut datapath = fx.load();
+    datapath
+        .upsert_service(service6(53, Protocol::Udp), vec![backend])
+        .unwrap();
+
+    let expected = Outcome::Reached {
+        backend: "[::1]:5353".to_owned(),
+        peer: "[fd00:96::45]:53".to_owned(),
+    };
+    assert_eq!(
+        fx.client_to("udp", CLUSTER_IP6, 53, 3),
+        vec![expected.clone(); 3],
+        "unconnected UDP"
+    );
+    assert_eq!(
+        fx.client_to("udp-connected", CLUSTER_IP6, 53, 3),
+        vec![expected; 3],
+        "connected UDP"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn an_ipv6_service_without_backends_refuses_connections_at_once() {
+    let fx = Fixture::new();
+    let mut datapath = fx.load();
+    datapath
+        .upsert_service(service6(80, Protocol::Tcp), Vec::new())
+        .unwrap();
+
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 3);
+    assert_eq!(outcomes.len(), 3);
+    for outcome in &outcomes {
+        match outcome {
+            Outcome::Failed { errno, ms } => {
+                assert_eq!(errno, "ECONNREFUSED", "{outcomes:?}");
+                assert!(*ms < 500.0, "refusal took {ms} ms");
+            }
+            other => panic!("expected ECONNREFUSED, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv6_maglev_keeps_a_client_on_one_backend_and_moves_it_only_when_that_backend_goes() {
+    let mut fx = Fixture::new();
+    let all: Vec<Backend> = (2..=4)
+        .map(|last| {
+            let address = fx.ula(last);
+            fx.tcp_backend(address, 8080)
+        })
+        .collect();
+    let mut datapath = fx.load();
+    let key = service6(80, Protocol::Tcp);
+    let writes = datapath.upsert_service_with(key, all.clone(), maglev()).unwrap();
+    assert!(writes >= 16381, "the Maglev table is written: {writes} writes");
+
+    // One client: every connection to the same backend (at random P = 3^-29).
+    let hits = fx.client_to("tcp", CLUSTER_IP6, 80, 30);
+    let hits = reached(&hits);
+    let chosen = hits[0].to_owned();
+    assert!(hits.iter().all(|h| *h == chosen), "{hits:?}");
+
+    let rest: Vec<Backend> = all
+        .iter()
+        .copied()
+        .filter(|b| b.socket_addr().to_string() != chosen)
+        .collect();
+    assert_eq!(rest.len(), 2);
+    datapath.upsert_service_with(key, rest, maglev()).unwrap();
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 30);
+    let hits = reached(&outcomes);
+    assert_ne!(hits[0], chosen);
+    assert!(hits.iter().all(|h| *h == hits[0]), "{hits:?}");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv6_client_ip_affinity_keeps_a_client_on_its_backend() {
+    let mut fx = Fixture::new();
+    let all: Vec<Backend> = (2..=4)
+        .map(|last| {
+            let address = fx.ula(last);
+            fx.tcp_backend(address, 8080)
+        })
+        .collect();
+    let mut datapath = fx.load();
+    let key = service6(80, Protocol::Tcp);
+    let affinity = ServiceSelection {
+        affinity_timeout: Some(60),
+        ..ServiceSelection::default()
+    };
+    datapath.upsert_service_with(key, all.clone(), affinity).unwrap();
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 30);
+    let hits = reached(&outcomes);
+    assert!(hits.iter().all(|h| *h == hits[0]), "{hits:?}");
+
+    // Without affinity the same client is spread (P(30 agree) = 3^-29).
+    datapath
+        .upsert_service_with(key, all, ServiceSelection::default())
+        .unwrap();
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 30);
+    let hits = reached(&outcomes);
+    assert!(hits.iter().any(|h| *h != hits[0]), "{hits:?}");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn a_dual_stack_service_reconciled_from_kubernetes_objects_is_reached_over_both_families() {
+    let mut fx = Fixture::new();
+    fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    let address = fx.ula(2);
+    fx.tcp_backend(address, 8080);
+    let mut service = k8s_service("web", 80);
+    let spec = service.spec.as_mut().unwrap();
+    spec.cluster_ips = Some(vec![CLUSTER_IP.to_string(), CLUSTER_IP6.to_string()]);
+    spec.ip_families = Some(vec!["IPv4".to_owned(), "IPv6".to_owned()]);
+    spec.ip_family_policy = Some("RequireDualStack".to_owned());
+    let mut slice6 = k8s_slice("web", &["fd00:10::2"], 8080);
+    slice6.metadata.name = Some("web-v6".to_owned());
+    slice6.address_type = "IPv6".to_owned();
+    let services = [service];
+    let slices = [k8s_slice("web", &["127.0.0.2"], 8080), slice6];
+    let desired = desired_state(&services, &slices);
+
+    let mut datapath = fx.load();
+    assert!(datapath.reconcile(&desired).unwrap() > 0);
+    assert_eq!(datapath.services().len(), 2, "{:?}", datapath.services());
+    let expect = |backend: &str, peer: &str| {
+        vec![
+            Outcome::Reached {
+                backend: backend.to_owned(),
+                peer: peer.to_owned(),
+            };
+            3
+        ]
+    };
+    assert_eq!(
+        fx.client("tcp", 80, 3),
+        expect("127.0.0.2:8080", "10.96.123.45:80"),
+        "IPv4"
+    );
+    assert_eq!(
+        fx.client_to("tcp", CLUSTER_IP6, 80, 3),
+        expect("[fd00:10::2]:8080", "[fd00:96::45]:80"),
+        "IPv6"
+    );
+    // A dual-stack IPv6 socket reaches the IPv4 ClusterIP through its IPv4-mapped address.
+    assert_eq!(
+        fx.client_to("tcp", CLUSTER_IP.to_ipv6_mapped(), 80, 3),
+        expect("127.0.0.2:8080", "[::ffff:10.96.123.45]:80"),
+        "IPv4-mapped"
+    );
+
+    // A new agent reads both families back from the pins and writes nothing.
+    drop(datapath);
+    let mut datapath = fx.load();
+    assert_eq!(datapath.reconcile(&desired).unwrap(), 0);
+    // And removes both when the Service goes.
+    assert_eq!(datapath.reconcile(&desired_state(&[], &[])).unwrap(), 8);
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 1);
+    assert!(
+        matches!(&outcomes[..], [Outcome::Failed { errno, .. }] if errno == "ENETUNREACH"),
+        "{outcomes:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv4_mapped_udp_from_a_dual_stack_socket_is_translated_both_ways() {
+    let mut fx = Fixture::new();
+    let backend = fx.udp_backend(Ipv4Addr::new(127, 0, 0, 3), 5353);
+    let mut datapath = fx.load();
+    let dns = ServiceKey {
+        address: CLUSTER_IP.into(),
+        port: 53,
+        protocol: Protocol::Udp,
+    };
+    datapath.upsert_service(dns, vec![backend]).unwrap();
+    let expected = Outcome::Reached {
+        backend: "127.0.0.3:5353".to_owned(),
+        peer: "[::ffff:10.96.123.45]:53".to_owned(),
+    };
+    let mapped = CLUSTER_IP.to_ipv6_mapped();
+    assert_eq!(
+        fx.client_to("udp", mapped, 53, 3),
+        vec![expected.clone(); 3],
+        "unconnected UDP"
+    );
+    assert_eq!(
+        fx.client_to("udp-connected", mapped, 53, 3),
+        vec![expected; 3],
+        "connected UDP"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv6_frontends_cannot_be_external_or_ipv4_mapped_and_backends_must_share_the_service_family() {
+    let fx = Fixture::new();
+    let mut datapath = fx.load();
+    let external = ServiceSelection {
+        external: true,
+        ..ServiceSelection::default()
+    };
+    let err = datapath
+        .upsert_service_with(service6(80, Protocol::Tcp), Vec::new(), external)
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+    assert!(err.to_string().contains("TC and XDP translate IPv4 only"), "{err}");
+
+    let err = datapath
+        .upsert_service(
+            service6(80, Protocol::Tcp),
+            vec![Backend::active(Ipv4Addr::LOCALHOST, 80)],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("must be of its address family"), "{err}");
+
+    let mapped = ServiceKey {
+        address: CLUSTER_IP.to_ipv6_mapped().into(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let err = datapath.upsert_service(mapped, Vec::new()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("give the service its IPv4 address 10.96.123.45"),
+        "{err}"
+    );
+    assert!(datapath.services().is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn the_ipv6_maps_are_sized_on_their_own_and_a_full_one_says_what_to_raise() {
+    let mut fx = Fixture::new();
+    fx.config.capacity = Capacity {
+        services6: 1,
+        service_slots6: 4,
+        backends6: 2,
+        ..Capacity::default()
+    };
+    let backend = fx.tcp_backend(Ipv6Addr::LOCALHOST, 8080);
+    let mut datapath = fx.load();
+    datapath
+        .upsert_service(service6(80, Protocol::Tcp), vec![backend])
+        .unwrap();
+    let err = datapath
+        .upsert_service(service6(81, Protocol::Tcp), vec![backend])
+        .unwrap_err();
+    assert!(err.to_string().contains("raise datapath::Capacity::services6"), "{err}");
+    // IPv4 has its own room.
+    let backend4 = fx.tcp_backend(Ipv4Addr::new(127, 0, 0, 2), 8080);
+    datapath.upsert_service(tcp_service(80), vec![backend4]).unwrap();
+    assert_eq!(reached(&fx.client_to("tcp", CLUSTER_IP6, 80, 1)), ["[::1]:8080"]);
+    assert_eq!(reached(&fx.client("tcp", 80, 1)), ["127.0.0.2:8080"]);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv6_terminating_backends_take_traffic_only_when_no_backend_is_active() {
+    let mut fx = Fixture::new();
+    let (a, b) = (fx.ula(2), fx.ula(3));
+    let active = fx.tcp_backend(a, 8080);
+    let draining = fx.tcp_backend(b, 8080);
+    let draining = Backend::terminating(draining.address, draining.port);
+    let mut datapath = fx.load();
+    let key = service6(80, Protocol::Tcp);
+    datapath.upsert_service(key, vec![active, draining]).unwrap();
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 20);
+    assert!(
+        reached(&outcomes).iter().all(|h| *h == "[fd00:10::2]:8080"),
+        "{outcomes:?}"
+    );
+
+    datapath.upsert_service(key, vec![draining]).unwrap();
+    let outcomes = fx.client_to("tcp", CLUSTER_IP6, 80, 5);
+    assert!(
+        reached(&outcomes).iter().all(|h| *h == "[fd00:10::3]:8080"),
+        "{outcomes:?}"
+    );
+}
+
+/// `service_host port direct_host direct_port` over IPv6: a UDP socket connected to the
+/// service and one connected straight to the backend, one exchange each; after a line on
+/// stdin, both again and a fresh socket to the service.
+const UDP6_STALE_CLIENT: &str = r#"
+import errno, socket, sys
+host, port, direct_host, direct_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def name(e):
+    return errno.errorcode.get(e.errno, "timeout" if isinstance(e, socket.timeout) else str(e.errno))
+def exchange(s):
+    try:
+        s.send(b"ping")
+        return s.recv(256).decode().strip()
+    except OSError as e:
+        return "err:" + name(e)
+def connected(h, p):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.connect((h, p))
+    return s
+service = connected(host, port)
+direct = connected(direct_host, direct_port)
+print(exchange(service), exchange(direct), flush=True)
+sys.stdin.readline()
+print(exchange(service), exchange(direct), exchange(connected(host, port)), flush=True)
+"#;
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn connected_ipv6_udp_sockets_of_a_departed_backend_are_closed_too() {
+    let mut fx = Fixture::new();
+    let (a, b) = (fx.ula(3), fx.ula(4));
+    let a = fx.udp_backend(a, 5353);
+    let b = fx.udp_backend(b, 5353);
+    let mut datapath = fx.load();
+    let dns = ServiceKey {
+        address: CLUSTER_IP6.into(),
+        port: 53,
+        protocol: Protocol::Udp,
+    };
+    datapath.upsert_service(dns, vec![a]).unwrap();
+    let args = [
+        CLUSTER_IP6.to_string(),
+        "53".to_owned(),
+        a.address.to_string(),
+        a.port.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut client = fx.spawn(UDP6_STALE_CLIENT, &args);
+    assert_eq!(client.line(), "[fd00:10::3]:5353 [fd00:10::3]:5353");
+
+    datapath.upsert_service(dns, vec![b]).unwrap();
+    assert_eq!(datapath.destroyed_udp_sockets(), 1, "only the translated socket");
+    client.say("go");
+    let after = client.line();
+    let after: Vec<&str> = after.split(' ').collect();
+    assert!(after[0].starts_with("err:"), "the stale socket is closed: {after:?}");
+    assert_eq!(after[1], "[fd00:10::3]:5353", "the direct socket is left alone");
+    assert_eq!(after[2], "[fd00:10::4]:5353", "a new socket reaches B");
 }

@@ -11,7 +11,14 @@
 //! ```
 //!
 //! The node forwards; TC (and XDP) attach to `ext` and `rem`, the external interfaces.
-//! The remote node has no route to the client: only SNAT brings its replies back. The test
+//! The remote node has no route to the client: only SNAT brings its replies back. DSR tests
+//! add a direct link, and the remote node gets a datapath of its own (own pins and cgroup,
+//! TC on both its links), as the backend's node:
+//!
+//! ```text
+//!  client 10.5.0.2 ─veth─ 10.5.0.1 remote node (route to 10.1.0.0/24 this way)
+//! ```
+//! The test
 //! thread enters the node namespace to load and attach (as the agent would run there);
 //! servers and clients (python3) run in theirs through `ip netns exec`. Drop guards kill
 //! the servers, remove pins and cgroup, and delete the namespaces (and with them the veths).
@@ -34,8 +41,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weir_agent::datapath::{
-    Backend, Capacity, Config, ConntrackTimeouts, Datapath, Error, ExternalConfig, InterfaceAttachment, NodeContext,
-    Protocol, ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy, desired_state_for_node,
+    Backend, Capacity, Config, ConntrackTimeouts, Datapath, Error, ExternalConfig, ExternalMode, InterfaceAttachment,
+    NodeContext, Protocol, ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy, desired_state_for_node,
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
@@ -106,6 +113,68 @@ for _ in range(count):
     s.close()
 "#;
 
+/// A connected UDP socket sends one datagram to `host port` and waits for an answer, while
+/// a raw socket watches for the ICMP destination-unreachable about it. Prints
+/// `<outcome>|<icmp>`: the outcome `ok` or the errno name (or `timeout`); the ICMP error as
+/// `<outer source> <quoted destination ip:port> <quoted header checksum ok|bad>`, or `none`.
+const ICMP_CLIENT: &str = r#"
+import errno, socket, struct, sys
+host, port = sys.argv[1], int(sys.argv[2])
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3.0)
+s.connect((host, port))
+s.send(b"ping")
+try:
+    s.recv(256)
+    outcome = "ok"
+except socket.timeout:
+    outcome = "timeout"
+except OSError as e:
+    outcome = errno.errorcode.get(e.errno, str(e.errno))
+raw.settimeout(0.5)
+icmp = "none"
+try:
+    while True:
+        pkt = raw.recv(2048)
+        ihl = (pkt[0] & 15) * 4
+        if pkt[ihl] != 3:
+            continue
+        inner = pkt[ihl + 8:]
+        iihl = (inner[0] & 15) * 4
+        words = struct.unpack("!%dH" % (iihl // 2), inner[:iihl])
+        total = sum(words)
+        while total > 0xffff:
+            total = (total & 0xffff) + (total >> 16)
+        dport = struct.unpack("!H", inner[iihl + 2:iihl + 4])[0]
+        icmp = "%s %s:%d %s" % (socket.inet_ntoa(pkt[12:16]), socket.inet_ntoa(inner[16:20]), dport,
+                                "ok" if total == 0xffff else "bad")
+        break
+except socket.timeout:
+    pass
+print("%s|%s" % (outcome, icmp), flush=True)
+"#;
+
+/// A connected UDP socket with path MTU discovery (DF set) sends a `size`-byte datagram to
+/// `host port` twice, half a second apart. Prints `<second send outcome>|<IP_MTU>`: `ok` or
+/// the errno name, then the path MTU the socket learned.
+const PMTU_CLIENT: &str = r#"
+import errno, socket, sys, time
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+s.connect((host, port))
+s.send(b"x" * size)
+time.sleep(0.5)
+try:
+    s.send(b"x" * size)
+    outcome = "ok"
+except OSError as e:
+    outcome = errno.errorcode.get(e.errno, str(e.errno))
+print("%s|%d" % (outcome, s.getsockopt(socket.IPPROTO_IP, IP_MTU)), flush=True)
+"#;
+
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +219,8 @@ struct Topology {
     remote: String,
     servers: Vec<Child>,
     config: Config,
+    /// The remote node's own datapath, once [`Topology::load_remote`] made it.
+    remote_config: Option<Config>,
     in_node: Option<NetnsGuard>,
 }
 
@@ -176,6 +247,7 @@ impl Topology {
                 pin_root: PathBuf::from("/sys/fs/bpf").join(name("pins")),
                 capacity: Capacity::default(),
             },
+            remote_config: None,
             in_node: None,
             id,
         };
@@ -215,6 +287,96 @@ impl Topology {
         format!("rem{}", self.id)
     }
 
+    /// The direct link from the remote node to the client, remote side.
+    fn dsr(&self) -> String {
+        format!("dsr{}", self.id)
+    }
+
+    /// Adds the direct link (remote node 10.5.0.1, client 10.5.0.2) and the remote node's
+    /// route to the client's subnet through it: its replies no longer need this node.
+    fn dsr_link(&self) {
+        let (remote_side, client_side) = (self.dsr(), format!("p{}", self.dsr()));
+        ip(&[
+            "link",
+            "add",
+            &remote_side,
+            "netns",
+            &self.remote,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_side,
+            "netns",
+            &self.client,
+        ]);
+        ip(&["-n", &self.remote, "addr", "add", "10.5.0.1/24", "dev", &remote_side]);
+        ip(&["-n", &self.remote, "link", "set", &remote_side, "up"]);
+        ip(&["-n", &self.client, "addr", "add", "10.5.0.2/24", "dev", &client_side]);
+        ip(&["-n", &self.client, "link", "set", &client_side, "up"]);
+        ip(&["-n", &self.remote, "route", "add", "10.1.0.0/24", "via", "10.5.0.2"]);
+        // Answers from the node's address arrive on a link that is not the route to it.
+        self.exec(
+            &self.client,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter && \
+                     echo 0 > /proc/sys/net/ipv4/conf/{client_side}/rp_filter"
+                ),
+            ],
+        );
+    }
+
+    /// Runs `f` with this thread in the remote node's namespace.
+    fn in_remote<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = NetnsGuard::enter(&self.remote);
+        f()
+    }
+
+    /// The remote node's own datapath (own pins and cgroup), TC attached to its two links
+    /// (`mode` for flows it balances itself), and NodePorts 30080/TCP, 30053/UDP and
+    /// 30099/UDP (nothing listens) and LB_IP:80/TCP to its backend, as the cluster would
+    /// program them there.
+    fn load_remote(&mut self, mode: ExternalMode) -> Datapath {
+        let name = |role: &str| format!("weir-np-{}-{role}", self.id);
+        let config = Config {
+            cgroup_path: cgroup2_root().join(name("cgr")),
+            pin_root: PathBuf::from("/sys/fs/bpf").join(name("pinsr")),
+            capacity: Capacity::default(),
+        };
+        std::fs::create_dir(&config.cgroup_path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", config.cgroup_path.display()));
+        self.remote_config = Some(config.clone());
+        let attachment = ExternalConfig {
+            interfaces: vec![format!("p{}", self.rem()), self.dsr()],
+            snat_address: Ipv4Addr::new(10, 3, 0, 2),
+            snat_ports: SNAT_PORTS,
+            xdp: XdpPolicy::Off,
+            mode,
+        };
+        let mut datapath = self.in_remote(|| {
+            let mut datapath = Datapath::load(&config).unwrap_or_else(|e| panic!("loading the remote datapath: {e}"));
+            datapath
+                .attach_external(&attachment)
+                .unwrap_or_else(|e| panic!("attaching on the remote node: {e}"));
+            datapath
+        });
+        program_node_ports(&mut datapath, REMOTE_BACKEND, false);
+        datapath
+            .upsert_service_with(
+                node_port(30099, Protocol::Udp),
+                vec![Backend::active(REMOTE_BACKEND, 5999)],
+                external(),
+            )
+            .unwrap();
+        datapath
+            .upsert_service_with(lb_frontend(), vec![Backend::active(REMOTE_BACKEND, 8080)], external())
+            .unwrap();
+        datapath
+    }
+
     /// A veth from the node (`node_side`, `node_addr`) to `peer_ns` (`peer_addr`, with a
     /// default route back through the node when `default_route`).
     fn link(&self, node_side: &str, peer_ns: &str, node_addr: &str, peer_addr: &str, default_route: bool) {
@@ -246,6 +408,7 @@ impl Topology {
             snat_address: SNAT_IP,
             snat_ports: SNAT_PORTS,
             xdp,
+            mode: ExternalMode::Snat,
         }
     }
 
@@ -374,6 +537,36 @@ impl Topology {
             .collect()
     }
 
+    /// [`ICMP_CLIENT`] to `host:port`: `(outcome, icmp)`.
+    fn icmp_client(&self, host: Ipv4Addr, port: u16) -> (String, String) {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.client, "python3", "-c", ICMP_CLIENT])
+            .args([host.to_string(), port.to_string()])
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running the python3 ICMP client");
+        assert!(output.status.success(), "ICMP client failed: {}", output.status);
+        let line = String::from_utf8(output.stdout).unwrap();
+        let (outcome, icmp) = line.trim().split_once('|').unwrap();
+        (outcome.to_owned(), icmp.to_owned())
+    }
+
+    /// [`PMTU_CLIENT`] to `host:port` with `size`-byte datagrams: `(outcome, path MTU)`.
+    fn pmtu_client(&self, host: Ipv4Addr, port: u16, size: usize) -> (String, u32) {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.client, "python3", "-c", PMTU_CLIENT])
+            .args([host.to_string(), port.to_string(), size.to_string()])
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running the python3 path MTU client");
+        assert!(output.status.success(), "path MTU client failed: {}", output.status);
+        let line = String::from_utf8(output.stdout).unwrap();
+        let (outcome, mtu) = line.trim().split_once('|').unwrap();
+        (outcome.to_owned(), mtu.parse().unwrap())
+    }
+
     /// Like [`Topology::client`], but every attempt must get an answer.
     fn answers(&self, proto: &str, host: Ipv4Addr, port: u16, count: usize) -> Vec<Answer> {
         self.client(proto, host, port, count, 3.0)
@@ -391,11 +584,13 @@ impl Drop for Topology {
         }
         // Back to our own namespace before the node's goes.
         self.in_node = None;
-        if let Err(e) = Datapath::uninstall(&self.config) {
-            eprintln!("cleanup: removing pins under {}: {e}", self.config.pin_root.display());
-        }
-        if let Err(e) = std::fs::remove_dir(&self.config.cgroup_path) {
-            eprintln!("cleanup: removing cgroup {}: {e}", self.config.cgroup_path.display());
+        for config in std::iter::once(&self.config).chain(&self.remote_config) {
+            if let Err(e) = Datapath::uninstall(config) {
+                eprintln!("cleanup: removing pins under {}: {e}", config.pin_root.display());
+            }
+            if let Err(e) = std::fs::remove_dir(&config.cgroup_path) {
+                eprintln!("cleanup: removing cgroup {}: {e}", config.cgroup_path.display());
+            }
         }
         for ns in [&self.client, &self.node, &self.backend, &self.remote] {
             let status = Command::new("ip").args(["netns", "del", ns]).status();
@@ -445,9 +640,18 @@ fn cgroup2_root() -> PathBuf {
 
 fn node_port(port: u16, protocol: Protocol) -> ServiceKey {
     ServiceKey {
-        address: NODE_IP,
+        address: NODE_IP.into(),
         port,
         protocol,
+    }
+}
+
+/// LB_IP:80/TCP.
+fn lb_frontend() -> ServiceKey {
+    ServiceKey {
+        address: LB_IP.into(),
+        port: 80,
+        protocol: Protocol::Tcp,
     }
 }
 
@@ -1000,4 +1204,185 @@ fn the_conntrack_sweeper_thread_removes_idle_flows_on_its_own() {
     topo.answers("udp", NODE_IP, 30053, 1);
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(datapath.conntrack().unwrap().len(), 2);
+}
+
+/// DSR to a backend on the remote node: the backend sees the client's own address, the
+/// replies (from the NodePort's address) reach the client over the direct link, and this
+/// node keeps one DNAT entry per flow, nothing for SNAT or replies.
+fn dsr_to_a_remote_backend_through(xdp: XdpPolicy) {
+    let mut topo = Topology::new();
+    topo.remote_servers();
+    topo.dsr_link();
+    let mut datapath = topo.load();
+    let dsr = ExternalConfig {
+        mode: ExternalMode::Dsr,
+        ..topo.external(xdp)
+    };
+    let report = datapath.attach_external(&dsr).unwrap();
+    program_node_ports(&mut datapath, REMOTE_BACKEND, true);
+    datapath
+        .upsert_service_with(
+            node_port(30099, Protocol::Udp),
+            vec![Backend::active(REMOTE_BACKEND, 5999).on_remote_node()],
+            external(),
+        )
+        .unwrap();
+    datapath
+        .upsert_service_with(
+            lb_frontend(),
+            vec![Backend::active(REMOTE_BACKEND, 8080).on_remote_node()],
+            external(),
+        )
+        .unwrap();
+    let backend_node = topo.load_remote(ExternalMode::Snat);
+
+    // A TCP connection completes only if the SYN-ACK comes from the frontend.
+    for (proto, host, port, count) in [
+        ("tcp", NODE_IP, 30080, 5),
+        ("udp", NODE_IP, 30053, 3),
+        ("tcp", LB_IP, 80, 3),
+    ] {
+        for answer in topo.answers(proto, host, port, count) {
+            assert_eq!(answer.server, "remote", "{answer:?}");
+            assert_eq!(answer.seen_ip(), CLIENT_IP, "the backend sees the client: {answer:?}");
+            assert_eq!(answer.from, format!("{host}:{port}"), "{answer:?}");
+        }
+    }
+    let lb_entries = datapath.conntrack().unwrap();
+    assert_eq!(lb_entries.len(), 11, "one DNAT entry per flow: {lb_entries:?}");
+    assert!(
+        lb_entries.iter().all(|e| e.dsr && !e.snat && !e.reply && !e.egress),
+        "{lb_entries:?}"
+    );
+    let stats = datapath.packet_stats().unwrap();
+    assert!(stats.dsr_options_added >= 11, "8 SYNs and 3 datagrams: {stats:?}");
+    assert_eq!(stats.tc_egress_tracked, 0, "no reply came through this node: {stats:?}");
+    assert_eq!((stats.dropped_dsr, stats.dropped_no_snat), (0, 0), "{stats:?}");
+    let new_flows = if xdp == XdpPolicy::Native {
+        assert_xdp(&report, &XdpAttachment::Native);
+        // XDP adds the option itself; TC ingress leaves it (and does not mistake this
+        // node for the backend's: the conntrack count above).
+        assert_eq!(stats.tc_ingress_new_flows, 0, "{stats:?}");
+        stats.xdp_new_flows
+    } else {
+        assert_eq!(stats.xdp_new_flows, 0, "{stats:?}");
+        stats.tc_ingress_new_flows
+    };
+    assert!(new_flows >= 11, "{stats:?}");
+
+    let backend_entries = backend_node.conntrack().unwrap();
+    let replies: Vec<_> = backend_entries.iter().filter(|e| e.reply).collect();
+    assert_eq!(replies.len(), 11, "{backend_entries:?}");
+    let mut frontends: Vec<String> = Vec::new();
+    for reply in replies {
+        assert!(reply.dsr && reply.egress && !reply.snat, "{reply:?}");
+        assert_eq!(reply.source.ip(), &REMOTE_BACKEND, "{reply:?}");
+        assert_eq!(reply.destination.ip(), &CLIENT_IP, "{reply:?}");
+        let new_source = reply.new_source.unwrap_or_else(|| panic!("{reply:?}"));
+        frontends.push(format!("{new_source} from :{}", reply.source.port()));
+    }
+    frontends.sort();
+    let mut expected: Vec<String> = [
+        (LB_IP, 80, 8080, 3),
+        (NODE_IP, 30053, 5353, 3),
+        (NODE_IP, 30080, 8080, 5),
+    ]
+    .into_iter()
+    .flat_map(|(ip, port, from, n)| std::iter::repeat_n(format!("{ip}:{port} from :{from}"), n))
+    .collect();
+    expected.sort();
+    assert_eq!(frontends, expected);
+    let backend_stats = backend_node.packet_stats().unwrap();
+    assert!(backend_stats.dsr_options_recorded >= 11, "{backend_stats:?}");
+    assert!(backend_stats.tc_egress_tracked >= 11, "{backend_stats:?}");
+
+    // The backend's node reverse-NATs the ICMP error of a port without a listener too.
+    let (outcome, icmp) = topo.icmp_client(NODE_IP, 30099);
+    assert_eq!(outcome, "ECONNREFUSED", "{icmp}");
+    assert_eq!(icmp, format!("{NODE_IP} {NODE_IP}:30099 ok"));
+    assert!(backend_node.packet_stats().unwrap().icmp_errors_translated >= 1);
+
+    // A datagram that fits the client's link, but not with the option: this node answers
+    // "fragmentation needed", which reaches the client's socket for the NodePort, with
+    // room for the option taken off the MTU.
+    let before = datapath.packet_stats().unwrap().icmp_errors_translated;
+    let (outcome, mtu) = topo.pmtu_client(NODE_IP, 30053, 1500 - 28);
+    assert_eq!((outcome.as_str(), mtu), ("EMSGSIZE", 1492));
+    assert!(datapath.packet_stats().unwrap().icmp_errors_translated > before);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn tc_dsr_keeps_the_client_address_and_the_backend_node_answers_directly() {
+    dsr_to_a_remote_backend_through(XdpPolicy::Off);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn xdp_dsr_adds_the_option_itself() {
+    dsr_to_a_remote_backend_through(XdpPolicy::Native);
+}
+
+/// A connected UDP socket to a NodePort whose backend port has no listener gets
+/// ECONNREFUSED: the backend's port unreachable comes back from the NodePort's address,
+/// quoting the datagram as the client sent it (to the NodePort), checksums intact.
+fn icmp_port_unreachable_through(backend: Ipv4Addr, remote: bool) {
+    let mut topo = Topology::new();
+    let mut datapath = topo.load();
+    // XDP too: it leaves ICMP to TC.
+    datapath.attach_external(&topo.external(XdpPolicy::Native)).unwrap();
+    let mut target = Backend::active(backend, 5999);
+    if remote {
+        target = target.on_remote_node();
+    }
+    datapath
+        .upsert_service_with(node_port(30099, Protocol::Udp), vec![target], external())
+        .unwrap();
+    // A server elsewhere on the backend, so the node is up and only the port is closed.
+    if remote {
+        topo.remote_servers();
+    } else {
+        topo.local_servers();
+    }
+
+    let (outcome, icmp) = topo.icmp_client(NODE_IP, 30099);
+    assert_eq!(outcome, "ECONNREFUSED", "{icmp}");
+    assert_eq!(icmp, format!("{NODE_IP} {NODE_IP}:30099 ok"));
+    let stats = datapath.packet_stats().unwrap();
+    // Remote: reverse SNAT at ingress on `rem`, then the frontend at egress on `ext`.
+    let rewrites = if remote { 2 } else { 1 };
+    assert_eq!(stats.icmp_errors_translated, rewrites, "{stats:?}");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn icmp_port_unreachable_from_a_local_backend_refuses_the_client() {
+    icmp_port_unreachable_through(LOCAL_BACKEND, false);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn icmp_port_unreachable_from_a_remote_snat_backend_refuses_the_client() {
+    icmp_port_unreachable_through(REMOTE_BACKEND, true);
+}
+
+/// The node's link to the remote node has a smaller MTU: the node itself answers a DF
+/// datagram too big for it with "fragmentation needed", quoting the datagram as DNATed
+/// (to the backend). Reverse-NATed, it reaches the client's socket, which learns the
+/// path MTU to the NodePort and fails the next large send with EMSGSIZE.
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn icmp_fragmentation_needed_on_the_way_to_a_remote_backend_lowers_the_clients_path_mtu() {
+    let mut topo = Topology::new();
+    topo.remote_servers();
+    let mut datapath = topo.load();
+    datapath.attach_external(&topo.external(XdpPolicy::Native)).unwrap();
+    program_node_ports(&mut datapath, REMOTE_BACKEND, true);
+    ip(&["-n", &topo.node, "link", "set", &topo.rem(), "mtu", "1000"]);
+
+    let (outcome, mtu) = topo.pmtu_client(NODE_IP, 30053, 1200);
+    assert_eq!((outcome.as_str(), mtu), ("EMSGSIZE", 1000));
+    assert!(datapath.packet_stats().unwrap().icmp_errors_translated >= 1);
+    // Datagrams that fit still get through.
+    assert_eq!(topo.answers("udp", NODE_IP, 30053, 1)[0].server, "remote");
 }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::service::{REJECT, translate_forward};
+use crate::service::{REJECT, translate_forward4};
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
@@ -20,5 +20,5 @@ pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_sock_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
-    translate_forward(ctx)
+    translate_forward4(ctx)
 }

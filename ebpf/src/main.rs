@@ -1,16 +1,20 @@
-//! Weir's kernel programs for Kubernetes services (IPv4): socket-LB on the cgroup hooks,
-//! and NodePort/LoadBalancer translation on TC and XDP. One hook per file; each hook is a
+//! Weir's kernel programs for Kubernetes services: socket-LB on the cgroup hooks (IPv4 and
+//! IPv6), and NodePort/LoadBalancer translation on TC and XDP (IPv4). One hook per file; each hook is a
 //! thin wrapper. The maps they share are in `maps.rs`, the service lookup and the socket
 //! translations in `service.rs`, the per-packet NAT TC and XDP share in `nodeport.rs`.
 #![no_std]
 #![no_main]
 
 mod connect4;
+mod connect6;
 mod getpeername4;
+mod getpeername6;
 mod maps;
 mod nodeport;
 mod recvmsg4;
+mod recvmsg6;
 mod sendmsg4;
+mod sendmsg6;
 mod service;
 mod tc;
 mod xdp;

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::service::{ALLOW, translate_reverse};
+use crate::service::{ALLOW, translate_reverse4};
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
@@ -13,6 +13,6 @@ pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_sock_recvmsg4(ctx: &SockAddrContext) -> Result<i32, i32> {
-    translate_reverse(ctx);
+    translate_reverse4(ctx);
     Ok(ALLOW)
 }

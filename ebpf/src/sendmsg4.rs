@@ -3,7 +3,7 @@
 
 use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::service::{REJECT, translate_forward};
+use crate::service::{REJECT, translate_forward4};
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
@@ -18,5 +18,5 @@ pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_sock_sendmsg4(ctx: &SockAddrContext) -> Result<i32, i32> {
-    translate_forward(ctx)
+    translate_forward4(ctx)
 }

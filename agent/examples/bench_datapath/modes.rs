@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::ValueEnum;
 use weir_agent::datapath::{
-    Backend, Capacity, DesiredState, ExternalConfig, Protocol, ServiceKey, ServiceSelection, XdpAttachment, XdpPolicy,
+    Backend, Capacity, DesiredState, ExternalConfig, ExternalMode, Protocol, ServiceKey, ServiceSelection,
+    XdpAttachment, XdpPolicy,
 };
 
 use crate::topology::{BACKEND, NODE_IP, NODE_POD_SIDE_IP, NetnsGuard, Topology, ip};
@@ -116,7 +117,7 @@ impl Catalog {
         }
     }
 
-    /// Map sizes with room for these services (one backend each), never below the
+    /// IPv4 map sizes with room for these services (one backend each), never below the
     /// defaults a node starts with.
     fn capacity(&self) -> Capacity {
         let default = Capacity::default();
@@ -125,6 +126,7 @@ impl Catalog {
             services: default.services.max(needed.services),
             service_slots: default.service_slots.max(needed.service_slots),
             backends: default.backends.max(needed.backends),
+            ..default
         }
     }
 
@@ -149,7 +151,7 @@ impl Catalog {
                 SocketAddrV4::new(self.cluster_ip(i), SERVICE_PORT)
             };
             let key = ServiceKey {
-                address: *frontend.ip(),
+                address: (*frontend.ip()).into(),
                 port: frontend.port(),
                 protocol: Protocol::Tcp,
             };
@@ -361,6 +363,7 @@ fn program_maps(
             snat_address: NODE_POD_SIDE_IP,
             snat_ports: 61000..=61999,
             xdp,
+            mode: ExternalMode::Snat,
         };
         let report = datapath
             .attach_external(&config)

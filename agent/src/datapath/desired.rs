@@ -3,11 +3,12 @@
 //! it knows nothing of maps.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
+use super::index::Family;
 use super::model::{Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection, ServiceKey};
 
 /// The label tying an EndpointSlice to its Service.
@@ -21,22 +22,25 @@ const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
 /// The node the desired state is computed for: its name (to tell its endpoints from other
 /// nodes') and the addresses NodePorts listen on (its InternalIPs, or the addresses of
-/// the interfaces TC/XDP attach to).
+/// the interfaces TC/XDP attach to). IPv4 only: TC and XDP translate IPv4.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     pub name: String,
     pub addresses: Vec<Ipv4Addr>,
 }
 
-/// Every IPv4 ClusterIP port of `services`, with the endpoints of `slices` that serve it.
-/// No NodePort or LoadBalancer frontends: see [`desired_state_for_node`].
+/// Every ClusterIP port of `services`, IPv4 and IPv6, with the endpoints of `slices` that
+/// serve it: an IPv4 ClusterIP gets the endpoints of the `IPv4` slices, an IPv6 one those
+/// of the `IPv6` slices, so a dual-stack Service (`spec.clusterIPs` of both families) has
+/// one frontend per family. No NodePort or LoadBalancer frontends: see
+/// [`desired_state_for_node`].
 ///
 /// Endpoint conditions as kube-proxy reads them: `ready` and `serving` default to true,
 /// `terminating` to false. Ready endpoints are active backends; terminating ones that
 /// still serve are terminating backends (used only when nothing is active); the rest are
 /// left out. A service port with no endpoints stays, with no backends, so connections to
 /// it are refused rather than sent to the ClusterIP itself. Headless and ExternalName
-/// services, IPv6 and SCTP are skipped.
+/// services, SCTP, and `FQDN` slices are skipped.
 pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
     desired(services, slices, None)
 }
@@ -49,6 +53,10 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
 /// node's endpoints (none: packets to them are dropped, as kube-proxy does); ClusterIPs
 /// keep all of them unless internalTrafficPolicy is Local, which gives the ClusterIPs only
 /// this node's endpoints (none: connections are refused).
+///
+/// External frontends are IPv4 only (TC and XDP translate IPv4): NodePorts on the node's
+/// IPv4 addresses with the IPv4 endpoints, for services with an IPv4 ClusterIP; IPv6
+/// LoadBalancer ingress IPs and the NodePorts of IPv6-only services are skipped.
 pub fn desired_state_for_node(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> DesiredState {
     desired(services, slices, Some(node))
 }
@@ -60,10 +68,11 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;
         }
-        let addresses = cluster_ipv4s(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref());
+        let addresses = cluster_ips(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref());
         if addresses.is_empty() {
             continue;
         }
+        let has_ipv4 = addresses.iter().any(IpAddr::is_ipv4);
         let algorithm = match service
             .metadata
             .annotations
@@ -97,8 +106,9 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
             external_local,
             ..selection
         };
-        let node_ports = node.filter(|_| matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")));
-        let lb_ips: Vec<Ipv4Addr> = if node.is_some() && spec.type_.as_deref() == Some("LoadBalancer") {
+        let node_ports =
+            node.filter(|_| has_ipv4 && matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")));
+        let lb_ips: Vec<Ipv4Addr> = if has_ipv4 && node.is_some() && spec.type_.as_deref() == Some("LoadBalancer") {
             service
                 .status
                 .iter()
@@ -109,10 +119,7 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
         } else {
             Vec::new()
         };
-        let own_slices: Vec<&EndpointSlice> = slices
-            .iter()
-            .filter(|slice| slice.address_type == "IPv4" && belongs_to(slice, service))
-            .collect();
+        let own_slices: Vec<&EndpointSlice> = slices.iter().filter(|slice| belongs_to(slice, service)).collect();
         for port in spec.ports.iter().flatten() {
             let Some(protocol) = protocol(port.protocol.as_deref()) else {
                 continue;
@@ -120,7 +127,8 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
             let Ok(service_port) = u16::try_from(port.port) else {
                 continue;
             };
-            let backends = backends_for(port, protocol, &own_slices, node);
+            let backends4 = backends_for(port, protocol, &own_slices, Family::V4, node);
+            let backends6 = backends_for(port, protocol, &own_slices, Family::V6, node);
             let mut frontends: Vec<(ServiceKey, Selection)> = addresses
                 .iter()
                 .map(|address| {
@@ -140,7 +148,7 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
                 frontends.extend(node.addresses.iter().map(|address| {
                     (
                         ServiceKey {
-                            address: *address,
+                            address: (*address).into(),
                             port: node_port,
                             protocol,
                         },
@@ -151,7 +159,7 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
             frontends.extend(lb_ips.iter().map(|address| {
                 (
                     ServiceKey {
-                        address: *address,
+                        address: (*address).into(),
                         port: service_port,
                         protocol,
                     },
@@ -159,6 +167,10 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
                 )
             }));
             for (key, selection) in frontends {
+                let backends = match Family::of(key.address) {
+                    Family::V4 => &backends4,
+                    Family::V6 => &backends6,
+                };
                 let local_only = if selection.external {
                     selection.external_local
                 } else {
@@ -179,8 +191,8 @@ fn desired(services: &[Service], slices: &[EndpointSlice], node: Option<&NodeCon
     desired
 }
 
-fn cluster_ipv4s(cluster_ip: Option<&str>, cluster_ips: Option<&[String]>) -> Vec<Ipv4Addr> {
-    let mut addresses: Vec<Ipv4Addr> = cluster_ips
+fn cluster_ips(cluster_ip: Option<&str>, cluster_ips: Option<&[String]>) -> Vec<IpAddr> {
+    let mut addresses: Vec<IpAddr> = cluster_ips
         .into_iter()
         .flatten()
         .map(String::as_str)
@@ -211,18 +223,24 @@ fn protocol(protocol: Option<&str>) -> Option<Protocol> {
     }
 }
 
-/// The endpoints of the slices' port with the service port's name and protocol. Slices
-/// carry target ports already resolved to numbers, so named target ports need nothing more.
-/// With a `node`, endpoints whose nodeName is not the node's (or unset) are remote.
+/// The endpoints of the `family` slices' port with the service port's name and protocol.
+/// Slices carry target ports already resolved to numbers, so named target ports need
+/// nothing more. With a `node`, endpoints whose nodeName is not the node's (or unset) are
+/// remote.
 fn backends_for(
     port: &ServicePort,
     protocol: Protocol,
     slices: &[&EndpointSlice],
+    family: Family,
     node: Option<&NodeContext>,
 ) -> Vec<Backend> {
     let name = port.name.as_deref().unwrap_or("");
-    let mut backends: BTreeMap<(Ipv4Addr, u16), (BackendState, bool)> = BTreeMap::new();
-    for slice in slices {
+    let address_type = match family {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    };
+    let mut backends: BTreeMap<(IpAddr, u16), (BackendState, bool)> = BTreeMap::new();
+    for slice in slices.iter().filter(|slice| slice.address_type == address_type) {
         let Some(target_port) = slice
             .ports
             .iter()
@@ -239,7 +257,12 @@ fn backends_for(
             let Some(state) = endpoint_state(endpoint) else {
                 continue;
             };
-            let Some(address) = endpoint.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+            let Some(address) = endpoint
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .filter(|a| Family::of(*a) == family)
+            else {
                 continue;
             };
             let remote = node.is_some_and(|node| endpoint.node_name.as_deref() != Some(node.name.as_str()));
@@ -497,7 +520,6 @@ mod tests {
             service("headless", "None", &[(None, 80, "TCP")]),
             external,
             service("sctp", "10.96.0.24", &[(None, 9, "SCTP")]),
-            service("v6", "fd00::1", &[(None, 80, "TCP")]),
         ];
         assert_eq!(desired_state(&services, &[]), DesiredState::default());
     }
@@ -669,5 +691,124 @@ mod tests {
         };
         let desired = desired_state_for_node(std::slice::from_ref(&service), &slices, &other);
         assert!(desired.services[&cluster_ip].is_empty(), "{desired:?}");
+    }
+
+    fn dual_stack(name: &str, cluster_ips: &[&str]) -> Service {
+        let mut service = service(name, cluster_ips[0], &[(None, 80, "TCP")]);
+        let spec = service.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(cluster_ips.iter().map(|ip| (*ip).to_owned()).collect());
+        spec.ip_families = Some(
+            cluster_ips
+                .iter()
+                .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" }.to_owned())
+                .collect(),
+        );
+        spec.ip_family_policy = Some("PreferDualStack".to_owned());
+        service
+    }
+
+    fn slice6(service: &str, endpoints: &[EndpointSpec<'_>]) -> EndpointSlice {
+        let mut slice = slice(service, &[(None, 8080, "TCP")], endpoints);
+        slice.metadata.name = Some(format!("{service}-v6"));
+        slice.address_type = "IPv6".to_owned();
+        slice
+    }
+
+    #[test]
+    fn an_ipv6_cluster_ip_goes_to_the_endpoints_of_ipv6_slices() {
+        let services = [service("v6", "fd00:96::1", &[(None, 80, "TCP")])];
+        let slices = [
+            slice6(
+                "v6",
+                &[
+                    ("fd00:244::2", None, None, None),
+                    ("fd00:244::3", Some(false), Some(true), Some(true)),
+                ],
+            ),
+            // An IPv4 slice of the same service has nothing for an IPv6-only ClusterIP.
+            slice("v6", &[(None, 8080, "TCP")], &[("10.244.1.2", None, None, None)]),
+        ];
+        let desired = desired_state(&services, &slices);
+        let v6: IpAddr = "fd00:244::2".parse().unwrap();
+        let draining: IpAddr = "fd00:244::3".parse().unwrap();
+        assert_eq!(
+            desired.services,
+            [(
+                key("fd00:96::1", 80, Protocol::Tcp),
+                vec![Backend::active(v6, 8080), Backend::terminating(draining, 8080)]
+            )]
+            .into()
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_service_has_one_frontend_per_family_with_that_familys_endpoints() {
+        let mut service = dual_stack("web", &["10.96.0.60", "fd00:96::60"]);
+        service.metadata.annotations = Some([(LB_ALGORITHM_ANNOTATION.to_owned(), "maglev".to_owned())].into());
+        let slices = [
+            slice("web", &[(None, 8080, "TCP")], &[("10.244.1.2", None, None, None)]),
+            slice6("web", &[("fd00:244::2", None, None, None)]),
+        ];
+        let desired = desired_state(&[service], &slices);
+        let v4 = key("10.96.0.60", 80, Protocol::Tcp);
+        let v6 = key("fd00:96::60", 80, Protocol::Tcp);
+        assert_eq!(desired.services.len(), 2, "{:?}", desired.services.keys());
+        assert_eq!(desired.services[&v4], vec![Backend::active(ip("10.244.1.2"), 8080)]);
+        let backend6: IpAddr = "fd00:244::2".parse().unwrap();
+        assert_eq!(desired.services[&v6], vec![Backend::active(backend6, 8080)]);
+        // Both frontends select the same way.
+        assert_eq!(desired.selection(&v4).algorithm, LbAlgorithm::Maglev);
+        assert_eq!(desired.selection(&v6).algorithm, LbAlgorithm::Maglev);
+    }
+
+    #[test]
+    fn external_frontends_are_ipv4_only() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let ingress = |ip: &str| LoadBalancerIngress {
+            ip: Some(ip.to_owned()),
+            ..LoadBalancerIngress::default()
+        };
+        let mut dual = dual_stack("dual", &["10.96.0.61", "fd00:96::61"]);
+        let mut v6_only = dual_stack("v6only", &["fd00:96::62"]);
+        for service in [&mut dual, &mut v6_only] {
+            let spec = service.spec.as_mut().unwrap();
+            spec.type_ = Some("LoadBalancer".to_owned());
+            spec.ports.as_mut().unwrap()[0].node_port = Some(30090);
+            service.status = Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![ingress("203.0.113.9"), ingress("2001:db8::9")]),
+                }),
+                ..ServiceStatus::default()
+            });
+        }
+        let slices = [
+            slice("dual", &[(None, 8080, "TCP")], &[("10.244.1.2", None, None, None)]),
+            slice6("dual", &[("fd00:244::2", None, None, None)]),
+            slice6("v6only", &[("fd00:244::3", None, None, None)]),
+        ];
+        let desired = desired_state_for_node(&[dual, v6_only], &slices, &node());
+        let external: Vec<&ServiceKey> = desired
+            .services
+            .keys()
+            .filter(|key| desired.selection(key).external)
+            .collect();
+        assert_eq!(
+            external,
+            [
+                &key("192.168.1.10", 30090, Protocol::Tcp),
+                &key("192.168.2.10", 30090, Protocol::Tcp),
+                &key("203.0.113.9", 80, Protocol::Tcp),
+            ],
+            "{:?}",
+            desired.services.keys()
+        );
+        for key in external {
+            assert!(desired.services[key].iter().all(|b| b.address.is_ipv4()), "{key}");
+            assert_eq!(desired.services[key].len(), 1);
+        }
+        // The ClusterIPs of both families stay.
+        assert!(desired.services.contains_key(&key("fd00:96::61", 80, Protocol::Tcp)));
+        assert!(desired.services.contains_key(&key("fd00:96::62", 80, Protocol::Tcp)));
+        assert_eq!(desired.services.len(), 6);
     }
 }

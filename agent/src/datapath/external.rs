@@ -1,6 +1,24 @@
 //! NodePort and LoadBalancer traffic from outside the node: attaching the TC programs (and
-//! XDP where the driver has it) to the node's external interfaces, the node's SNAT
+//! XDP where the driver has it) to the node's external interfaces, the node's SNAT or DSR
 //! settings, and the conntrack map's garbage collection.
+//!
+//! [`ExternalMode`] says how flows reach backends on other nodes. `Snat` (the default):
+//! the node rewrites the client's address to its own, and replies come back through it
+//! for reverse NAT. `Dsr` (direct server return): the client's address is kept and the
+//! service address travels in an IPv4 option (type 158, RFC 4727's experimental value,
+//! 8 bytes) to the backend's node, whose TC egress gives the replies the service address
+//! and sends them straight to the client. Every node reads the option whatever its own
+//! mode, for frontends it knows (so every node must have the services programmed, and its
+//! TC on the interfaces that carry the replies). DSR needs a network that lets the backend's
+//! node send packets from the service address (no source filtering on the way), and
+//! 8 bytes of headroom below the MTU for UDP datagrams (TCP adds the option to its SYN
+//! only): a DF datagram that no longer fits gets "fragmentation needed" back with the MTU
+//! lowered by 8, so path MTU discovery makes room. XDP adds the option itself (moving the
+//! Ethernet and IPv4 headers into headroom it takes with bpf_xdp_adjust_head); TC adds it
+//! where XDP is not attached.
+//!
+//! ICMP errors about translated flows (port unreachable, fragmentation needed, time
+//! exceeded) are reverse-NATed by TC like the flow's replies, so clients see them.
 //!
 //! Links are pinned per interface (`link_tc_ingress_<if>`, `link_tc_egress_<if>`,
 //! `link_xdp_<mode>_<if>`), so translation goes on while no agent runs, as for socket-LB.
@@ -19,9 +37,10 @@ use aya::programs::links::FdLink;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use tracing::info;
 use weir_ebpf_common::{
-    CT_FLAG_CLOSING, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, Ct4Key, Ct4Value, NODE4, Node4Config, PROG_TC_EGRESS,
-    PROG_TC_INGRESS, PROG_XDP, PROTO_TCP, STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT, STAT_TC_EGRESS_TRACKED,
-    STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED, STAT_XDP_NEW, STAT_XDP_TRACKED, STATS,
+    CT_FLAG_CLOSING, CT_FLAG_DSR, CT_FLAG_DSR_BACKEND, CT_FLAG_EGRESS, CT_FLAG_REPLY, CT_FLAG_SNAT, Ct4Key, Ct4Value,
+    NODE_FLAG_DSR, NODE4, Node4Config, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, PROTO_TCP, STAT_DROP_DSR,
+    STAT_DROP_NO_BACKEND, STAT_DROP_NO_SNAT, STAT_DSR_OPTION_ADDED, STAT_DSR_RECORDED, STAT_ICMP_REV_NAT,
+    STAT_TC_EGRESS_TRACKED, STAT_TC_INGRESS_NEW, STAT_TC_INGRESS_TRACKED, STAT_XDP_NEW, STAT_XDP_TRACKED, STATS,
 };
 
 use super::index::map_address;
@@ -36,12 +55,28 @@ pub struct ExternalConfig {
     /// ingress). TC ingress and egress (and XDP, by `xdp`) attach to each.
     pub interfaces: Vec<String>,
     /// The node address remote backends see as the client (SNAT, externalTrafficPolicy
-    /// Cluster): one the other nodes route back to this node.
+    /// Cluster): one the other nodes route back to this node. Required in both modes
+    /// (a node in DSR mode can be switched back to SNAT at the next attach).
     pub snat_address: Ipv4Addr,
     /// Source ports for SNAT. Keep it clear of the node's ephemeral ports
     /// (net.ipv4.ip_local_port_range) and of NodePorts.
     pub snat_ports: RangeInclusive<u16>,
     pub xdp: XdpPolicy,
+    /// How flows reach backends on other nodes (externalTrafficPolicy Cluster).
+    pub mode: ExternalMode,
+}
+
+/// How NodePort/LoadBalancer flows reach backends on other nodes (Cilium's
+/// `loadBalancer.mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExternalMode {
+    /// Source NAT to the node's SNAT address; replies come back through this node.
+    #[default]
+    Snat,
+    /// Direct server return: the backend sees the client's address and its node answers
+    /// the client directly from the service address (see the module docs for what the
+    /// network must allow).
+    Dsr,
 }
 
 /// Whether the XDP fast path is attached next to TC.
@@ -112,6 +147,9 @@ pub struct ConntrackEntry {
     pub egress: bool,
     /// The client's address was replaced by the node's SNAT address.
     pub snat: bool,
+    /// A DSR flow: balanced here to a remote backend (the forward entry adds the DSR
+    /// option), or recorded from the option on the backend's node.
+    pub dsr: bool,
     pub closing: bool,
     pub idle: Duration,
 }
@@ -126,6 +164,14 @@ pub struct PacketStats {
     pub tc_egress_tracked: u64,
     pub dropped_no_backend: u64,
     pub dropped_no_snat: u64,
+    /// ICMP errors about translated flows rewritten for the client.
+    pub icmp_errors_translated: u64,
+    /// Packets sent to a backend on another node with the DSR option.
+    pub dsr_options_added: u64,
+    /// Packets that arrived with the DSR option and were recorded (this is their backend's node).
+    pub dsr_options_recorded: u64,
+    /// Packets dropped because the DSR option could not be added.
+    pub dropped_dsr: u64,
 }
 
 fn tc_link_pin(pin_dir: &Path, program: &str, interface: &str) -> PathBuf {
@@ -269,6 +315,20 @@ pub(super) fn expired(entries: &HashMap<Ct4Key, Ct4Value>, now: u64, timeouts: &
         .collect()
 }
 
+/// What the programs read of `config` (NODE4).
+fn node_settings(config: &ExternalConfig) -> Node4Config {
+    Node4Config {
+        snat_address: map_address(config.snat_address),
+        snat_port_min: *config.snat_ports.start(),
+        snat_port_max: *config.snat_ports.end(),
+        flags: match config.mode {
+            ExternalMode::Snat => 0,
+            ExternalMode::Dsr => NODE_FLAG_DSR,
+        },
+        pad: [0; 3],
+    }
+}
+
 /// The object, loaded once per attach with its maps reopened from the pins, and which of
 /// its programs are loaded into the kernel.
 struct Loader<'a> {
@@ -323,7 +383,7 @@ impl Loader<'_> {
 }
 
 impl Datapath {
-    /// Writes the node's SNAT settings and attaches TC ingress and egress (and XDP as
+    /// Writes the node's SNAT (or DSR) settings and attaches TC ingress and egress (and XDP as
     /// `config.xdp` says) to every interface of `config`, pinning the links. Interfaces
     /// whose links are pinned already keep them. Every interface is checked before
     /// anything is attached.
@@ -347,13 +407,8 @@ impl Datapath {
                 });
             }
         }
-        let node = Node4Config {
-            snat_address: map_address(config.snat_address),
-            snat_port_min: *config.snat_ports.start(),
-            snat_port_max: *config.snat_ports.end(),
-        };
         self.node
-            .set(0, node, 0)
+            .set(0, node_settings(config), 0)
             .map_err(|source| Error::Map { name: NODE4, source })?;
 
         let pin_dir = self.pin_dir.clone();
@@ -493,6 +548,7 @@ impl Datapath {
                     reply: value.flags & CT_FLAG_REPLY != 0,
                     egress: value.flags & CT_FLAG_EGRESS != 0,
                     snat: value.flags & CT_FLAG_SNAT != 0,
+                    dsr: value.flags & (CT_FLAG_DSR | CT_FLAG_DSR_BACKEND) != 0,
                     closing: value.flags & CT_FLAG_CLOSING != 0,
                     idle: Duration::from_nanos(now.saturating_sub(value.last_seen_ns)),
                 })
@@ -525,6 +581,10 @@ impl Datapath {
             tc_egress_tracked: stat(STAT_TC_EGRESS_TRACKED)?,
             dropped_no_backend: stat(STAT_DROP_NO_BACKEND)?,
             dropped_no_snat: stat(STAT_DROP_NO_SNAT)?,
+            icmp_errors_translated: stat(STAT_ICMP_REV_NAT)?,
+            dsr_options_added: stat(STAT_DSR_OPTION_ADDED)?,
+            dsr_options_recorded: stat(STAT_DSR_RECORDED)?,
+            dropped_dsr: stat(STAT_DROP_DSR)?,
         })
     }
 }
@@ -575,6 +635,30 @@ mod tests {
         entries.insert(forward, value(seen.0, reply, flags.0));
         entries.insert(reply, value(seen.1, forward, flags.1 | CT_FLAG_REPLY));
         (forward, reply)
+    }
+
+    #[test]
+    fn the_mode_reaches_the_programs_as_a_node_flag() {
+        let config = ExternalConfig {
+            interfaces: vec!["eth0".to_owned()],
+            snat_address: Ipv4Addr::new(10, 0, 0, 1),
+            snat_ports: 61000..=61999,
+            xdp: XdpPolicy::Auto,
+            mode: ExternalMode::default(),
+        };
+        let snat = node_settings(&config);
+        assert_eq!(config.mode, ExternalMode::Snat);
+        assert_eq!(snat.flags & NODE_FLAG_DSR, 0);
+        assert_eq!(
+            (snat.snat_address, snat.snat_port_min, snat.snat_port_max),
+            (u32::from_ne_bytes([10, 0, 0, 1]), 61000, 61999)
+        );
+        let dsr = node_settings(&ExternalConfig {
+            mode: ExternalMode::Dsr,
+            ..config
+        });
+        assert_eq!(dsr.flags, NODE_FLAG_DSR);
+        assert_eq!(dsr.snat_address, snat.snat_address);
     }
 
     fn timeouts() -> ConntrackTimeouts {

@@ -1,8 +1,14 @@
 //! The userspace side of the eBPF service datapath: loads and attaches the socket-LB
 //! programs from `ebpf/` (and, through [`Datapath::attach_external`], TC and XDP for
 //! NodePort/LoadBalancer traffic from outside), pins them, and keeps the service maps
-//! equal to the services and endpoints of the cluster. It owns the pins under `<pin root>/<version>/`; it never
-//! touches programs or maps it did not pin there.
+//! equal to the services and endpoints of the cluster. It owns the pins under
+//! `<pin root>/<version>/`; it never touches programs or maps it did not pin there.
+//!
+//! Socket-LB serves both families: IPv4 services live in the `*4` maps, IPv6 services in
+//! their `*6` twins (and an IPv6 socket reaching an IPv4 service through its IPv4-mapped
+//! address is translated through the IPv4 maps). Backend and reverse-NAT ids are one id
+//! space over both, so the AFFINITY and MAGLEV maps serve both. TC and XDP (NodePort,
+//! LoadBalancer) translate IPv4 only: an IPv6 frontend cannot be external.
 //!
 //! Everything is pinned, so translation goes on while no agent runs; a new
 //! [`Datapath::load`] reopens the pins and [`Datapath::reconcile`] writes only differences.
@@ -30,15 +36,18 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{EbpfError, EbpfLoader};
 use tracing::{debug, info};
 use weir_ebpf_common::{
-    AFFINITY4, Affinity4Key, Affinity4Value, BACKENDS4, BACKENDS4_MAX_ENTRIES, Backend4Value, CT4, DATAPATH_VERSION,
-    MAGLEV_TABLE_SIZE, MAGLEV4, NODE4, REV_NAT4, REV_NAT4_MAX_ENTRIES, RevNat4Value, SERVICE_FLAG_EXTERNAL,
-    SERVICE_FLAG_LOCAL, SERVICE_FLAG_MAGLEV, SERVICES4, SERVICES4_MAX_ENTRIES, SOCK_PROGRAMS, SOCK_REV_NAT4, STATS,
-    Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value, maglev_key,
+    AFFINITY, AffinityKey, AffinityValue, BACKENDS4, BACKENDS4_MAX_ENTRIES, BACKENDS6, BACKENDS6_MAX_ENTRIES,
+    Backend4Value, Backend6Value, CT4, DATAPATH_VERSION, MAGLEV, MAGLEV_TABLE_SIZE, NODE4, REV_NAT4,
+    REV_NAT4_MAX_ENTRIES, REV_NAT6, REV_NAT6_MAX_ENTRIES, RevNat4Value, RevNat6Value, SERVICE_FLAG_EXTERNAL,
+    SERVICE_FLAG_LOCAL, SERVICE_FLAG_MAGLEV, SERVICES4, SERVICES4_MAX_ENTRIES, SERVICES6, SERVICES6_MAX_ENTRIES,
+    SOCK_PROGRAMS, SOCK_REV_NAT4, SOCK_REV_NAT6, STATS, Service4Key, Service6Key, ServiceValue, SockRevNat4Key,
+    SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, maglev_key,
 };
 
 pub use desired::{LB_ALGORITHM_ANNOTATION, NodeContext, desired_state, desired_state_for_node};
 pub use external::{
-    ConntrackEntry, ConntrackTimeouts, ExternalConfig, InterfaceAttachment, PacketStats, XdpAttachment, XdpPolicy,
+    ConntrackEntry, ConntrackTimeouts, ExternalConfig, ExternalMode, InterfaceAttachment, PacketStats, XdpAttachment,
+    XdpPolicy,
 };
 pub use gc::ConntrackSweeper;
 pub use index::IdsExhausted;
@@ -47,7 +56,7 @@ pub use model::{
 };
 pub use sockets::UdpSocketError;
 
-use index::{Index, Limits, Selection, Write};
+use index::{ByFamily, Family, Index, Limits, Selection, Write};
 
 /// The kernel programs, built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
@@ -71,16 +80,22 @@ pub struct Config {
 }
 
 /// How much the service maps hold. The kernel preallocates hash maps, so this is memory
-/// the node gives up front: the defaults take about 30 MB.
+/// the node gives up front: the defaults take about 30 MB for IPv4 and 9 MB for IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
-    /// Service frontends (one per ClusterIP, NodePort, LoadBalancer or external address
-    /// and port): the size of REV_NAT4.
+    /// IPv4 service frontends (one per ClusterIP, NodePort, LoadBalancer or external
+    /// address and port): the size of REV_NAT4.
     pub services: u32,
-    /// Frontends plus one slot per backend of each: the size of SERVICES4.
+    /// IPv4 frontends plus one slot per backend of each: the size of SERVICES4.
     pub service_slots: u32,
-    /// Distinct backend address:port pairs: the size of BACKENDS4.
+    /// Distinct IPv4 backend address:port pairs: the size of BACKENDS4.
     pub backends: u32,
+    /// IPv6 service frontends (ClusterIPs): the size of REV_NAT6.
+    pub services6: u32,
+    /// IPv6 frontends plus one slot per backend of each: the size of SERVICES6.
+    pub service_slots6: u32,
+    /// Distinct IPv6 backend address:port pairs: the size of BACKENDS6.
+    pub backends6: u32,
 }
 
 impl Default for Capacity {
@@ -89,18 +104,23 @@ impl Default for Capacity {
             services: REV_NAT4_MAX_ENTRIES,
             service_slots: SERVICES4_MAX_ENTRIES,
             backends: BACKENDS4_MAX_ENTRIES,
+            services6: REV_NAT6_MAX_ENTRIES,
+            service_slots6: SERVICES6_MAX_ENTRIES,
+            backends6: BACKENDS6_MAX_ENTRIES,
         }
     }
 }
 
 impl Capacity {
-    /// Room for `services` frontends with `backends_each` backends each, all distinct.
+    /// Room for `services` IPv4 frontends with `backends_each` backends each, all
+    /// distinct; the IPv6 maps keep their default size.
     pub fn for_services(services: u32, backends_each: u32) -> Capacity {
         let slots = u64::from(services) * (1 + u64::from(backends_each));
         Capacity {
             services,
             service_slots: u32::try_from(slots).unwrap_or(u32::MAX),
             backends: services.saturating_mul(backends_each),
+            ..Capacity::default()
         }
     }
 
@@ -112,7 +132,10 @@ impl Capacity {
             .default_map_pin_directory(pin_dir)
             .map_max_entries(REV_NAT4, self.services.max(1))
             .map_max_entries(SERVICES4, self.service_slots.max(1))
-            .map_max_entries(BACKENDS4, self.backends.max(1));
+            .map_max_entries(BACKENDS4, self.backends.max(1))
+            .map_max_entries(REV_NAT6, self.services6.max(1))
+            .map_max_entries(SERVICES6, self.service_slots6.max(1))
+            .map_max_entries(BACKENDS6, self.backends6.max(1));
         loader
     }
 }
@@ -202,15 +225,19 @@ pub enum Error {
 /// The loaded (or reopened) datapath: typed handles on the pinned service maps and a
 /// mirror of their contents. Dropping it leaves the datapath running.
 pub struct Datapath {
-    services: BpfHashMap<MapData, Service4Key, Service4Value>,
+    services: BpfHashMap<MapData, Service4Key, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend4Value>,
     rev_nat: BpfHashMap<MapData, u32, RevNat4Value>,
+    services6: BpfHashMap<MapData, Service6Key, ServiceValue>,
+    backends6: BpfHashMap<MapData, u32, Backend6Value>,
+    rev_nat6: BpfHashMap<MapData, u32, RevNat6Value>,
     maglev: BpfHashMap<MapData, u64, u32>,
-    affinity: BpfHashMap<MapData, Affinity4Key, Affinity4Value>,
+    affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     conntrack: gc::ConntrackMap,
     node: external::NodeMap,
     stats: external::StatsMap,
     sock_rev_nat: BpfHashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
+    sock_rev_nat6: BpfHashMap<MapData, SockRevNat6Key, SockRevNat6Value>,
     destroyed_udp_sockets: u64,
     /// Stale UDP sockets a failed destroy left open: tried again with the next update.
     pending_udp_sockets: std::collections::BTreeSet<sockets::StaleSocket>,
@@ -245,12 +272,16 @@ impl Datapath {
             services: open_map(&pin_dir, SERVICES4)?,
             backends: open_map(&pin_dir, BACKENDS4)?,
             rev_nat: open_map(&pin_dir, REV_NAT4)?,
-            maglev: open_map(&pin_dir, MAGLEV4)?,
-            affinity: open_lru_map(&pin_dir, AFFINITY4)?,
+            services6: open_map(&pin_dir, SERVICES6)?,
+            backends6: open_map(&pin_dir, BACKENDS6)?,
+            rev_nat6: open_map(&pin_dir, REV_NAT6)?,
+            maglev: open_map(&pin_dir, MAGLEV)?,
+            affinity: open_lru_map(&pin_dir, AFFINITY)?,
             conntrack: open_lru_map(&pin_dir, CT4)?,
             node: open_pinned(&pin_dir, NODE4, Map::Array)?,
             stats: open_pinned(&pin_dir, STATS, Map::PerCpuArray)?,
             sock_rev_nat: open_lru_map(&pin_dir, SOCK_REV_NAT4)?,
+            sock_rev_nat6: open_lru_map(&pin_dir, SOCK_REV_NAT6)?,
             destroyed_udp_sockets: 0,
             pending_udp_sockets: Default::default(),
             index: Index::default(),
@@ -306,8 +337,8 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Makes `key` balance over `backends`, writing only what differs from the maps.
-    /// Returns the number of map writes.
+    /// Makes `key` balance over `backends` (all of `key`'s address family), writing only
+    /// what differs from the maps. Returns the number of map writes.
     pub fn upsert_service(&mut self, key: ServiceKey, backends: Vec<Backend>) -> Result<usize, Error> {
         self.upsert_service_with(key, backends, ServiceSelection::default())
     }
@@ -315,13 +346,36 @@ impl Datapath {
     /// [`Datapath::upsert_service`] with a choice of backend selection. A Maglev service
     /// gets its table written after its slots, only the table slots that differ. Connected
     /// UDP sockets translated to a backend that left are destroyed after the writes
-    /// ([`Datapath::destroyed_udp_sockets`] counts them).
+    /// ([`Datapath::destroyed_udp_sockets`] counts them). An IPv6 frontend cannot be
+    /// `external` (TC and XDP translate IPv4 only) nor IPv4-mapped.
     pub fn upsert_service_with(
         &mut self,
         key: ServiceKey,
         backends: Vec<Backend>,
         selection: ServiceSelection,
     ) -> Result<usize, Error> {
+        let family = Family::of(key.address);
+        if let Some(other) = backends.iter().find(|b| Family::of(b.address) != family) {
+            return Err(Error::InvalidConfig(format!(
+                "service {key} is {family} but its backend {} is not: a service's backends must be of its \
+                 address family (dual-stack Services have one frontend per family)",
+                other.socket_addr()
+            )));
+        }
+        if let std::net::IpAddr::V6(address) = key.address
+            && let Some(v4) = address.to_ipv4_mapped()
+        {
+            return Err(Error::InvalidConfig(format!(
+                "service {key}: an IPv4-mapped address is no IPv6 frontend (sockets reach it through the \
+                 IPv4 maps); give the service its IPv4 address {v4}"
+            )));
+        }
+        if selection.external && family == Family::V6 {
+            return Err(Error::InvalidConfig(format!(
+                "service {key}: IPv6 frontends cannot be external (NodePort/LoadBalancer), TC and XDP \
+                 translate IPv4 only; give external frontends IPv4 addresses"
+            )));
+        }
         let mut flags = match selection.algorithm {
             LbAlgorithm::Random => 0,
             LbAlgorithm::Maglev => SERVICE_FLAG_MAGLEV,
@@ -375,11 +429,8 @@ impl Datapath {
     /// in `keep`: a backend leaving the service, or a reverse-NAT id about to be reused,
     /// must not hold on to clients.
     fn forget_affinities(&mut self, rev_nat_id: u32, keep: &[u32]) -> Result<usize, Error> {
-        let map_err = |source| Error::Map {
-            name: AFFINITY4,
-            source,
-        };
-        let stale: Vec<Affinity4Key> = self
+        let map_err = |source| Error::Map { name: AFFINITY, source };
+        let stale: Vec<AffinityKey> = self
             .affinity
             .iter()
             .filter_map(Result::ok)
@@ -404,15 +455,13 @@ impl Datapath {
         if backends.is_empty() {
             return self.remove_maglev_table(rev_nat_id);
         }
+        // `address:port`, `[address]:port` for IPv6.
         let identities: Vec<String> = backends
             .iter()
-            .map(|(_, value)| {
-                let address = std::net::Ipv4Addr::from(value.address.to_ne_bytes());
-                format!("{address}:{}", u16::from_be(value.port))
-            })
+            .map(|(_, value)| value.socket_addr().to_string())
             .collect();
         let table = maglev::table(&identities);
-        let map_err = |source| Error::Map { name: MAGLEV4, source };
+        let map_err = |source| Error::Map { name: MAGLEV, source };
         let mut count = 0;
         for (slot, backend) in table.iter().enumerate() {
             let map_key = maglev_key(rev_nat_id, slot as u32);
@@ -431,7 +480,7 @@ impl Datapath {
             match self.maglev.remove(&maglev_key(rev_nat_id, slot)) {
                 Ok(()) => count += 1,
                 Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(Error::Map { name: MAGLEV4, source }),
+                Err(source) => return Err(Error::Map { name: MAGLEV, source }),
             }
         }
         Ok(count)
@@ -501,9 +550,30 @@ impl Datapath {
     /// Re-reads the maps into the mirror: after load, and after a failed write left the
     /// two apart.
     fn resync(&mut self) -> Result<(), Error> {
-        let services = collect(&self.services, SERVICES4)?;
-        let backends = collect(&self.backends, BACKENDS4)?;
-        let rev_nats = collect(&self.rev_nat, REV_NAT4)?;
+        let services = collect(&self.services, SERVICES4)?
+            .into_iter()
+            .map(|(key, value)| (ByFamily::V4(key), value))
+            .chain(
+                collect(&self.services6, SERVICES6)?
+                    .into_iter()
+                    .map(|(key, value)| (ByFamily::V6(key), value)),
+            );
+        let backends = collect(&self.backends, BACKENDS4)?
+            .into_iter()
+            .map(|(id, value)| (id, ByFamily::V4(value)))
+            .chain(
+                collect(&self.backends6, BACKENDS6)?
+                    .into_iter()
+                    .map(|(id, value)| (id, ByFamily::V6(value))),
+            );
+        let rev_nats = collect(&self.rev_nat, REV_NAT4)?
+            .into_iter()
+            .map(|(id, _)| (id, Family::V4))
+            .chain(
+                collect(&self.rev_nat6, REV_NAT6)?
+                    .into_iter()
+                    .map(|(id, _)| (id, Family::V6)),
+            );
         // Pinned maps keep the size they were created with, whatever the config says now.
         let max_entries = |map: &MapData, name| {
             map.info()
@@ -511,8 +581,14 @@ impl Datapath {
                 .map_err(|source| Error::Map { name, source })
         };
         let limits = Limits {
-            backends: max_entries(IterableMap::map(&self.backends), BACKENDS4)?,
-            rev_nats: max_entries(IterableMap::map(&self.rev_nat), REV_NAT4)?,
+            backends: [
+                max_entries(IterableMap::map(&self.backends), BACKENDS4)?,
+                max_entries(IterableMap::map(&self.backends6), BACKENDS6)?,
+            ],
+            rev_nats: [
+                max_entries(IterableMap::map(&self.rev_nat), REV_NAT4)?,
+                max_entries(IterableMap::map(&self.rev_nat6), REV_NAT6)?,
+            ],
         };
         self.index = Index::restore(services, backends, rev_nats, limits);
         Ok(())
@@ -537,12 +613,26 @@ impl Datapath {
     fn apply_one(&mut self, write: Write) -> Result<(), Error> {
         let map_err = |name| move |source| Error::Map { name, source };
         match write {
-            Write::Backend(id, value) => self.backends.insert(id, value, 0).map_err(map_err(BACKENDS4)),
-            Write::RevNat(id, value) => self.rev_nat.insert(id, value, 0).map_err(map_err(REV_NAT4)),
-            Write::Slot(key, value) => self.services.insert(key, value, 0).map_err(map_err(SERVICES4)),
-            Write::RemoveSlot(key) => ignore_missing(self.services.remove(&key)).map_err(map_err(SERVICES4)),
-            Write::RemoveRevNat(id) => ignore_missing(self.rev_nat.remove(&id)).map_err(map_err(REV_NAT4)),
-            Write::RemoveBackend(id) => ignore_missing(self.backends.remove(&id)).map_err(map_err(BACKENDS4)),
+            Write::Backend(id, ByFamily::V4(value)) => self.backends.insert(id, value, 0).map_err(map_err(BACKENDS4)),
+            Write::Backend(id, ByFamily::V6(value)) => self.backends6.insert(id, value, 0).map_err(map_err(BACKENDS6)),
+            Write::RevNat(id, ByFamily::V4(value)) => self.rev_nat.insert(id, value, 0).map_err(map_err(REV_NAT4)),
+            Write::RevNat(id, ByFamily::V6(value)) => self.rev_nat6.insert(id, value, 0).map_err(map_err(REV_NAT6)),
+            Write::Slot(ByFamily::V4(key), value) => self.services.insert(key, value, 0).map_err(map_err(SERVICES4)),
+            Write::Slot(ByFamily::V6(key), value) => self.services6.insert(key, value, 0).map_err(map_err(SERVICES6)),
+            Write::RemoveSlot(ByFamily::V4(key)) => {
+                ignore_missing(self.services.remove(&key)).map_err(map_err(SERVICES4))
+            }
+            Write::RemoveSlot(ByFamily::V6(key)) => {
+                ignore_missing(self.services6.remove(&key)).map_err(map_err(SERVICES6))
+            }
+            Write::RemoveRevNat(id, Family::V4) => ignore_missing(self.rev_nat.remove(&id)).map_err(map_err(REV_NAT4)),
+            Write::RemoveRevNat(id, Family::V6) => ignore_missing(self.rev_nat6.remove(&id)).map_err(map_err(REV_NAT6)),
+            Write::RemoveBackend(id, Family::V4) => {
+                ignore_missing(self.backends.remove(&id)).map_err(map_err(BACKENDS4))
+            }
+            Write::RemoveBackend(id, Family::V6) => {
+                ignore_missing(self.backends6.remove(&id)).map_err(map_err(BACKENDS6))
+            }
         }
     }
 }

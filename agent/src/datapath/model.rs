@@ -1,9 +1,9 @@
-//! What the datapath is asked to do, in plain terms: services (an IPv4 address, a port and
-//! a protocol) and their backends. No map layouts and no ids here.
+//! What the datapath is asked to do, in plain terms: services (an IPv4 or IPv6 address, a
+//! port and a protocol) and their backends. No map layouts and no ids here.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
 use weir_ebpf_common::{PROTO_TCP, PROTO_UDP};
 
@@ -39,17 +39,20 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A service frontend: a ClusterIP, a service port and its protocol.
+/// A service frontend: a ClusterIP (or NodePort or LoadBalancer address), a service port
+/// and its protocol. Its backends are of the same family: IPv4 frontends go to IPv4
+/// backends, IPv6 ones to IPv6 backends. IPv6 frontends are for socket-LB only (TC and
+/// XDP translate IPv4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
+        write!(f, "{}/{}", SocketAddr::new(self.address, self.port), self.protocol)
     }
 }
 
@@ -65,7 +68,7 @@ pub enum BackendState {
 /// One endpoint of a service: where connections to the service port go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub state: BackendState,
     /// Runs on another node: NodePort/LoadBalancer traffic to it (externalTrafficPolicy
@@ -74,22 +77,27 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn active(address: Ipv4Addr, port: u16) -> Backend {
+    pub fn active(address: impl Into<IpAddr>, port: u16) -> Backend {
         Backend {
-            address,
+            address: address.into(),
             port,
             state: BackendState::Active,
             remote: false,
         }
     }
 
-    pub fn terminating(address: Ipv4Addr, port: u16) -> Backend {
+    pub fn terminating(address: impl Into<IpAddr>, port: u16) -> Backend {
         Backend {
-            address,
+            address: address.into(),
             port,
             state: BackendState::Terminating,
             remote: false,
         }
+    }
+
+    /// `address:port` (`[address]:port` for IPv6).
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
     }
 
     /// The same backend, on another node.

@@ -22,7 +22,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -35,9 +35,13 @@ use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_UDP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
-use netlink_sys::{Socket, SocketAddr};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
 use tracing::{debug, info};
-use weir_ebpf_common::{SOCK_REV_NAT4, SockRevNat4Key, SockRevNat4Value};
+use weir_ebpf_common::{
+    SOCK_REV_NAT4, SOCK_REV_NAT6, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
+};
+
+use super::index::{MapAddress, map_address, map_address6};
 
 use super::{Backend, Datapath, Error, Protocol, ServiceKey};
 
@@ -89,15 +93,15 @@ pub enum UdpSocketError {
 /// A backend that left a UDP service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Departure {
-    pub service: SocketAddrV4,
-    pub backend: SocketAddrV4,
+    pub service: SocketAddr,
+    pub backend: SocketAddr,
 }
 
 /// A socket connect4 sent to a departed backend: its cookie and that backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct StaleSocket {
     pub cookie: u64,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
 }
 
 /// The backends of the UDP service `key` that are in `old` and not in `new` (by address
@@ -106,13 +110,13 @@ pub(crate) fn departures(key: &ServiceKey, old: &[Backend], new: &[Backend]) -> 
     if key.protocol != Protocol::Udp {
         return Vec::new();
     }
-    let service = SocketAddrV4::new(key.address, key.port);
+    let service = SocketAddr::new(key.address, key.port);
     let mut gone: Vec<Departure> = old
         .iter()
         .filter(|b| !new.iter().any(|n| n.address == b.address && n.port == b.port))
         .map(|b| Departure {
             service,
-            backend: SocketAddrV4::new(b.address, b.port),
+            backend: SocketAddr::new(b.address, b.port),
         })
         .collect();
     gone.sort();
@@ -120,10 +124,29 @@ pub(crate) fn departures(key: &ServiceKey, old: &[Backend], new: &[Backend]) -> 
     gone
 }
 
-/// The `SOCK_REV_NAT4` entries that record a socket translated to a departed backend of
-/// the same service.
+/// One `SOCK_REV_NAT4`/`SOCK_REV_NAT6` entry in the agent's terms: (cookie, backend, service).
+pub(crate) type RevNatEntry = (u64, SocketAddr, SocketAddr);
+
+pub(crate) fn entry4((key, value): (SockRevNat4Key, SockRevNat4Value)) -> RevNatEntry {
+    (
+        key.cookie,
+        map_socket_address(key.address, key.port),
+        map_socket_address(value.address, value.port),
+    )
+}
+
+pub(crate) fn entry6((key, value): (SockRevNat6Key, SockRevNat6Value)) -> RevNatEntry {
+    (
+        key.cookie,
+        map_socket_address(key.address, key.port),
+        map_socket_address(value.address, value.port),
+    )
+}
+
+/// The socket reverse-NAT entries that record a socket translated to a departed backend
+/// of the same service.
 pub(crate) fn stale_sockets(
-    entries: impl IntoIterator<Item = (SockRevNat4Key, SockRevNat4Value)>,
+    entries: impl IntoIterator<Item = RevNatEntry>,
     departed: &[Departure],
 ) -> BTreeSet<StaleSocket> {
     if departed.is_empty() {
@@ -132,13 +155,10 @@ pub(crate) fn stale_sockets(
     let departed: HashSet<&Departure> = departed.iter().collect();
     entries
         .into_iter()
-        .filter_map(|(key, value)| {
-            let departure = Departure {
-                service: map_socket_address(value.address, value.port),
-                backend: map_socket_address(key.address, key.port),
-            };
+        .filter_map(|(cookie, backend, service)| {
+            let departure = Departure { service, backend };
             departed.contains(&departure).then_some(StaleSocket {
-                cookie: key.cookie,
+                cookie,
                 backend: departure.backend,
             })
         })
@@ -146,8 +166,8 @@ pub(crate) fn stale_sockets(
 }
 
 /// An address and port as the maps hold them (network byte order).
-fn map_socket_address(address: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(address.to_ne_bytes()), u16::from_be(port))
+fn map_socket_address(address: impl MapAddress, port: u16) -> SocketAddr {
+    SocketAddr::new(address.ip(), u16::from_be(port))
 }
 
 /// The socket cookie of an `inet_diag` socket id: the kernel stores it as two `u32`s in
@@ -158,23 +178,22 @@ fn diag_cookie(bytes: [u8; 8]) -> u64 {
     (u64::from(high) << 32) | u64::from(low)
 }
 
-/// The IPv4 peer of a dumped socket: an AF_INET one's, or an AF_INET6 one's when it is
-/// v4-mapped (an IPv6 socket that connected to an IPv4 address).
-fn destination_v4(id: &SocketId) -> Option<SocketAddrV4> {
+/// The peer of a dumped socket as socket-LB recorded it: a v4-mapped peer of an AF_INET6
+/// socket (a dual-stack socket that connected to an IPv4 address, translated through the
+/// IPv4 maps) is its IPv4 address.
+fn destination(id: &SocketId) -> SocketAddr {
     let address = match id.destination_address {
-        IpAddr::V4(address) => address,
-        IpAddr::V6(address) => address.to_ipv4_mapped()?,
+        IpAddr::V6(address) => address.to_ipv4_mapped().map_or(IpAddr::V6(address), IpAddr::V4),
+        v4 => v4,
     };
-    Some(SocketAddrV4::new(address, id.destination_port))
+    SocketAddr::new(address, id.destination_port)
 }
 
 /// Whether the dumped socket `id` is one of `stale`: same cookie, peer the departed backend.
 fn is_stale(id: &SocketId, stale: &BTreeSet<StaleSocket>) -> bool {
-    destination_v4(id).is_some_and(|backend| {
-        stale.contains(&StaleSocket {
-            cookie: diag_cookie(id.cookie),
-            backend,
-        })
+    stale.contains(&StaleSocket {
+        cookie: diag_cookie(id.cookie),
+        backend: destination(id),
     })
 }
 
@@ -198,7 +217,9 @@ impl Datapath {
         if departed.is_empty() {
             return BTreeSet::new();
         }
-        stale_sockets(self.sock_rev_nat.iter().filter_map(Result::ok), departed)
+        let v4 = self.sock_rev_nat.iter().filter_map(Result::ok).map(entry4);
+        let v6 = self.sock_rev_nat6.iter().filter_map(Result::ok).map(entry6);
+        stale_sockets(v4.chain(v6), departed)
     }
 
     /// After the map writes: destroys the sockets in `before` and those `SOCK_REV_NAT4` holds
@@ -225,7 +246,7 @@ impl Datapath {
             }
         };
         self.destroyed_udp_sockets += destroyed;
-        forget(&mut self.sock_rev_nat, &stale)?;
+        forget(&mut self.sock_rev_nat, &mut self.sock_rev_nat6, &stale)?;
         info!(
             departed = departed.len(),
             candidates = stale.len(),
@@ -239,20 +260,33 @@ impl Datapath {
 
 /// Removes the `SOCK_REV_NAT4` entries of `stale`: their backend is gone from the service.
 fn forget(
-    map: &mut BpfHashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
+    map4: &mut BpfHashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
+    map6: &mut BpfHashMap<MapData, SockRevNat6Key, SockRevNat6Value>,
     stale: &BTreeSet<StaleSocket>,
 ) -> Result<(), Error> {
     for socket in stale {
-        let key = SockRevNat4Key {
-            cookie: socket.cookie,
-            address: u32::from_ne_bytes(socket.backend.ip().octets()),
-            port: socket.backend.port().to_be(),
-            pad: [0; 2],
+        let port = socket.backend.port().to_be();
+        let (result, name) = match socket.backend.ip() {
+            IpAddr::V4(address) => {
+                let key = SockRevNat4Key {
+                    cookie: socket.cookie,
+                    address: map_address(address),
+                    port,
+                    pad: [0; 2],
+                };
+                (map4.remove(&key), SOCK_REV_NAT4)
+            }
+            IpAddr::V6(address) => {
+                let key = SockRevNat6Key {
+                    cookie: socket.cookie,
+                    address: map_address6(address),
+                    port,
+                    pad: [0; 6],
+                };
+                (map6.remove(&key), SOCK_REV_NAT6)
+            }
         };
-        super::ignore_missing(map.remove(&key)).map_err(|source| Error::Map {
-            name: SOCK_REV_NAT4,
-            source,
-        })?;
+        super::ignore_missing(result).map_err(|source| Error::Map { name, source })?;
     }
     Ok(())
 }
@@ -353,7 +387,7 @@ fn destroy_in_current_netns(stale: &BTreeSet<StaleSocket>, netns: &Path) -> Resu
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(io_err("opening a socket"))?;
     socket.bind_auto().map_err(io_err("binding the socket"))?;
     socket
-        .connect(&SocketAddr::new(0, 0))
+        .connect(&NetlinkAddr::new(0, 0))
         .map_err(io_err("connecting the socket"))?;
     let mut victims = Vec::new();
     for family in [AF_INET, AF_INET6] {
@@ -492,24 +526,32 @@ fn refusal(what: &'static str, errno: i32, netns: &Path) -> UdpSocketError {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv6Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
     use super::*;
 
     fn udp(port: u16) -> ServiceKey {
         ServiceKey {
-            address: Ipv4Addr::new(10, 96, 0, 10),
+            address: Ipv4Addr::new(10, 96, 0, 10).into(),
             port,
             protocol: Protocol::Udp,
         }
     }
 
-    fn addr(last: u8, port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), port)
+    fn addr(last: u8, port: u16) -> SocketAddr {
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), port).into()
     }
 
-    fn entry(cookie: u64, backend: SocketAddrV4, service: SocketAddrV4) -> (SockRevNat4Key, SockRevNat4Value) {
-        (
+    fn v4(address: SocketAddr) -> SocketAddrV4 {
+        match address {
+            SocketAddr::V4(v4) => v4,
+            SocketAddr::V6(_) => panic!("{address} is not IPv4"),
+        }
+    }
+
+    fn entry(cookie: u64, backend: SocketAddr, service: SocketAddr) -> RevNatEntry {
+        let (backend, service) = (v4(backend), v4(service));
+        entry4((
             SockRevNat4Key {
                 cookie,
                 address: u32::from_ne_bytes(backend.ip().octets()),
@@ -522,7 +564,7 @@ mod tests {
                 pad: [0; 2],
                 rev_nat_id: 1,
             },
-        )
+        ))
     }
 
     #[test]
@@ -530,7 +572,7 @@ mod tests {
         let a = Backend::active(Ipv4Addr::new(10, 0, 0, 1), 53);
         let b = Backend::active(Ipv4Addr::new(10, 0, 0, 2), 53);
         let a_other_port = Backend::active(Ipv4Addr::new(10, 0, 0, 1), 5353);
-        let service = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53);
+        let service: SocketAddr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53).into();
         assert_eq!(
             departures(&udp(53), &[a, b], &[b]),
             vec![Departure {
@@ -556,8 +598,8 @@ mod tests {
 
     #[test]
     fn stale_sockets_need_both_the_departed_backend_and_its_service() {
-        let service = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53);
-        let other_service = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 53);
+        let service: SocketAddr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53).into();
+        let other_service: SocketAddr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 53).into();
         let departed = [Departure {
             service,
             backend: addr(1, 53),

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod convert;
 pub mod discovery;
 pub mod handler;
+mod join;
 pub mod metrics;
 pub mod patch;
 pub mod pki;
@@ -156,6 +157,7 @@ struct Shared {
     api: Arc<ApiServer>,
     metrics: metrics::Metrics,
     admin_token: String,
+    pki: Arc<pki::Pki>,
 }
 
 /// Run the API server until Ctrl-C or SIGTERM.
@@ -229,12 +231,17 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         kubeconfig.display(),
         kubeconfig.display()
     );
+    println!(
+        "weir: nodes join with `weir agent --server {url} --token $(cat {})`",
+        config.data_dir.join("node-token").display()
+    );
 
     let tls = Arc::new(tls_config(&pki)?);
     let shared = Arc::new(Shared {
         api,
         metrics: metrics::Metrics::new(),
         admin_token: pki.admin_token.clone(),
+        pki: Arc::new(pki),
     });
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -325,7 +332,9 @@ async fn serve(shared: Arc<Shared>, client_cert: bool, req: http::Request<hyper:
     let (parts, body) = req.into_parts();
     let (path, query) = handler::split_path_and_query(&parts.uri);
     let (verb, resource) = metrics::classify(&parts.method, &path, &query);
-    let response = if !is_public(&path) && !authenticated(&shared, client_cert, &parts.headers) {
+    let response = if path == join::CA_CERTS_PATH || path == join::JOIN_PATH {
+        join::serve(&shared.pki, &parts, body).await
+    } else if !is_public(&path) && !authenticated(&shared, client_cert, &parts.headers) {
         ApiError::unauthorized().into_response()
     } else {
         match path.as_str() {

@@ -19,6 +19,9 @@ pub struct Pki {
     pub admin_cert_pem: String,
     pub admin_key_pem: String,
     pub admin_token: String,
+    /// The secret part of the node join token (`<data-dir>/node-token` holds the whole token).
+    pub node_secret: String,
+    ca_key_pem: String,
     pub dir: PathBuf,
 }
 
@@ -94,15 +97,35 @@ impl Pki {
                 token
             }
         };
-        Ok(Pki {
+        let mut pki = Pki {
             ca_pem,
             server_cert_pem,
             server_key_pem,
             admin_cert_pem,
             admin_key_pem,
             admin_token,
+            node_secret: String::new(),
+            ca_key_pem,
             dir,
-        })
+        };
+        let token_path = data_dir.join("node-token");
+        pki.node_secret = match read(&token_path)
+            .as_deref()
+            .and_then(|t| t.trim().split_once("::node:"))
+        {
+            Some((hash, secret)) if hash == pki.join_token_prefix() && !secret.is_empty() => secret.to_string(),
+            _ => {
+                let bytes: [u8; 24] = rand::random();
+                let secret = bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                write(
+                    &token_path,
+                    &format!("{}::node:{secret}\n", pki.join_token_prefix()),
+                    0o600,
+                )?;
+                secret
+            }
+        };
+        Ok(pki)
     }
 
     /// SHA-256 of the CA certificate (DER), as join tokens pin it.
@@ -116,6 +139,35 @@ impl Pki {
             "sha256:{}",
             digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
         )
+    }
+
+    /// `K10<hex SHA-256 of the CA certificate>`: the part of a join token that lets a joining
+    /// node check it talks to this cluster before it sends the secret (k3s' format).
+    pub fn join_token_prefix(&self) -> String {
+        format!("K10{}", self.ca_hash().trim_start_matches("sha256:"))
+    }
+
+    /// The whole join token, `K10<CA hash>::node:<secret>`, as `<data-dir>/node-token` holds it.
+    pub fn join_token(&self) -> String {
+        format!("{}::node:{}", self.join_token_prefix(), self.node_secret)
+    }
+
+    /// A client certificate and key for the node `name`: CN `system:node:<name>`, O
+    /// `system:nodes`, as kubelets' client certificates are, signed by the cluster CA.
+    pub fn issue_node_credentials(&self, name: &str) -> Result<(String, String)> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem).context("parsing pki/ca.key")?;
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_pem, ca_key).context("parsing pki/ca.crt")?;
+        let key_pair = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        validity(&mut params);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("system:node:{name}"));
+        params.distinguished_name.push(DnType::OrganizationName, "system:nodes");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key_pair, &issuer)?;
+        Ok((cert.pem(), key_pair.serialize_pem()))
     }
 
     /// Write `<data-dir>/admin.kubeconfig` pointing at `server_url`.
