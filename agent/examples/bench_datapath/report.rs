@@ -373,7 +373,8 @@ fn to_markdown(params: &Params, summaries: &[Summary], targets: &[Target]) -> St
         md,
         "Linux {}, {cpus} CPUs. Median of {} runs. Per mode, size and run: {} ms of sequential TCP connections \
          (connect, request, reply, close with RST) from a client namespace through a routing node namespace to a \
-         backend namespace, in slices of about 250 ms with the modes taking turns, so machine noise hits all alike. \
+         backend namespace, in slices of about 250 ms with the modes taking turns, so machine noise hits all alike; \
+         conns/s is the median of the slices' rates. \
          Each size N is N-1 filler services plus the measured one, which is in the middle (the middle rule of \
          KUBE-SERVICES). Ratios are per run against the same run's direct rate, then the median.\n",
         kernel_release(),
@@ -474,6 +475,7 @@ mod tests {
             connections: 1,
             failures: 0,
             conns_per_s,
+            overall_conns_per_s: conns_per_s,
             p50_us: 10.0,
             p99_us: 20.0,
             first_error: None,
