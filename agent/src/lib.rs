@@ -5,3 +5,4 @@
 pub mod datapath;
 pub mod join;
 pub mod node;
+pub mod pods;
