@@ -84,6 +84,7 @@ struct Node {
     netns: String,
     cidr: IpNet,
     ip: Ipv4Addr,
+    mtu: Option<u32>,
     data: tempfile::TempDir,
 }
 
@@ -95,6 +96,7 @@ impl Node {
     fn config(&self) -> PodNetworkConfig {
         PodNetworkConfig {
             netns_dir: NETNS_DIR.into(),
+            mtu: self.mtu,
             ..PodNetworkConfig::new(self.cidr, self.data.path())
         }
     }
@@ -156,16 +158,18 @@ impl Cluster {
         );
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{n}", std::process::id());
-        let node = |role: &str, cidr: &str, ip: Ipv4Addr| Node {
+        let node = |role: &str, cidr: &str, ip: Ipv4Addr, mtu| Node {
             netns: format!("weir-pn-{id}-{role}"),
             cidr: cidr.parse().unwrap(),
             ip,
+            mtu,
             data: tempfile::tempdir().unwrap(),
         };
         let cluster = Cluster {
             nodes: [
-                node("a", "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1)),
-                node("b", "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2)),
+                node("a", "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), None),
+                // Node b's pods get a smaller MTU, as behind a link with less than 1500.
+                node("b", "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), Some(1400)),
             ],
             pods: Vec::new(),
             id,
@@ -320,6 +324,15 @@ fn pods_reach_each_other_within_and_across_nodes_without_nat() {
         to_b.trim(),
         format!("10.244.2.0/24 via 10.250.0.2 dev pn{}a", cluster.id)
     );
+    // The configured MTU on both ends of node b's veths, the kernel's on node a's.
+    let b1_ns = b1.netns.file_name().unwrap().to_str().unwrap();
+    assert!(ip(&["-n", b1_ns, "link", "show", "dev", "eth0"]).contains("mtu 1400 "));
+    assert!(
+        cluster.nodes[1]
+            .ip(&["link", "show", "dev", &b1.host_interface])
+            .contains("mtu 1400 ")
+    );
+    assert!(ip(&["-n", pod_ns, "link", "show", "dev", "eth0"]).contains("mtu 1500 "));
 
     // Every pod answers every other: same node and across nodes; each sees the client's
     // own pod IP.
@@ -383,6 +396,8 @@ fn delete_removes_netns_veth_route_and_allocation_and_can_be_repeated() {
     let pod = node.create(&uid);
     assert!(pod.netns.exists());
     assert!(node.has_link(&pod.host_interface));
+    let known = node.with_network(async |net| net.known_pods().unwrap());
+    assert!(known.contains(&uid), "{known:?}");
 
     node.delete(&uid);
     assert!(!pod.netns.exists(), "the netns mount {} is gone", pod.netns.display());
@@ -393,8 +408,12 @@ fn delete_removes_netns_veth_route_and_allocation_and_can_be_repeated() {
     );
     let routes = node.ip(&["route", "show", "proto", &POD_ROUTE_PROTOCOL.to_string()]);
     assert_eq!(routes.trim(), "", "no /32 route is left");
-    let held = node.with_network(async |net| net.ipam().address_of(&uid));
+    let (held, known) = node.with_network(async |net| {
+        let held = net.ipam().address_of(&uid);
+        (held, net.known_pods().unwrap())
+    });
     assert_eq!(held, None);
+    assert!(!known.contains(&uid), "{known:?}");
     node.delete(&uid);
 
     // A half-made sandbox: the namespace and an allocation, no veth.
@@ -402,6 +421,7 @@ fn delete_removes_netns_veth_route_and_allocation_and_can_be_repeated() {
     let node = &cluster.nodes[0];
     ip(&["netns", "add", &format!("weir-pod-{half}")]);
     node.with_network(async |net| net.ipam().allocate(&half)).unwrap();
+    assert!(node.with_network(async |net| net.known_pods().unwrap()).contains(&half));
     node.delete(&half);
     assert!(!Path::new(NETNS_DIR).join(format!("weir-pod-{half}")).exists());
     assert_eq!(node.with_network(async |net| net.ipam().address_of(&half)), None);

@@ -195,6 +195,20 @@ pub fn hosts_file(pod: &Pod, pod_ips: &[IpAddr], cluster_domain: &str) -> Result
             None => out.push_str(&format!("{ip}\t{hostname}\n")),
         }
     }
+    push_host_aliases(&mut out, pod);
+    Ok(out)
+}
+
+/// The /etc/hosts of a hostNetwork pod, as kubelet makes it: the node's hosts file
+/// (`node_hosts`) under its own header, then `hostAliases`.
+pub fn host_network_hosts_file(node_hosts: &str, pod: &Pod) -> String {
+    let mut out = format!("# Kubernetes-managed hosts file (host network).\n{node_hosts}");
+    push_host_aliases(&mut out, pod);
+    out
+}
+
+/// Kubelet's `hostsEntriesFromHostAliases`: one line per alias IP, names tab-separated.
+fn push_host_aliases(out: &mut String, pod: &Pod) {
     let aliases = pod
         .spec
         .as_ref()
@@ -207,7 +221,6 @@ pub fn hosts_file(pod: &Pod, pod_ips: &[IpAddr], cluster_domain: &str) -> Result
             out.push_str(&format!("{}\t{names}\n", alias.ip));
         }
     }
-    Ok(out)
 }
 
 /// The pod's /etc/hostname: its hostname, or its FQDN when `setHostnameAsFQDN` is set and
@@ -423,6 +436,27 @@ mod tests {
                 "{LOCALHOST}10.244.1.5\tweb\n\n# Entries added by HostAliases.\n\
                  192.0.2.10\tfoo.local\tbar.local\n192.0.2.11\tbaz.local\n"
             )
+        );
+    }
+
+    #[test]
+    fn host_network_pods_get_the_nodes_hosts_file_and_their_aliases() {
+        let p = pod(
+            "agent",
+            "kube-system",
+            PodSpec {
+                host_network: Some(true),
+                host_aliases: Some(vec![HostAlias {
+                    ip: "192.0.2.10".to_owned(),
+                    hostnames: Some(vec!["registry.local".to_owned()]),
+                }]),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            host_network_hosts_file("127.0.0.1\tlocalhost\n192.0.2.5\tnode-1\n", &p),
+            "# Kubernetes-managed hosts file (host network).\n127.0.0.1\tlocalhost\n192.0.2.5\tnode-1\n\n\
+             # Entries added by HostAliases.\n192.0.2.10\tregistry.local\n"
         );
     }
 

@@ -6,6 +6,7 @@
 //! [`PodNetwork::open`] (and its methods): the node's. Work inside a pod's namespace goes
 //! through a netlink socket made on a thread that entered it.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,9 @@ pub struct PodNetworkConfig {
     pub netns_dir: PathBuf,
     /// The interface that holds the gateway address (a bridge without ports).
     pub gateway_interface: String,
+    /// The MTU of both ends of each pod's veth; `None` keeps the kernel's (1500). Set it to
+    /// the MTU of the network between nodes when that is smaller.
+    pub mtu: Option<u32>,
 }
 
 impl PodNetworkConfig {
@@ -51,6 +55,7 @@ impl PodNetworkConfig {
             ipam_dir: data_dir.join("ipam"),
             netns_dir: PathBuf::from("/run/netns"),
             gateway_interface: "weir0".to_owned(),
+            mtu: None,
         }
     }
 }
@@ -90,8 +95,10 @@ pub fn host_interface_name(pod_uid: &str) -> String {
 
 /// The file name of a pod's network namespace under the netns directory.
 pub fn netns_name(pod_uid: &str) -> String {
-    format!("weir-pod-{pod_uid}")
+    format!("{NETNS_PREFIX}{pod_uid}")
 }
+
+const NETNS_PREFIX: &str = "weir-pod-";
 
 fn write_sysctl(path: &str, value: &str) -> Result<()> {
     std::fs::write(path, value).map_err(|source| Error::Io {
@@ -257,7 +264,8 @@ impl PodNetwork {
         &self.range
     }
 
-    /// The IP allocations (to list or garbage-collect them).
+    /// The IP allocations (to list or garbage-collect them). The guard locks them: drop it
+    /// before calling anything else on this `PodNetwork`, which would wait for it forever.
     pub fn ipam(&self) -> std::sync::MutexGuard<'_, Ipam> {
         self.ipam.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -296,14 +304,15 @@ impl PodNetwork {
         // A veth left by an earlier try goes, and with it its peer in the pod namespace.
         delete_link(handle, &host_if).await?;
         let ns = netns::open(&netns_path)?;
-        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(POD_INTERFACE)
-            .setns_by_fd(ns.as_raw_fd())
-            .build();
-        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(host_if.clone())
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
+            .setns_by_fd(ns.as_raw_fd());
+        let mut veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth).name(host_if.clone());
+        if let Some(mtu) = self.config.mtu {
+            peer = peer.mtu(mtu);
+            veth = veth.mtu(mtu);
+        }
+        let veth = veth.set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build()))).build();
         handle.link().add(veth).execute().await.map_err(Error::netlink(format!(
             "creating veth {host_if} with peer {POD_INTERFACE} in {}",
             netns_path.display()
@@ -358,6 +367,7 @@ impl PodNetwork {
             .await
             .map_err(Error::netlink(format!("adding the pod's default route via {gateway}")))?;
 
+        tracing::debug!(pod_uid, %ip, host_interface = %host_if, "pod network created");
         Ok(PodSandboxNetwork {
             netns: netns_path,
             ip: IpAddr::V4(ip),
@@ -374,8 +384,30 @@ impl PodNetwork {
         check_owner(pod_uid)?;
         delete_link(&self.host.handle, &host_interface_name(pod_uid)).await?;
         netns::remove(&self.netns_path(pod_uid))?;
-        self.ipam().release(pod_uid)?;
+        let released = self.ipam().release(pod_uid)?;
+        tracing::debug!(pod_uid, ?released, "pod network deleted");
         Ok(())
+    }
+
+    /// The UIDs of the pods that have network state here: an IP allocation or a namespace
+    /// mount. After a restart, the pod lifecycle code deletes those of pods that are gone.
+    pub fn known_pods(&self) -> Result<BTreeSet<String>> {
+        let mut pods: BTreeSet<String> = self.ipam().allocations().map(|(_, owner)| owner.to_owned()).collect();
+        let dir = &self.config.netns_dir;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(pods),
+            Err(e) => return Err(Error::io("listing the netns directory", dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(Error::io("listing the netns directory", dir))?;
+            if let Some(uid) = entry.file_name().to_str().and_then(|n| n.strip_prefix(NETNS_PREFIX))
+                && check_owner(uid).is_ok()
+            {
+                pods.insert(uid.to_owned());
+            }
+        }
+        Ok(pods)
     }
 
     /// Makes the routes to other nodes' podCIDRs exactly `routes` (an entry for this node's
@@ -492,6 +524,17 @@ fn node_route_error(doing: &str, route: NodeRoute, source: rtnetlink::Error) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Compiles only if the pod network can be shared between tasks of a multi-threaded
+    /// runtime.
+    #[allow(dead_code)]
+    fn futures_are_send(network: &PodNetwork) {
+        fn send<T: Send + Sync>(_: T) {}
+        send(network);
+        send(network.create("uid"));
+        send(network.delete("uid"));
+        send(network.sync_node_routes(&[]));
+    }
 
     #[test]
     fn host_interface_names_are_stable_short_and_distinct() {
