@@ -25,8 +25,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as k8s;
 use weir_agent::network::{
-    NODE_ROUTE_PROTOCOL, NodeRoute, POD_ROUTE_PROTOCOL, PodNetwork, PodNetworkConfig, PodSandboxNetwork,
+    NODE_ROUTE_PROTOCOL, NodeRoute, POD_ROUTE_PROTOCOL, PodNetwork, PodNetworkConfig, PodSandboxNetwork, node_routes,
     sandbox::host_interface_name,
 };
 
@@ -198,18 +199,29 @@ impl Cluster {
         uid
     }
 
-    /// Routes between the two nodes' podCIDRs, as the agent would sync them from the Nodes.
+    /// Routes between the two nodes' podCIDRs, from Node objects as the agent would sync them.
     fn sync_routes(&self) {
-        let all: Vec<NodeRoute> = self
+        let nodes: Vec<k8s::Node> = self
             .nodes
             .iter()
-            .map(|n| NodeRoute {
-                cidr: n.cidr,
-                via: IpAddr::V4(n.ip),
+            .map(|n| k8s::Node {
+                metadata: Default::default(),
+                spec: Some(k8s::NodeSpec {
+                    pod_cidr: Some(n.cidr.to_string()),
+                    pod_cidrs: Some(vec![n.cidr.to_string()]),
+                    ..Default::default()
+                }),
+                status: Some(k8s::NodeStatus {
+                    addresses: Some(vec![k8s::NodeAddress {
+                        type_: "InternalIP".to_owned(),
+                        address: n.ip.to_string(),
+                    }]),
+                    ..Default::default()
+                }),
             })
             .collect();
         for node in &self.nodes {
-            let routes = all.clone();
+            let routes = node_routes(&nodes);
             node.with_network(async move |net| net.sync_node_routes(&routes).await)
                 .unwrap_or_else(|e| panic!("syncing node routes: {e}"));
         }

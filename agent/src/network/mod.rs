@@ -45,7 +45,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 pub use ipam::Ipam;
-pub use routes::NodeRoute;
+pub use routes::{NodeRoute, node_routes};
 pub use sandbox::{PodNetwork, PodNetworkConfig, PodSandboxNetwork};
 
 /// The route protocol number that marks the `/32` routes to this node's pods (`ip route`

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
 
 use super::{Error, Result};
 
@@ -17,6 +18,40 @@ pub struct NodeRoute {
     pub cidr: IpNet,
     /// The other node's IP (on a network this node is directly attached to).
     pub via: IpAddr,
+}
+
+/// The routes to the podCIDRs of `nodes` (all of them: [`plan`] skips this node's own):
+/// each of a node's `spec.podCIDRs` (or `spec.podCIDR`) via its first `InternalIP` of the
+/// same family. A node without a podCIDR yet, or without an address of that family, gets no
+/// route.
+pub fn node_routes(nodes: &[Node]) -> Vec<NodeRoute> {
+    let mut routes = Vec::new();
+    for node in nodes {
+        let Some(spec) = node.spec.as_ref() else { continue };
+        let cidrs = match (&spec.pod_cidrs, &spec.pod_cidr) {
+            (Some(cidrs), _) if !cidrs.is_empty() => cidrs.clone(),
+            (_, Some(cidr)) => vec![cidr.clone()],
+            _ => continue,
+        };
+        let internal_ips: Vec<IpAddr> = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        for cidr in cidrs.iter().filter_map(|c| c.parse::<IpNet>().ok()) {
+            if let Some(via) = internal_ips.iter().find(|ip| ip.is_ipv4() == cidr.network().is_ipv4()) {
+                routes.push(NodeRoute {
+                    cidr: cidr.trunc(),
+                    via: *via,
+                });
+            }
+        }
+    }
+    routes
 }
 
 /// One change to the routing table.
@@ -101,6 +136,65 @@ mod tests {
             cidr: cidr.parse().unwrap(),
             via: via.parse().unwrap(),
         }
+    }
+
+    fn node(name: &str, cidrs: &[&str], addresses: &[(&str, &str)]) -> Node {
+        use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: cidrs.first().map(|c| c.to_string()),
+                pod_cidrs: Some(cidrs.iter().map(|c| c.to_string()).collect()),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(
+                    addresses
+                        .iter()
+                        .map(|(type_, address)| NodeAddress {
+                            type_: type_.to_string(),
+                            address: address.to_string(),
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn node_routes_pair_each_podcidr_with_the_internal_ip_of_its_family() {
+        let nodes = [
+            node(
+                "a",
+                &["10.244.1.0/24", "fd00:10:244:1::/64"],
+                &[
+                    ("Hostname", "a"),
+                    ("InternalIP", "192.0.2.1"),
+                    ("InternalIP", "2001:db8::1"),
+                ],
+            ),
+            node(
+                "b",
+                &["10.244.2.0/24"],
+                &[("ExternalIP", "198.51.100.2"), ("InternalIP", "192.0.2.2")],
+            ),
+            // No podCIDR yet, or no InternalIP: no route.
+            node("c", &[], &[("InternalIP", "192.0.2.3")]),
+            node("d", &["10.244.4.0/24"], &[("ExternalIP", "198.51.100.4")]),
+        ];
+        assert_eq!(
+            node_routes(&nodes),
+            vec![
+                r("10.244.1.0/24", "192.0.2.1"),
+                r("fd00:10:244:1::/64", "2001:db8::1"),
+                r("10.244.2.0/24", "192.0.2.2"),
+            ]
+        );
     }
 
     #[test]
