@@ -229,13 +229,14 @@ impl PodNetwork {
             .try_collect()
             .await
             .map_err(Error::netlink(format!("listing the addresses of {name}")))?;
-        // A podCIDR the node had before: its gateway goes.
+        // The gateway of a podCIDR the node had before goes (IPv6 link-local addresses the
+        // kernel gives the interface stay).
         for address in addresses {
             let ip = address.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Address(ip) => Some(*ip),
                 _ => None,
             });
-            if ip != Some(gateway) || address.header.prefix_len != prefix {
+            if ip.is_some_and(|ip| ip.is_ipv4()) && (ip != Some(gateway) || address.header.prefix_len != prefix) {
                 handle
                     .address()
                     .del(address)
@@ -415,7 +416,7 @@ impl PodNetwork {
     /// among the routes of [`NODE_ROUTE_PROTOCOL`]; no other route is touched. Returns the
     /// changes made.
     pub async fn sync_node_routes(&self, routes: &[NodeRoute]) -> Result<Vec<RouteChange>> {
-        let current = self.node_routes().await?;
+        let current = self.installed_node_routes().await?;
         let changes = routes::plan(Some(self.range.cidr()), &current, routes)?;
         let handle = &self.host.handle;
         for change in &changes {
@@ -443,7 +444,7 @@ impl PodNetwork {
     }
 
     /// Our routes to other nodes' podCIDRs in the main table, both families.
-    pub async fn node_routes(&self) -> Result<Vec<NodeRoute>> {
+    pub async fn installed_node_routes(&self) -> Result<Vec<NodeRoute>> {
         let mut found = Vec::new();
         for dump in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
