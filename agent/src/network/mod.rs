@@ -8,8 +8,8 @@
 //!
 //! The node's podCIDR (e.g. `10.244.3.0/24`) is split as follows: the network address is not
 //! used, the first usable address (`10.244.3.1`) is the node's gateway, the rest up to the
-//! broadcast address go to pods. Routing is layer 3 only, in the style of Calico: there is
-//! no bridge.
+//! broadcast address go to pods. Routing is layer 3 only, in the style of Calico: no pod is
+//! bridged to another, every packet of a pod is routed by the node.
 //!
 //! - The gateway lives on `weir0` as `10.244.3.1/24`. `weir0` is a bridge without ports,
 //!   used as a dummy interface (no pod is attached to it). Its prefix route sends every
@@ -19,8 +19,7 @@
 //!   `<pod IP>/<podCIDR prefix>` and a default route via the gateway; the host side,
 //!   `weir` + 10 hex digits of the SHA-256 of the pod UID, has no address, a `/32` route to
 //!   the pod IP (source: the gateway) and `proxy_arp` on with `proxy_delay` 0, so the host
-//!   answers the pod's ARP for the gateway and for other pods at once, and every packet
-//!   of the pod is routed by the node.
+//!   answers the pod's ARP for the gateway and for other pods at once.
 //! - Other nodes' podCIDRs are routed directly via their node IPs
 //!   ([`PodNetwork::sync_node_routes`]): nodes share one layer 2 segment, no tunnel.
 //!
