@@ -182,7 +182,7 @@ pub(super) fn open(path: &Path) -> Result<File> {
 /// is made on a short-lived thread that has entered the namespace.
 pub(super) fn netlink_in(path: &Path) -> Result<Netlink> {
     let ns = open(path)?;
-    let runtime = tokio::runtime::Handle::current();
+    let runtime = tokio_runtime()?;
     let (connection, handle) = std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -203,20 +203,27 @@ pub(super) fn netlink_in(path: &Path) -> Result<Netlink> {
     })?;
     Ok(Netlink {
         handle,
-        task: tokio::spawn(connection),
+        task: runtime.spawn(connection),
     })
 }
 
 /// A netlink connection in this thread's namespace.
 pub(super) fn netlink_here() -> Result<Netlink> {
+    let runtime = tokio_runtime()?;
     let (connection, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Sys {
         what: "opening a netlink socket".to_owned(),
         source,
     })?;
     Ok(Netlink {
         handle,
-        task: tokio::spawn(connection),
+        task: runtime.spawn(connection),
     })
+}
+
+/// The tokio runtime the netlink sockets are driven by: the caller's.
+fn tokio_runtime() -> Result<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current()
+        .map_err(|_| Error::Invalid("the pod network runs on tokio: call it from within a tokio runtime".to_owned()))
 }
 
 /// A netlink handle and the task that drives its socket; dropping it closes the socket (a
