@@ -181,6 +181,14 @@ impl Cluster {
             ip(&["netns", "add", &node.netns]);
             node.ip(&["link", "set", "lo", "up"]);
         }
+        // Node b checks source addresses strictly (as some distributions set it): the /32
+        // routes must make every pod's packets pass.
+        in_netns(&b.path(), || {
+            for conf in ["all", "default"] {
+                let path = format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter");
+                std::fs::write(&path, "1").unwrap_or_else(|e| panic!("writing {path}: {e}"));
+            }
+        });
         let (a_if, b_if) = (format!("pn{}a", cluster.id), format!("pn{}b", cluster.id));
         ip(&[
             "link", "add", &a_if, "netns", &a.netns, "type", "veth", "peer", "name", &b_if, "netns", &b.netns,
