@@ -1,7 +1,10 @@
 //! Weir's node agent: joining a cluster with a token (`join`), the Node and its heartbeats
-//! (`node`) and the userspace side of the eBPF service datapath (`datapath`); pods on
-//! containerd and the pod network grow around it.
+//! (`node`), the pod network (`network`), pod status and back-off (`pods`) and the
+//! userspace side of the eBPF service datapath (`datapath`); pods on containerd grow
+//! around them.
 
 pub mod datapath;
 pub mod join;
+pub mod network;
 pub mod node;
+pub mod pods;

@@ -7,13 +7,12 @@
 //! on 127.x addresses, and runs the client (python3, installed by `cargo xtask setup`) in
 //! a child process moved into the cgroup before it connects. Drop guards undo all of it.
 
-use std::ffi::CString;
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd as _, OwnedFd};
-use std::os::unix::ffi::OsStrExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -347,24 +346,7 @@ fn python_in_cgroup(cgroup: Option<&Path>, script: &str, args: &[&str]) -> Comma
     let mut cmd = Command::new("python3");
     cmd.arg("-c").arg(script).args(args).stderr(Stdio::inherit());
     if let Some(cgroup) = cgroup {
-        let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
-        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close);
-        // "0" moves the writing process itself, so nothing is formatted or allocated.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if written != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
+        common::run_in_cgroup(&mut cmd, cgroup);
     }
     cmd
 }

@@ -23,13 +23,12 @@
 //! servers and clients (python3) run in theirs through `ip netns exec`. Drop guards kill
 //! the servers, remove pins and cgroup, and delete the namespaces (and with them the veths).
 
-use std::ffi::CString;
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd as _, OwnedFd};
-use std::os::unix::ffi::OsStrExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -473,24 +472,8 @@ impl Topology {
     fn node_client(&self, proto: &str, host: Ipv4Addr, port: u16, count: usize) -> Vec<Result<Answer, String>> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.node]);
-        let procs = CString::new(self.config.cgroup_path.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
-        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close);
-        // "0" moves the writing process itself, and `ip netns exec` and python3 inherit it.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if written != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
+        // `ip netns exec` and python3 inherit the cgroup.
+        common::run_in_cgroup(&mut cmd, &self.config.cgroup_path);
         self.run_client(cmd, proto, 0, host, port, count, 3.0)
     }
 

@@ -183,16 +183,17 @@ impl Tally {
     }
 }
 
-/// Tests that load eBPF programs and make cgroups: root only, one at a time (they share
-/// kernel state), marked `#[ignore]` so the workspace run above leaves them out.
+/// Tests that load eBPF programs, make cgroups, network namespaces and pod networks: root
+/// only, one at a time (they share kernel state), marked `#[ignore]` so the workspace run
+/// above leaves them out.
 fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
     if !setup::is_root() {
         status("test: privileged datapath tests: SKIPPED (not root; run `cargo xtask test` as root)");
         return Ok(true);
     }
     status(
-        "test: privileged datapath tests (cargo test -p weir-agent --test datapath --test nodeport -- --ignored \
-         --test-threads=1)",
+        "test: privileged datapath tests (cargo test -p weir-agent --test datapath --test nodeport --test podnet -- \
+         --ignored --test-threads=1)",
     );
     tally.run(
         ws.cargo()
@@ -204,6 +205,8 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
                 "datapath",
                 "--test",
                 "nodeport",
+                "--test",
+                "podnet",
                 "--",
             ])
             .args(["--ignored", "--test-threads=1"]),

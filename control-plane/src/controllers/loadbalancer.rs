@@ -5,20 +5,16 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use tokio::sync::Notify;
 
 use super::events::{EventType, Recorder};
-use super::{Error, Result, is_status};
+use super::{Pass, Result, is_status, run_passes};
 
 /// Annotation listing the addresses a Service asks for (comma-separated, e.g. one per family).
 pub const REQUESTED_IPS: &str = "weir.dev/load-balancer-ips";
@@ -328,7 +324,7 @@ struct Allocator {
     reported: HashMap<String, String>,
 }
 
-impl Allocator {
+impl Pass for Allocator {
     async fn pass(&mut self) -> Result<()> {
         let services = self.services.state();
         let mut claims = Vec::with_capacity(services.len());
@@ -402,42 +398,22 @@ impl Allocator {
 }
 
 pub async fn run(client: Client, pool: Option<Pool>) -> Result<()> {
-    let (services, writer) = reflector::store::<Service>();
-    let changed = Arc::new(Notify::new());
-    let events = reflector(
-        writer,
-        watcher(Api::<Service>::all(client.clone()), watcher::Config::default()),
+    let recorder = Recorder::new(client.clone(), COMPONENT);
+    let api = Api::<Service>::all(client.clone());
+    run_passes(
+        "the load-balancer controller's watch",
+        api,
+        Duration::from_secs(30),
+        |services| Allocator {
+            recorder,
+            client,
+            pool,
+            services,
+            written: HashMap::new(),
+            reported: HashMap::new(),
+        },
     )
-    .default_backoff();
-    let notify = changed.clone();
-    let watching = tokio::spawn(async move {
-        events
-            .for_each(|_| {
-                notify.notify_one();
-                futures::future::ready(())
-            })
-            .await;
-    });
-    services.wait_until_ready().await.ok();
-    let mut allocator = Allocator {
-        recorder: Recorder::new(client.clone(), COMPONENT),
-        client,
-        pool,
-        services,
-        written: HashMap::new(),
-        reported: HashMap::new(),
-    };
-    let result = loop {
-        if watching.is_finished() {
-            break Err(Error::Ended("the load-balancer controller's watch"));
-        }
-        if let Err(e) = allocator.pass().await {
-            tracing::warn!(error = %e, "load-balancer allocation pass failed");
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), changed.notified()).await;
-    };
-    watching.abort();
-    result
+    .await
 }
 
 #[cfg(test)]

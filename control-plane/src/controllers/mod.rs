@@ -198,3 +198,46 @@ where
 pub(crate) fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
+
+/// A controller that recomputes everything in one pass over one watched kind.
+pub(crate) trait Pass {
+    fn pass(&mut self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Watches `api` into a store, then runs `make(store)`'s pass once the store is filled,
+/// after every change and at least every `resync`, until the watch ends (the supervisor
+/// restarts the controller then). A failed pass is logged and retried on the next wake-up.
+pub(crate) async fn run_passes<K, P>(
+    name: &'static str,
+    api: kube::Api<K>,
+    resync: Duration,
+    make: impl FnOnce(kube::runtime::reflector::Store<K>) -> P,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    P: Pass,
+{
+    use futures::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    let (store, writer) = kube::runtime::reflector::store::<K>();
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let events = kube::runtime::reflector(writer, kube::runtime::watcher(api, Default::default())).default_backoff();
+    let notify = changed.clone();
+    let watching = tokio::spawn(events.for_each(move |_| {
+        notify.notify_one();
+        futures::future::ready(())
+    }));
+    store.wait_until_ready().await.ok();
+    let mut controller = make(store);
+    let result = loop {
+        if watching.is_finished() {
+            break Err(Error::Ended(name));
+        }
+        if let Err(e) = controller.pass().await {
+            tracing::warn!(controller = name, error = %e, "pass failed");
+        }
+        let _ = tokio::time::timeout(resync, changed.notified()).await;
+    };
+    watching.abort();
+    result
+}

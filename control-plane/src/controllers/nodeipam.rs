@@ -13,18 +13,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tokio::sync::Notify;
 
 use super::events::{EventType, Recorder};
-use super::{Error, Result};
+use super::{Pass, Result, run_passes};
 
 const COMPONENT: &str = "node-ipam-controller";
 
@@ -211,7 +208,7 @@ struct Allocator {
     reported: BTreeSet<String>,
 }
 
-impl Allocator {
+impl Pass for Allocator {
     async fn pass(&mut self) -> Result<()> {
         let nodes: Vec<Arc<Node>> = self.nodes.state();
         let infos: Vec<NodeCidrs> = nodes.iter().map(|n| NodeCidrs::of(n)).collect();
@@ -260,41 +257,21 @@ pub async fn run(client: Client, cidrs: ClusterCidrs) -> Result<()> {
     if cidrs.0.is_empty() {
         std::future::pending::<()>().await;
     }
-    let (nodes, writer) = reflector::store::<Node>();
-    let changed = Arc::new(Notify::new());
-    let events = reflector(
-        writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    let recorder = Recorder::new(client.clone(), COMPONENT);
+    let api = Api::<Node>::all(client.clone());
+    run_passes(
+        "the node-ipam controller's watch",
+        api,
+        Duration::from_secs(30),
+        |nodes| Allocator {
+            recorder,
+            client,
+            cidrs,
+            nodes,
+            reported: BTreeSet::new(),
+        },
     )
-    .default_backoff();
-    let notify = changed.clone();
-    let watching = tokio::spawn(async move {
-        events
-            .for_each(|_| {
-                notify.notify_one();
-                futures::future::ready(())
-            })
-            .await;
-    });
-    nodes.wait_until_ready().await.ok();
-    let mut allocator = Allocator {
-        recorder: Recorder::new(client.clone(), COMPONENT),
-        client,
-        cidrs,
-        nodes,
-        reported: BTreeSet::new(),
-    };
-    let result = loop {
-        if watching.is_finished() {
-            break Err(Error::Ended("the node-ipam controller's watch"));
-        }
-        if let Err(e) = allocator.pass().await {
-            tracing::warn!(error = %e, "node-ipam pass failed");
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), changed.notified()).await;
-    };
-    watching.abort();
-    result
+    .await
 }
 
 #[cfg(test)]
