@@ -1,4 +1,5 @@
 //! Weir's node agent. Today it holds the userspace side of the eBPF service datapath;
-//! node lifecycle, pods on containerd and the pod network grow around it.
+//! node lifecycle, pods on containerd ([`runtime`]) and the pod network grow around it.
 
 pub mod datapath;
+pub mod runtime;
