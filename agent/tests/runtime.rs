@@ -11,11 +11,13 @@
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use weir_agent::runtime::{
     BindMount, CONTAINER_NAME_LABEL, ContainerConfig, Containerd, ContainerdConfig, Error, NetworkNamespace,
     POD_UID_LABEL, Resources, Runtime, Security, TaskStatus,
@@ -54,6 +56,8 @@ struct Fixture {
     containerd: Option<Containerd>,
     runtime: Runtime,
     images: PathBuf,
+    /// The cgroup directory (relative, in every hierarchy) this test's containers go under.
+    cgroup_parent: String,
 }
 
 impl Fixture {
@@ -79,6 +83,7 @@ impl Fixture {
             containerd: Some(containerd),
             runtime,
             images,
+            cgroup_parent: format!("/{}", unique("weir-test")),
         }
     }
 
@@ -109,7 +114,7 @@ impl Fixture {
                 (POD_UID_LABEL.to_string(), "uid-1".to_string()),
                 (CONTAINER_NAME_LABEL.to_string(), "main".to_string()),
             ]),
-            cgroups_path: Some(format!("/weir-test/{}", unique("cg"))),
+            cgroups_path: Some(format!("{}/{}", self.cgroup_parent, unique("cg"))),
             ..Default::default()
         }
     }
@@ -127,54 +132,79 @@ impl Fixture {
         (status.code, log)
     }
 
-    /// The clean end of a test: delete every container, stop containerd, check it is gone.
-    async fn finish(mut self) {
-        for c in self.runtime.list_containers().await.expect("list") {
-            self.runtime.delete_container(&c.id).await.expect("delete");
+    /// The end of every test, also a failed one: delete every container, stop containerd
+    /// and check it is gone, remove the cgroups; then re-raise the body's panic, if any.
+    async fn finish(mut self, outcome: std::thread::Result<()>) {
+        let mut problems = Vec::new();
+        match self.runtime.list_containers().await {
+            Ok(containers) => {
+                for c in containers {
+                    let deleted =
+                        tokio::time::timeout(Duration::from_secs(20), self.runtime.delete_container(&c.id)).await;
+                    if !matches!(deleted, Ok(Ok(()))) {
+                        problems.push(format!("deleting container {}: {deleted:?}", c.id));
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("listing containers: {e}")),
         }
         let containerd = self.containerd.take().expect("containerd is running");
-        let pid = containerd.pid().expect("our containerd has a pid");
-        containerd.shutdown().await.expect("stopping containerd");
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "containerd {pid} still runs"
-        );
+        let pid = containerd.pid();
+        if let Err(e) = containerd.shutdown().await {
+            problems.push(format!("stopping containerd: {e}"));
+        }
+        if let Some(pid) = pid
+            && Path::new(&format!("/proc/{pid}")).exists()
+        {
+            problems.push(format!("containerd {pid} still runs after shutdown"));
+        }
+        unmount_under(self.dir.path());
+        remove_cgroups(&self.cgroup_parent);
+        if let Err(panic) = outcome {
+            if !problems.is_empty() {
+                eprintln!("cleanup after the failure failed too: {problems:#?}");
+            }
+            std::panic::resume_unwind(panic);
+        }
+        assert!(problems.is_empty(), "cleanup failed: {problems:#?}");
     }
 }
 
 impl Drop for Fixture {
+    /// The last resort when a test did not reach [`Fixture::finish`] (a panic outside the
+    /// guarded body): stop containerd and unmount what is left. Containers it ran may
+    /// outlive it; `finish` is the path that deletes them.
     fn drop(&mut self) {
-        let Some(containerd) = self.containerd.take() else {
-            unmount_under(self.dir.path());
-            return;
-        };
-        // A failed test: delete its containers from a runtime of our own (the test's may be
-        // unwinding), then stop containerd and wait for it to go.
-        let runtime = self.runtime.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                if let Ok(containers) = runtime.list_containers().await {
-                    for c in containers {
-                        let _ = tokio::time::timeout(Duration::from_secs(15), runtime.delete_container(&c.id)).await;
-                    }
-                }
-            });
-            Some(())
-        })
-        .join();
-        let pid = containerd.pid();
-        drop(containerd);
-        if let Some(pid) = pid {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+        if let Some(containerd) = self.containerd.take() {
+            let pid = containerd.pid();
+            drop(containerd);
+            if let Some(pid) = pid {
+                // SAFETY: kill has no memory-safety preconditions; pid is the containerd we started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
         unmount_under(self.dir.path());
+        remove_cgroups(&self.cgroup_parent);
+    }
+}
+
+/// Removes this test's cgroup directories (runc removes a container's own, not its parents).
+fn remove_cgroups(parent: &str) {
+    let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for controller in controllers.flatten() {
+        let dir = controller.path().join(parent.trim_start_matches('/'));
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .unwrap_or_default();
+        dirs.push(dir);
+        for d in dirs {
+            let _ = std::fs::remove_dir(&d);
+        }
     }
 }
 
@@ -200,7 +230,6 @@ fn unmount_under(dir: &Path) {
 struct Netns {
     name: String,
     host_if: String,
-    host_ip: Ipv4Addr,
     ns_ip: Ipv4Addr,
 }
 
@@ -218,7 +247,6 @@ impl Netns {
         let netns = Netns {
             name: name.clone(),
             host_if: host_if.clone(),
-            host_ip,
             ns_ip,
         };
         ip(&["netns", "add", &name]);
@@ -280,24 +308,28 @@ fn http_get_within(addr: SocketAddrV4, timeout: Duration) -> String {
 async fn containerd_starts_in_a_private_dir_and_stops_cleanly() {
     let Some(images) = images() else { return };
     let fixture = Fixture::new(images).await;
-    let dir = fixture.dir.path().join("containerd");
-    assert!(fixture.containerd().socket().starts_with(&dir));
-    assert!(dir.join("config.toml").exists());
-    assert!(
-        dir.join("root").is_dir(),
-        "containerd's root is under {}",
-        dir.display()
-    );
-    assert!(
-        dir.join("state").is_dir(),
-        "containerd's state is under {}",
-        dir.display()
-    );
-    let pid = fixture.containerd().pid().unwrap();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    assert!(String::from_utf8_lossy(&cmdline).contains(&dir.join("config.toml").display().to_string()));
-    assert_eq!(fixture.runtime.list_containers().await.unwrap(), vec![]);
-    fixture.finish().await;
+    let outcome = AssertUnwindSafe(async {
+        let dir = fixture.dir.path().join("containerd");
+        assert!(fixture.containerd().socket().starts_with(&dir));
+        assert!(dir.join("config.toml").exists());
+        assert!(
+            dir.join("root").is_dir(),
+            "containerd's root is under {}",
+            dir.display()
+        );
+        assert!(
+            dir.join("state").is_dir(),
+            "containerd's state is under {}",
+            dir.display()
+        );
+        let pid = fixture.containerd().pid().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(String::from_utf8_lossy(&cmdline).contains(&dir.join("config.toml").display().to_string()));
+        assert_eq!(fixture.runtime.list_containers().await.unwrap(), vec![]);
+    })
+    .catch_unwind()
+    .await;
+    fixture.finish(outcome).await;
 }
 
 #[tokio::test]
@@ -305,39 +337,43 @@ async fn containerd_starts_in_a_private_dir_and_stops_cleanly() {
 async fn imports_oci_and_docker_archives() {
     let Some(images) = images() else { return };
     let fixture = Fixture::new(images).await;
-    let started = Instant::now();
-    assert_eq!(fixture.import("busybox.tar").await, [BUSYBOX]);
-    assert_eq!(fixture.import("echo.tar").await, [ECHO]);
-    eprintln!("imported busybox and echo in {:?}", started.elapsed());
-    assert_eq!(fixture.runtime.list_images().await.unwrap(), [BUSYBOX, ECHO]);
-    // A second import of the same archive changes nothing and succeeds.
-    assert_eq!(fixture.import("busybox.tar").await, [BUSYBOX]);
+    let outcome = AssertUnwindSafe(async {
+        let started = Instant::now();
+        assert_eq!(fixture.import("busybox.tar").await, [BUSYBOX]);
+        assert_eq!(fixture.import("echo.tar").await, [ECHO]);
+        eprintln!("imported busybox and echo in {:?}", started.elapsed());
+        assert_eq!(fixture.runtime.list_images().await.unwrap(), [BUSYBOX, ECHO]);
+        // A second import of the same archive changes nothing and succeeds.
+        assert_eq!(fixture.import("busybox.tar").await, [BUSYBOX]);
 
-    let image = fixture.runtime.ensure_image("weir.local/busybox").await.unwrap();
-    assert_eq!(image.name, BUSYBOX);
-    assert!(image.chain_id.starts_with("sha256:"), "{image:?}");
-    assert_eq!(image.defaults.cmd, ["sh"]);
-    let missing = fixture.runtime.ensure_image("weir.local/nothing:1").await.unwrap_err();
-    assert!(matches!(missing, Error::ImageNotPresent { .. }), "{missing}");
-    assert!(missing.to_string().contains("not present"), "{missing}");
+        let image = fixture.runtime.ensure_image("weir.local/busybox").await.unwrap();
+        assert_eq!(image.name, BUSYBOX);
+        assert!(image.chain_id.starts_with("sha256:"), "{image:?}");
+        assert_eq!(image.defaults.cmd, ["sh"]);
+        let missing = fixture.runtime.ensure_image("weir.local/nothing:1").await.unwrap_err();
+        assert!(matches!(missing, Error::ImageNotPresent { .. }), "{missing}");
+        assert!(missing.to_string().contains("not present"), "{missing}");
 
-    // The same image as `docker save` would write it (uncompressed layer.tar, RepoTags).
-    let docker = fixture.dir.path().join("docker-save.tar");
-    docker_save_from_oci(
-        &fixture.images.join("busybox.tar"),
-        "weir.local/docker-busybox:v1",
-        &docker,
-    );
-    let names = fixture
-        .runtime
-        .import_archive(&docker)
-        .await
-        .expect("importing a docker save tarball");
-    assert_eq!(names, ["weir.local/docker-busybox:v1"]);
-    let config = fixture.config("weir.local/docker-busybox:v1", &["sh", "-c", "echo from-docker"]);
-    let (code, log) = fixture.run(&config).await;
-    assert_eq!((code, log.trim()), (0, "from-docker"));
-    fixture.finish().await;
+        // The same image as `docker save` would write it (uncompressed layer.tar, RepoTags).
+        let docker = fixture.dir.path().join("docker-save.tar");
+        docker_save_from_oci(
+            &fixture.images.join("busybox.tar"),
+            "weir.local/docker-busybox:v1",
+            &docker,
+        );
+        let names = fixture
+            .runtime
+            .import_archive(&docker)
+            .await
+            .expect("importing a docker save tarball");
+        assert_eq!(names, ["weir.local/docker-busybox:v1"]);
+        let config = fixture.config("weir.local/docker-busybox:v1", &["sh", "-c", "echo from-docker"]);
+        let (code, log) = fixture.run(&config).await;
+        assert_eq!((code, log.trim()), (0, "from-docker"));
+    })
+    .catch_unwind()
+    .await;
+    fixture.finish(outcome).await;
 }
 
 /// Rewrites an OCI archive as `docker save` does: manifest.json with RepoTags, the config
@@ -387,90 +423,94 @@ fn docker_save_from_oci(oci: &Path, tag: &str, out: &Path) {
 async fn runs_processes_with_exit_code_logs_env_user_cwd_and_mounts() {
     let Some(images) = images() else { return };
     let fixture = Fixture::new(images).await;
-    fixture.import("busybox.tar").await;
+    let outcome = AssertUnwindSafe(async {
+        fixture.import("busybox.tar").await;
 
-    let config = fixture.config(BUSYBOX, &["sh", "-c", "echo hi; echo oops >&2; exit 3"]);
-    let (code, log) = fixture.run(&config).await;
-    assert_eq!(code, 3);
-    assert!(
-        log.contains("hi\n") && log.contains("oops\n"),
-        "stdout and stderr in the log: {log:?}"
-    );
+        let config = fixture.config(BUSYBOX, &["sh", "-c", "echo hi; echo oops >&2; exit 3"]);
+        let (code, log) = fixture.run(&config).await;
+        assert_eq!(code, 3);
+        assert!(
+            log.contains("hi\n") && log.contains("oops\n"),
+            "stdout and stderr in the log: {log:?}"
+        );
 
-    let mut config = fixture.config(
-        BUSYBOX,
-        &[
-            "sh",
-            "-c",
-            "echo \"$GREETING|$0|$1|$(pwd)|$(id -u):$(id -g)|$(id -G)|$(hostname)\"",
-        ],
-    );
-    config.args = Some(vec!["first".into(), "second".into()]);
-    config.env = vec![("GREETING".into(), "hello world".into())];
-    config.working_dir = Some("/tmp".into());
-    config.uid = Some(1234);
-    config.gid = Some(5678);
-    config.additional_gids = vec![4000];
-    config.hostname = Some("web-0".into());
-    let (code, log) = fixture.run(&config).await;
-    assert_eq!(code, 0, "{log}");
-    assert_eq!(log.trim(), "hello world|first|second|/tmp|1234:5678|5678 4000|web-0");
+        let mut config = fixture.config(
+            BUSYBOX,
+            &[
+                "sh",
+                "-c",
+                "echo \"$GREETING|$0|$1|$(pwd)|$(id -u):$(id -g)|$(id -G)|$(hostname)\"",
+            ],
+        );
+        config.args = Some(vec!["first".into(), "second".into()]);
+        config.env = vec![("GREETING".into(), "hello world".into())];
+        config.working_dir = Some("/tmp".into());
+        config.uid = Some(1234);
+        config.gid = Some(5678);
+        config.additional_gids = vec![4000];
+        config.hostname = Some("web-0".into());
+        let (code, log) = fixture.run(&config).await;
+        assert_eq!(code, 0, "{log}");
+        assert_eq!(log.trim(), "hello world|first|second|/tmp|1234:5678|5678 4000|web-0");
 
-    // Read-only root file system; a writable and a read-only bind mount.
-    let rw = fixture.dir.path().join("rw");
-    let ro = fixture.dir.path().join("ro");
-    std::fs::create_dir_all(&rw).unwrap();
-    std::fs::create_dir_all(&ro).unwrap();
-    std::fs::write(ro.join("given"), "from the host").unwrap();
-    let mut config = fixture.config(
-        BUSYBOX,
-        &[
-            "sh",
-            "-c",
-            "touch /x 2>/dev/null && echo root-writable || echo root-refused; \
+        // Read-only root file system; a writable and a read-only bind mount.
+        let rw = fixture.dir.path().join("rw");
+        let ro = fixture.dir.path().join("ro");
+        std::fs::create_dir_all(&rw).unwrap();
+        std::fs::create_dir_all(&ro).unwrap();
+        std::fs::write(ro.join("given"), "from the host").unwrap();
+        let mut config = fixture.config(
+            BUSYBOX,
+            &[
+                "sh",
+                "-c",
+                "touch /x 2>/dev/null && echo root-writable || echo root-refused; \
              echo data > /rw/out && echo rw-ok; \
              touch /ro/y 2>/dev/null && echo ro-writable || echo ro-refused; cat /ro/given",
-        ],
-    );
-    config.security.readonly_rootfs = true;
-    config.mounts = vec![
-        BindMount {
-            source: rw.clone(),
-            destination: "/rw".into(),
-            readonly: false,
-        },
-        BindMount {
-            source: ro.clone(),
-            destination: "/ro".into(),
-            readonly: true,
-        },
-    ];
-    let (code, log) = fixture.run(&config).await;
-    assert_eq!(code, 0, "{log}");
-    assert_eq!(
-        log.lines().collect::<Vec<_>>(),
-        ["root-refused", "rw-ok", "ro-refused", "from the host"]
-    );
-    assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "data\n");
-    assert!(!ro.join("y").exists());
+            ],
+        );
+        config.security.readonly_rootfs = true;
+        config.mounts = vec![
+            BindMount {
+                source: rw.clone(),
+                destination: "/rw".into(),
+                readonly: false,
+            },
+            BindMount {
+                source: ro.clone(),
+                destination: "/ro".into(),
+                readonly: true,
+            },
+        ];
+        let (code, log) = fixture.run(&config).await;
+        assert_eq!(code, 0, "{log}");
+        assert_eq!(
+            log.lines().collect::<Vec<_>>(),
+            ["root-refused", "rw-ok", "ro-refused", "from the host"]
+        );
+        assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "data\n");
+        assert!(!ro.join("y").exists());
 
-    // Capabilities: NET_ADMIN is not in the default set; added, it lets the container change
-    // a link in its own (new, empty) network namespace.
-    let script = [
-        "sh",
-        "-c",
-        "ip link set lo up 2>/dev/null && echo allowed || echo denied",
-    ];
-    let (_, log) = fixture.run(&fixture.config(BUSYBOX, &script)).await;
-    assert_eq!(log.trim(), "denied");
-    let mut config = fixture.config(BUSYBOX, &script);
-    config.security = Security {
-        add_capabilities: vec!["NET_ADMIN".into()],
-        ..Default::default()
-    };
-    let (_, log) = fixture.run(&config).await;
-    assert_eq!(log.trim(), "allowed");
-    fixture.finish().await;
+        // Capabilities: NET_ADMIN is not in the default set; added, it lets the container add
+        // an address in its own (new, empty) network namespace.
+        let script = [
+            "sh",
+            "-c",
+            "ip addr add 10.9.9.9/32 dev lo 2>/dev/null && echo allowed || echo denied",
+        ];
+        let (_, log) = fixture.run(&fixture.config(BUSYBOX, &script)).await;
+        assert_eq!(log.trim(), "denied");
+        let mut config = fixture.config(BUSYBOX, &script);
+        config.security = Security {
+            add_capabilities: vec!["NET_ADMIN".into()],
+            ..Default::default()
+        };
+        let (_, log) = fixture.run(&config).await;
+        assert_eq!(log.trim(), "allowed");
+    })
+    .catch_unwind()
+    .await;
+    fixture.finish(outcome).await;
 }
 
 #[tokio::test]
@@ -478,51 +518,55 @@ async fn runs_processes_with_exit_code_logs_env_user_cwd_and_mounts() {
 async fn limits_reach_the_cgroup_and_an_oom_kill_is_reported() {
     let Some(images) = images() else { return };
     let fixture = Fixture::new(images).await;
-    fixture.import("busybox.tar").await;
+    let outcome = AssertUnwindSafe(async {
+        fixture.import("busybox.tar").await;
 
-    let mut config = fixture.config(BUSYBOX, &["sleep", "30"]);
-    config.resources = Resources {
-        cpu_shares: Some(256),
-        cpu_quota: Some(50_000),
-        cpu_period: Some(100_000),
-        memory_limit: Some(32 << 20),
-        pids_limit: Some(64),
-    };
-    let cgroup = config.cgroups_path.clone().unwrap();
-    fixture.runtime.create_container(&config).await.unwrap();
-    fixture.runtime.start_container(&config.id).await.unwrap();
-    let read = |controller: &str, file: &str| {
-        let path = format!("/sys/fs/cgroup/{controller}{cgroup}/{file}");
-        std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {path}: {e}"))
-            .trim()
-            .to_string()
-    };
-    assert_eq!(read("memory", "memory.limit_in_bytes"), (32u64 << 20).to_string());
-    assert_eq!(read("cpu", "cpu.shares"), "256");
-    assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
-    assert_eq!(read("pids", "pids.max"), "64");
-    let status = fixture
-        .runtime
-        .stop_container(&config.id, Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert!(!status.oom_killed, "{status:?}");
-    fixture.runtime.delete_container(&config.id).await.unwrap();
+        let mut config = fixture.config(BUSYBOX, &["sleep", "30"]);
+        config.resources = Resources {
+            cpu_shares: Some(256),
+            cpu_quota: Some(50_000),
+            cpu_period: Some(100_000),
+            memory_limit: Some(32 << 20),
+            pids_limit: Some(64),
+        };
+        let cgroup = config.cgroups_path.clone().unwrap();
+        fixture.runtime.create_container(&config).await.unwrap();
+        fixture.runtime.start_container(&config.id).await.unwrap();
+        let read = |controller: &str, file: &str| {
+            let path = format!("/sys/fs/cgroup/{controller}{cgroup}/{file}");
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {path}: {e}"))
+                .trim()
+                .to_string()
+        };
+        assert_eq!(read("memory", "memory.limit_in_bytes"), (32u64 << 20).to_string());
+        assert_eq!(read("cpu", "cpu.shares"), "256");
+        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("pids", "pids.max"), "64");
+        let status = fixture
+            .runtime
+            .stop_container(&config.id, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(!status.oom_killed, "{status:?}");
+        fixture.runtime.delete_container(&config.id).await.unwrap();
 
-    // `tail` of an endless line buffers without bound: the OOM killer ends it.
-    let mut config = fixture.config(BUSYBOX, &["tail", "/dev/zero"]);
-    config.resources.memory_limit = Some(32 << 20);
-    fixture.runtime.create_container(&config).await.unwrap();
-    fixture.runtime.start_container(&config.id).await.unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(60), fixture.runtime.wait_container(&config.id))
-        .await
-        .expect("the memory hog is killed within 60 s")
-        .unwrap();
-    assert_eq!(status.code, 137, "{status:?}");
-    assert!(status.oom_killed, "{status:?}");
-    fixture.runtime.delete_container(&config.id).await.unwrap();
-    fixture.finish().await;
+        // `tail` of an endless line buffers without bound: the OOM killer ends it.
+        let mut config = fixture.config(BUSYBOX, &["tail", "/dev/zero"]);
+        config.resources.memory_limit = Some(32 << 20);
+        fixture.runtime.create_container(&config).await.unwrap();
+        fixture.runtime.start_container(&config.id).await.unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(60), fixture.runtime.wait_container(&config.id))
+            .await
+            .expect("the memory hog is killed within 60 s")
+            .unwrap();
+        assert_eq!(status.code, 137, "{status:?}");
+        assert!(status.oom_killed, "{status:?}");
+        fixture.runtime.delete_container(&config.id).await.unwrap();
+    })
+    .catch_unwind()
+    .await;
+    fixture.finish(outcome).await;
 }
 
 #[tokio::test]
@@ -530,58 +574,62 @@ async fn limits_reach_the_cgroup_and_an_oom_kill_is_reported() {
 async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     let Some(images) = images() else { return };
     let fixture = Fixture::new(images).await;
-    fixture.import("busybox.tar").await;
+    let outcome = AssertUnwindSafe(async {
+        fixture.import("busybox.tar").await;
 
-    // Handles SIGTERM: exits with its own code, well before the grace period ends.
-    let config = fixture.config(
-        BUSYBOX,
-        &[
-            "sh",
-            "-c",
-            "trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 0.1; done",
-        ],
-    );
-    fixture.runtime.create_container(&config).await.unwrap();
-    fixture.runtime.start_container(&config.id).await.unwrap();
-    wait_for_log(&config.log_path, "ready").await;
-    let started = Instant::now();
-    let status = fixture
-        .runtime
-        .stop_container(&config.id, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    assert_eq!(status.code, 7, "{status:?}");
-    assert!(
-        took < Duration::from_secs(5),
-        "SIGTERM was handled but stop took {took:?}"
-    );
-    assert!(std::fs::read_to_string(&config.log_path).unwrap().contains("got-term"));
-    fixture.runtime.delete_container(&config.id).await.unwrap();
+        // Handles SIGTERM: exits with its own code, well before the grace period ends.
+        let config = fixture.config(
+            BUSYBOX,
+            &[
+                "sh",
+                "-c",
+                "trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 0.1; done",
+            ],
+        );
+        fixture.runtime.create_container(&config).await.unwrap();
+        fixture.runtime.start_container(&config.id).await.unwrap();
+        wait_for_log(&config.log_path, "ready").await;
+        let started = Instant::now();
+        let status = fixture
+            .runtime
+            .stop_container(&config.id, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(status.code, 7, "{status:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "SIGTERM was handled but stop took {took:?}"
+        );
+        assert!(std::fs::read_to_string(&config.log_path).unwrap().contains("got-term"));
+        fixture.runtime.delete_container(&config.id).await.unwrap();
 
-    // Ignores SIGTERM: killed when the grace period (1 s) ends.
-    let config = fixture.config(
-        BUSYBOX,
-        &["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.1; done"],
-    );
-    fixture.runtime.create_container(&config).await.unwrap();
-    fixture.runtime.start_container(&config.id).await.unwrap();
-    wait_for_log(&config.log_path, "ready").await;
-    let started = Instant::now();
-    let status = fixture
-        .runtime
-        .stop_container(&config.id, Duration::from_secs(1))
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    assert_eq!(status.code, 137, "{status:?}");
-    assert!(
-        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
-        "SIGKILL came after {took:?}"
-    );
-    eprintln!("grace 1 s: killed after {took:?}");
-    fixture.runtime.delete_container(&config.id).await.unwrap();
-    fixture.finish().await;
+        // Ignores SIGTERM: killed when the grace period (1 s) ends.
+        let config = fixture.config(
+            BUSYBOX,
+            &["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.1; done"],
+        );
+        fixture.runtime.create_container(&config).await.unwrap();
+        fixture.runtime.start_container(&config.id).await.unwrap();
+        wait_for_log(&config.log_path, "ready").await;
+        let started = Instant::now();
+        let status = fixture
+            .runtime
+            .stop_container(&config.id, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(status.code, 137, "{status:?}");
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+            "SIGKILL came after {took:?}"
+        );
+        eprintln!("grace 1 s: killed after {took:?}");
+        fixture.runtime.delete_container(&config.id).await.unwrap();
+    })
+    .catch_unwind()
+    .await;
+    fixture.finish(outcome).await;
 }
 
 async fn wait_for_log(path: &Path, text: &str) {
@@ -597,71 +645,76 @@ async fn wait_for_log(path: &Path, text: &str) {
 async fn echo_in_a_pod_netns_answers_and_survives_a_containerd_restart() {
     let Some(images) = images() else { return };
     let fixture = Fixture::new(images).await;
-    fixture.import("echo.tar").await;
-    let netns = Netns::new();
+    let outcome = AssertUnwindSafe(async {
+        fixture.import("echo.tar").await;
+        let netns = Netns::new();
 
-    let mut config = fixture.config(ECHO, &[]);
-    config.network = NetworkNamespace::Path(netns.path());
-    config.env = vec![("POD_NAME".into(), "echo-pod".into())];
-    fixture.runtime.create_container(&config).await.unwrap();
-    let started = Instant::now();
-    fixture.runtime.start_container(&config.id).await.unwrap();
-    let addr = SocketAddrV4::new(netns.ns_ip, 8080);
-    let body = tokio::task::spawn_blocking(move || http_get_within(addr, Duration::from_secs(10)))
-        .await
-        .unwrap();
-    eprintln!("echo answered {:?} after {:?}", body, started.elapsed());
-    assert!(body.starts_with("echo-pod "), "{body}");
-    assert!(body.contains(&netns.ns_ip.to_string()), "{body}");
-    let _ = netns.host_ip;
+        let mut config = fixture.config(ECHO, &[]);
+        config.network = NetworkNamespace::Path(netns.path());
+        config.env = vec![("POD_NAME".into(), "echo-pod".into())];
+        fixture.runtime.create_container(&config).await.unwrap();
+        let started = Instant::now();
+        fixture.runtime.start_container(&config.id).await.unwrap();
+        let addr = SocketAddrV4::new(netns.ns_ip, 8080);
+        let body = tokio::task::spawn_blocking(move || http_get_within(addr, Duration::from_secs(10)))
+            .await
+            .unwrap();
+        eprintln!("echo answered {:?} after {:?}", body, started.elapsed());
+        assert!(body.starts_with("echo-pod "), "{body}");
+        assert!(body.contains(&netns.ns_ip.to_string()), "{body}");
 
-    // Kill containerd: the supervisor restarts it, the container keeps serving throughout
-    // and the new containerd still lists it as running.
-    let restarts = fixture.containerd().restarts();
-    let old_pid = fixture.containerd().pid().unwrap();
-    // SAFETY: kill has no memory-safety preconditions; old_pid is the containerd we started.
-    unsafe { libc::kill(old_pid as i32, libc::SIGKILL) };
-    let killed = Instant::now();
-    let during = tokio::task::spawn_blocking(move || http_get(addr)).await.unwrap();
-    assert!(
-        during.is_ok(),
-        "the container stopped answering when containerd died: {during:?}"
-    );
-    fixture
-        .containerd()
-        .wait_restarted(restarts, Duration::from_secs(30))
-        .await
-        .expect("containerd restarted");
-    eprintln!("containerd answered again {:?} after SIGKILL", killed.elapsed());
-    assert_ne!(fixture.containerd().pid(), Some(old_pid));
-    let body = tokio::task::spawn_blocking(move || http_get_within(addr, Duration::from_secs(5)))
-        .await
-        .unwrap();
-    assert!(body.starts_with("echo-pod "), "{body}");
-    let listed = fixture
-        .runtime
-        .list_containers()
-        .await
-        .expect("listing after the restart");
-    let ours = listed
-        .iter()
-        .find(|c| c.id == config.id)
-        .expect("the echo container is still listed");
-    assert!(matches!(ours.task, TaskStatus::Running { .. }), "{ours:?}");
-    assert_eq!(ours.labels.get(POD_UID_LABEL).map(String::as_str), Some("uid-1"));
-    assert_eq!(ours.log_path.as_deref(), Some(config.log_path.as_path()));
+        // Kill containerd: the supervisor restarts it, the container keeps serving throughout
+        // and the new containerd still lists it as running.
+        let restarts = fixture.containerd().restarts();
+        let old_pid = fixture.containerd().pid().unwrap();
+        // SAFETY: kill has no memory-safety preconditions; old_pid is the containerd we started.
+        unsafe { libc::kill(old_pid as i32, libc::SIGKILL) };
+        let killed = Instant::now();
+        let during = tokio::task::spawn_blocking(move || http_get(addr)).await.unwrap();
+        assert!(
+            during.is_ok(),
+            "the container stopped answering when containerd died: {during:?}"
+        );
+        fixture
+            .containerd()
+            .wait_restarted(restarts, Duration::from_secs(30))
+            .await
+            .expect("containerd restarted");
+        eprintln!("containerd answered again {:?} after SIGKILL", killed.elapsed());
+        assert_ne!(fixture.containerd().pid(), Some(old_pid));
+        let body = tokio::task::spawn_blocking(move || http_get_within(addr, Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert!(body.starts_with("echo-pod "), "{body}");
+        let listed = fixture
+            .runtime
+            .list_containers()
+            .await
+            .expect("listing after the restart");
+        let ours = listed
+            .iter()
+            .find(|c| c.id == config.id)
+            .expect("the echo container is still listed");
+        assert!(matches!(ours.task, TaskStatus::Running { .. }), "{ours:?}");
+        if std::env::var_os("WEIR_TEST_FORCE_FAILURE").is_some() {
+            panic!("forced failure (WEIR_TEST_FORCE_FAILURE): the cleanup must still happen");
+        }
+        assert_eq!(ours.labels.get(POD_UID_LABEL).map(String::as_str), Some("uid-1"));
+        assert_eq!(ours.log_path.as_deref(), Some(config.log_path.as_path()));
 
-    // The restarted containerd still controls it.
-    let status = fixture
-        .runtime
-        .stop_container(&config.id, Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert!(
-        status.code == 0 || status.code == 143 || status.code == 137,
-        "{status:?}"
-    );
-    fixture.runtime.delete_container(&config.id).await.unwrap();
-    fixture.finish().await;
-    drop(netns);
+        // The restarted containerd still controls it.
+        let status = fixture
+            .runtime
+            .stop_container(&config.id, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            status.code == 0 || status.code == 143 || status.code == 137,
+            "{status:?}"
+        );
+        fixture.runtime.delete_container(&config.id).await.unwrap();
+    })
+    .catch_unwind()
+    .await;
+    fixture.finish(outcome).await;
 }

@@ -13,7 +13,7 @@ use containerd_client::services::v1::snapshots::{MountsRequest, PrepareSnapshotR
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteTaskRequest,
-    GetContainerRequest, KillRequest, ListContainersRequest, ListTasksRequest, StartRequest, WaitRequest,
+    GetContainerRequest, GetRequest, KillRequest, ListContainersRequest, ListTasksRequest, StartRequest, WaitRequest,
 };
 use containerd_client::tonic::Code;
 use containerd_client::types::v1::Status as ProcessStatus;
@@ -316,34 +316,50 @@ impl Runtime {
     /// snapshot. Parts already gone are skipped, so it can finish a half-done delete.
     pub async fn delete_container(&self, id: &str) -> Result<(), Error> {
         let mut tasks = TasksClient::new(self.channel());
-        let delete_task = |mut tasks: TasksClient<_>| async move {
-            tasks
+        let task = tasks
+            .get(self.request(GetRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            }))
+            .await;
+        let status = match task {
+            Ok(response) => response.into_inner().process.map(|p| p.status),
+            Err(status) if status.code() == Code::NotFound => None,
+            Err(status) => return Err(Error::rpc("getting the task")(status)),
+        };
+        if let Some(status) = status {
+            // containerd refuses to delete a task that has not exited: kill everything in it
+            // and reap it first.
+            if ProcessStatus::try_from(status) != Ok(ProcessStatus::Stopped) {
+                let waiter = {
+                    let runtime = self.clone();
+                    let id = id.to_string();
+                    tokio::spawn(async move { runtime.wait_container(&id).await })
+                };
+                match self.signal_container(id, libc::SIGKILL, true).await {
+                    Ok(()) | Err(Error::NotFound(_)) => {}
+                    Err(Error::Rpc {
+                        code: Code::FailedPrecondition,
+                        ..
+                    }) => {}
+                    Err(e) => return Err(e),
+                }
+                if tokio::time::timeout(Duration::from_secs(10), waiter).await.is_err() {
+                    return Err(Error::Containerd(format!(
+                        "container {id} did not exit within 10 s of SIGKILL; see containerd.log"
+                    )));
+                }
+            }
+            match tasks
                 .delete(self.request(DeleteTaskRequest {
                     container_id: id.to_string(),
                 }))
                 .await
-        };
-        match delete_task(tasks.clone()).await {
-            Ok(_) => {}
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) if status.code() == Code::FailedPrecondition => {
-                // Still running: kill everything in it, reap, delete.
-                let _ = tasks
-                    .kill(self.request(KillRequest {
-                        container_id: id.to_string(),
-                        exec_id: String::new(),
-                        signal: libc::SIGKILL as u32,
-                        all: true,
-                    }))
-                    .await;
-                let _ = tokio::time::timeout(Duration::from_secs(10), self.wait_container(id)).await;
-                match delete_task(tasks).await {
-                    Ok(_) => {}
-                    Err(status) if status.code() == Code::NotFound => {}
-                    Err(status) => return Err(Error::rpc("deleting the task")(status)),
-                }
+            {
+                Ok(_) => {}
+                Err(status) if status.code() == Code::NotFound => {}
+                Err(status) => return Err(Error::rpc("deleting the task")(status)),
             }
-            Err(status) => return Err(Error::rpc("deleting the task")(status)),
         }
         match ContainersClient::new(self.channel())
             .delete(self.request(DeleteContainerRequest { id: id.to_string() }))
@@ -373,7 +389,18 @@ impl Runtime {
             .map_err(Error::rpc("listing tasks"))?
             .into_inner()
             .tasks;
-        let tasks: HashMap<String, _> = tasks.into_iter().map(|t| (t.container_id.clone(), t)).collect();
+        // containerd 1.6 fills in only `id` (the container id, for init processes).
+        let tasks: HashMap<String, _> = tasks
+            .into_iter()
+            .map(|t| {
+                let id = if t.container_id.is_empty() {
+                    t.id.clone()
+                } else {
+                    t.container_id.clone()
+                };
+                (id, t)
+            })
+            .collect();
         let mut out: Vec<ContainerState> = containers
             .into_iter()
             .map(|c| {

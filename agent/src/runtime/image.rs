@@ -197,7 +197,12 @@ impl Archive {
         }
         let mut members = HashMap::new();
         {
-            let reader = file.try_clone().map_err(|e| io("reading", e))?;
+            // A fresh handle: a clone would share the offset the magic check moved.
+            let reader = match &temporary {
+                Some(out) => File::open(out),
+                None => File::open(path),
+            }
+            .map_err(|e| io("opening", e))?;
             let mut tar = tar::Archive::new(reader);
             for entry in tar.entries().map_err(|e| io("reading the tar archive", e))? {
                 let entry = entry.map_err(|e| io("reading a tar entry of", e))?;

@@ -515,7 +515,6 @@ fn default_mounts(privileged: bool) -> Result<Vec<Mount>, oci_spec::OciSpecError
                 .source(source)
                 .options(options.into_iter().map(String::from).collect::<Vec<_>>())
                 .build()
-                .map_err(Into::into)
         })
         .collect()
 }
