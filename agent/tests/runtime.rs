@@ -158,6 +158,9 @@ impl Fixture {
         {
             problems.push(format!("containerd {pid} still runs after shutdown"));
         }
+        if outcome.is_err() || !problems.is_empty() {
+            kill_leftovers(self.dir.path(), &self.cgroup_parent);
+        }
         unmount_under(self.dir.path());
         remove_cgroups(&self.cgroup_parent);
         if let Err(panic) = outcome {
@@ -183,9 +186,37 @@ impl Drop for Fixture {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
+        kill_leftovers(self.dir.path(), &self.cgroup_parent);
         unmount_under(self.dir.path());
         remove_cgroups(&self.cgroup_parent);
     }
+}
+
+/// After a failure: SIGKILL what this test started and could not stop through containerd:
+/// containerds and shims (their command lines name the test's unique directory) and the
+/// processes in the test's cgroups.
+fn kill_leftovers(dir: &Path, cgroup_parent: &str) {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut pids: Vec<i32> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            pids.push(pid);
+        }
+    }
+    let pids_root = Path::new("/sys/fs/cgroup/pids").join(cgroup_parent.trim_start_matches('/'));
+    for cgroup in std::fs::read_dir(&pids_root).into_iter().flatten().flatten() {
+        let procs = std::fs::read_to_string(cgroup.path().join("cgroup.procs")).unwrap_or_default();
+        pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    for pid in pids {
+        // SAFETY: kill has no memory-safety preconditions; each pid belongs to this test.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
 }
 
 /// Removes this test's cgroup directories (runc removes a container's own, not its parents).
@@ -713,6 +744,93 @@ async fn echo_in_a_pod_netns_answers_and_survives_a_containerd_restart() {
             "{status:?}"
         );
         fixture.runtime.delete_container(&config.id).await.unwrap();
+    })
+    .catch_unwind()
+    .await;
+    fixture.finish(outcome).await;
+}
+
+#[tokio::test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+async fn a_containerd_left_by_a_dead_agent_is_replaced_and_its_containers_readopted() {
+    let Some(images) = images() else { return };
+    let fixture = Fixture::new(images).await;
+    let outcome = AssertUnwindSafe(async {
+        fixture.import("busybox.tar").await;
+        let config = fixture.config(BUSYBOX, &["sh", "-c", "echo up; exec sleep 300"]);
+        fixture.runtime.create_container(&config).await.unwrap();
+        fixture.runtime.start_container(&config.id).await.unwrap();
+        wait_for_log(&config.log_path, "up").await;
+
+        // The "dead agent": a containerd for a second directory, started on a runtime that is
+        // then dropped (the supervisor dies with it) and never shut down.
+        let dir = fixture.dir.path().join("orphan");
+        let orphan_config = ContainerdConfig::managed(&dir);
+        let orphan_pid = {
+            let orphan_config = orphan_config.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let containerd = Containerd::start(&orphan_config).await.expect("starting the orphan");
+                    let pid = containerd.pid().unwrap();
+                    // An agent killed by SIGKILL runs no destructor.
+                    std::mem::forget(containerd);
+                    pid
+                })
+            })
+            .join()
+            .unwrap()
+        };
+        let orphan_runtime = Runtime::connect(&orphan_config.socket(), "weir-orphan").await.unwrap();
+        orphan_runtime
+            .import_archive(&fixture.images.join("busybox.tar"))
+            .await
+            .unwrap();
+        let mut orphan_container = fixture.config(BUSYBOX, &["sleep", "300"]);
+        orphan_container.id = unique("orphan");
+        orphan_runtime.create_container(&orphan_container).await.unwrap();
+        let container_pid = orphan_runtime.start_container(&orphan_container.id).await.unwrap();
+        if std::env::var_os("WEIR_TEST_FORCE_FAILURE").is_some() {
+            panic!("forced failure (WEIR_TEST_FORCE_FAILURE): the orphan must be cleaned up too");
+        }
+
+        // The next agent starts containerd on the same directory: the old one is stopped, a
+        // new one answers, and the container is still running and listed.
+        let replacement = Containerd::start(&orphan_config)
+            .await
+            .expect("starting over the orphan");
+        assert_ne!(replacement.pid(), Some(orphan_pid));
+        let alive = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| !stat.contains(") Z "))
+                .unwrap_or(false)
+        };
+        assert!(!alive(orphan_pid), "the orphaned containerd {orphan_pid} still runs");
+        // SAFETY: waitpid on our own (zombie) child; reaps it.
+        unsafe { libc::waitpid(orphan_pid as i32, std::ptr::null_mut(), 0) };
+        assert!(alive(container_pid), "the container died with its containerd");
+        let agent = Runtime::connect(replacement.socket(), "weir-orphan").await.unwrap();
+        let listed = agent.list_containers().await.unwrap();
+        let found = listed.iter().find(|c| c.id == orphan_container.id).expect("re-adopted");
+        assert_eq!(found.task, TaskStatus::Running { pid: container_pid });
+        let status = agent
+            .stop_container(&orphan_container.id, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            status.code, 137,
+            "sleep ignores SIGTERM as pid 1: killed after the grace period"
+        );
+        agent.delete_container(&orphan_container.id).await.unwrap();
+        replacement.shutdown().await.unwrap();
+        unmount_under(&dir);
+
+        // The fixture's own container never noticed.
+        let mine = fixture.runtime.list_containers().await.unwrap();
+        assert!(matches!(mine[0].task, TaskStatus::Running { .. }), "{mine:?}");
     })
     .catch_unwind()
     .await;
