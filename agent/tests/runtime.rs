@@ -385,6 +385,43 @@ async fn imports_oci_and_docker_archives() {
         assert!(matches!(missing, Error::ImageNotPresent { .. }), "{missing}");
         assert!(missing.to_string().contains("not present"), "{missing}");
 
+        // An image whose layer snapshot has gone (as after `ctr images import --no-unpack`)
+        // is unpacked again by ensure_image.
+        let socket = fixture.containerd().socket().display().to_string();
+        let removed = Command::new("ctr")
+            .args([
+                "-a",
+                &socket,
+                "-n",
+                fixture.runtime.namespace(),
+                "snapshots",
+                "rm",
+                &image.chain_id,
+            ])
+            .output()
+            .expect("running ctr");
+        assert!(
+            removed.status.success(),
+            "ctr snapshots rm: {}",
+            String::from_utf8_lossy(&removed.stderr)
+        );
+        let again = fixture.runtime.ensure_image(BUSYBOX).await.unwrap();
+        assert_eq!(again.chain_id, image.chain_id);
+        let (code, log) = fixture.run(&fixture.config(BUSYBOX, &["echo", "unpacked-again"])).await;
+        assert_eq!((code, log.trim()), (0, "unpacked-again"));
+
+        // A gzipped archive.
+        let gzipped = fixture.dir.path().join("busybox.tar.gz");
+        let mut encoder =
+            flate2::write::GzEncoder::new(std::fs::File::create(&gzipped).unwrap(), flate2::Compression::fast());
+        std::io::copy(
+            &mut std::fs::File::open(fixture.images.join("busybox.tar")).unwrap(),
+            &mut encoder,
+        )
+        .unwrap();
+        encoder.finish().unwrap();
+        assert_eq!(fixture.runtime.import_archive(&gzipped).await.unwrap(), [BUSYBOX]);
+
         // The same image as `docker save` would write it (uncompressed layer.tar, RepoTags).
         let docker = fixture.dir.path().join("docker-save.tar");
         docker_save_from_oci(
@@ -594,6 +631,45 @@ async fn limits_reach_the_cgroup_and_an_oom_kill_is_reported() {
         assert_eq!(status.code, 137, "{status:?}");
         assert!(status.oom_killed, "{status:?}");
         fixture.runtime.delete_container(&config.id).await.unwrap();
+    })
+    .catch_unwind()
+    .await;
+    fixture.finish(outcome).await;
+}
+
+#[tokio::test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+async fn twenty_containers_start_and_are_listed() {
+    let Some(images) = images() else { return };
+    let fixture = Fixture::new(images).await;
+    let outcome = AssertUnwindSafe(async {
+        fixture.import("busybox.tar").await;
+        let mut took = Vec::new();
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            let config = fixture.config(BUSYBOX, &["sleep", "300"]);
+            let started = Instant::now();
+            fixture.runtime.create_container(&config).await.unwrap();
+            fixture.runtime.start_container(&config.id).await.unwrap();
+            took.push(started.elapsed());
+            ids.push(config.id);
+        }
+        took.sort();
+        let (p50, max) = (took[took.len() / 2], took[took.len() - 1]);
+        eprintln!("create + start of 20 containers, one after another: p50 {p50:?}, max {max:?}");
+        assert!(p50 < Duration::from_secs(1), "create + start p50 {p50:?}");
+        let listed = fixture.runtime.list_containers().await.unwrap();
+        let running = listed
+            .iter()
+            .filter(|c| ids.contains(&c.id) && matches!(c.task, TaskStatus::Running { .. }))
+            .count();
+        assert_eq!(running, 20, "{listed:?}");
+        let started = Instant::now();
+        for id in &ids {
+            fixture.runtime.delete_container(id).await.unwrap();
+        }
+        eprintln!("delete (SIGKILL) of 20 running containers: {:?}", started.elapsed());
+        assert_eq!(fixture.runtime.list_containers().await.unwrap(), vec![]);
     })
     .catch_unwind()
     .await;

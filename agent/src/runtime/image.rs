@@ -686,6 +686,23 @@ impl Runtime {
     /// snapshot yet, prepare one on its parent, apply the layer through the diff service and
     /// commit it under the chain ID.
     async fn unpack(&self, lease: Option<&str>, layers: &[Desc], diff_ids: &[String]) -> Result<(), Error> {
+        // Without a lease, garbage collection (which runs after every deletion) may remove
+        // the half-made snapshot between prepare and commit; take one when needed.
+        let mut own_lease = None;
+        let result = self.unpack_leased(lease, &mut own_lease, layers, diff_ids).await;
+        if let Some(own) = own_lease {
+            self.delete_lease(&own).await;
+        }
+        result
+    }
+
+    async fn unpack_leased(
+        &self,
+        lease: Option<&str>,
+        own_lease: &mut Option<String>,
+        layers: &[Desc],
+        diff_ids: &[String],
+    ) -> Result<(), Error> {
         let chains = chain_ids(diff_ids);
         let mut snapshots = SnapshotsClient::new(self.channel());
         let mut diff = DiffClient::new(self.channel());
@@ -704,17 +721,21 @@ impl Runtime {
             }
             let parent = if i == 0 { String::new() } else { chains[i - 1].clone() };
             let key = format!("weir-extract-{}-{chain}", unique_suffix());
-            let with_lease = |r| match lease {
-                Some(lease) => self.leased(r, lease),
-                None => self.request(r),
+            let lease = match (lease, own_lease.as_deref()) {
+                (Some(lease), _) => lease.to_string(),
+                (None, Some(own)) => own.to_string(),
+                (None, None) => own_lease.insert(self.create_lease().await?).clone(),
             };
             let mounts = snapshots
-                .prepare(with_lease(PrepareSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: key.clone(),
-                    parent,
-                    labels: HashMap::new(),
-                }))
+                .prepare(self.leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: key.clone(),
+                        parent,
+                        labels: HashMap::new(),
+                    },
+                    &lease,
+                ))
                 .await
                 .map_err(Error::rpc("preparing a snapshot to unpack a layer into"))?
                 .into_inner()
@@ -741,12 +762,15 @@ impl Runtime {
                 )));
             }
             let committed = snapshots
-                .commit(self.request(CommitSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    name: chain.clone(),
-                    key: key.clone(),
-                    ..Default::default()
-                }))
+                .commit(self.leased(
+                    CommitSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        name: chain.clone(),
+                        key: key.clone(),
+                        ..Default::default()
+                    },
+                    &lease,
+                ))
                 .await;
             match committed {
                 Ok(_) => {}
@@ -772,7 +796,7 @@ impl Runtime {
     /// A lease keeps blobs and snapshots of an import from garbage collection until the
     /// image record refers to them; it expires by itself if the agent dies mid-import.
     async fn create_lease(&self) -> Result<String, Error> {
-        let id = format!("weir-import-{}", unique_suffix());
+        let id = format!("weir-unpack-{}", unique_suffix());
         let expire = jiff::Timestamp::now()
             .checked_add(jiff::SignedDuration::from_hours(1))
             .map_err(|e| Error::Containerd(format!("computing the import lease's expiry: {e}")))?
