@@ -357,6 +357,21 @@ async fn containerd_starts_in_a_private_dir_and_stops_cleanly() {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         assert!(String::from_utf8_lossy(&cmdline).contains(&dir.join("config.toml").display().to_string()));
         assert_eq!(fixture.runtime.list_containers().await.unwrap(), vec![]);
+
+        // An existing containerd is used as it is and left running on shutdown.
+        let existing = Containerd::start(&ContainerdConfig {
+            existing_socket: Some(fixture.containerd().socket().to_path_buf()),
+            ..ContainerdConfig::managed("/nonexistent")
+        })
+        .await
+        .expect("using the running containerd by its socket");
+        assert_eq!(existing.pid(), None);
+        existing.shutdown().await.unwrap();
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "the existing containerd was stopped"
+        );
+        assert!(!Path::new("/nonexistent").exists());
     })
     .catch_unwind()
     .await;
@@ -774,6 +789,13 @@ async fn echo_in_a_pod_netns_answers_and_survives_a_containerd_restart() {
         // and the new containerd still lists it as running.
         let restarts = fixture.containerd().restarts();
         let old_pid = fixture.containerd().pid().unwrap();
+        // A wait in flight when containerd dies carries on against the restarted one.
+        let waiter = {
+            let runtime = fixture.runtime.clone();
+            let id = config.id.clone();
+            tokio::spawn(async move { runtime.wait_container(&id).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
         // SAFETY: kill has no memory-safety preconditions; old_pid is the containerd we started.
         unsafe { libc::kill(old_pid as i32, libc::SIGKILL) };
         let killed = Instant::now();
@@ -819,6 +841,12 @@ async fn echo_in_a_pod_netns_answers_and_survives_a_containerd_restart() {
             status.code == 0 || status.code == 143 || status.code == 137,
             "{status:?}"
         );
+        let waited = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the wait started before the restart returns")
+            .unwrap()
+            .expect("the wait started before the restart succeeds");
+        assert_eq!(waited.code, status.code);
         fixture.runtime.delete_container(&config.id).await.unwrap();
     })
     .catch_unwind()

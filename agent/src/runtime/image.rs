@@ -321,13 +321,10 @@ struct Plan {
 /// `library/`, no tag or digest means `:latest`.
 pub fn normalize_reference(reference: &str) -> Result<String, Error> {
     let reference = reference.trim();
-    if reference.is_empty() || reference.contains(char::is_whitespace) || reference.chars().any(|c| c.is_uppercase()) {
-        // Upper case is only allowed in the domain; checked on the remainder below.
-        if reference.is_empty() || reference.contains(char::is_whitespace) {
-            return Err(Error::InvalidSpec(format!(
-                "{reference:?} is not an image reference (like busybox, weir.local/echo:latest)"
-            )));
-        }
+    if reference.is_empty() || reference.contains(char::is_whitespace) {
+        return Err(Error::InvalidSpec(format!(
+            "{reference:?} is not an image reference (like busybox, weir.local/echo:latest)"
+        )));
     }
     let (domain, rest) = match reference.split_once('/') {
         Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
