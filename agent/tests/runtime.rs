@@ -127,8 +127,9 @@ impl Fixture {
             .await
             .expect("the container exits within 30 s")
             .expect("wait");
-        let log = std::fs::read_to_string(&config.log_path).unwrap_or_default();
+        // The shim finishes copying the pipes into the log when the task is deleted.
         self.runtime.delete_container(&config.id).await.expect("delete");
+        let log = std::fs::read_to_string(&config.log_path).unwrap_or_default();
         (status.code, log)
     }
 
@@ -723,8 +724,8 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
             took < Duration::from_secs(5),
             "SIGTERM was handled but stop took {took:?}"
         );
-        assert!(std::fs::read_to_string(&config.log_path).unwrap().contains("got-term"));
         fixture.runtime.delete_container(&config.id).await.unwrap();
+        assert!(std::fs::read_to_string(&config.log_path).unwrap().contains("got-term"));
 
         // Ignores SIGTERM: killed when the grace period (1 s) ends.
         let config = fixture.config(

@@ -214,6 +214,8 @@ impl Runtime {
 
     /// Waits for the container's process to exit. Survives a containerd restart: while
     /// containerd is unreachable it retries (up to a minute), then waits on the restarted one.
+    /// The log file may still lack the last output: the shim finishes copying it when the
+    /// task is deleted ([`Runtime::delete_container`]).
     pub async fn wait_container(&self, id: &str) -> Result<ExitStatus, Error> {
         let mut unreachable_since: Option<std::time::Instant> = None;
         let response = loop {
@@ -313,7 +315,8 @@ impl Runtime {
     }
 
     /// Deletes the container: its task (killed first if still running), the record and the
-    /// snapshot. Parts already gone are skipped, so it can finish a half-done delete.
+    /// snapshot. Parts already gone are skipped, so it can finish a half-done delete. Once it
+    /// returns, the log file holds all the container wrote (the shim flushes on task delete).
     pub async fn delete_container(&self, id: &str) -> Result<(), Error> {
         let mut tasks = TasksClient::new(self.channel());
         let task = tasks
