@@ -90,6 +90,16 @@ impl Containerd {
             info!(socket = %socket.display(), "using an existing containerd");
             return Ok(Containerd { socket, managed: None });
         }
+        // sun_path holds 108 bytes with the terminating NUL; containerd would only say it
+        // cannot listen.
+        let ttrpc_socket_len = socket.as_os_str().len() + ".ttrpc".len();
+        if ttrpc_socket_len > 107 {
+            return Err(Error::Containerd(format!(
+                "the socket path {}.ttrpc is {ttrpc_socket_len} bytes, over the 107 a unix socket allows: use a \
+                 shorter data directory",
+                socket.display()
+            )));
+        }
         if !config.binary.exists() {
             return Err(Error::Containerd(format!(
                 "{} does not exist: install containerd and runc (`cargo xtask setup`, or `apt-get install \
@@ -460,6 +470,17 @@ mod tests {
             toml.contains("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]"),
             "{toml}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_too_long_for_unix_sockets_is_refused_up_front() {
+        let dir = PathBuf::from("/tmp").join("d".repeat(100));
+        let err = Containerd::start(&ContainerdConfig::managed(&dir))
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("shorter data directory"), "{err}");
+        assert!(!dir.exists(), "nothing is created");
     }
 
     #[test]

@@ -617,7 +617,10 @@ impl Runtime {
         }
         // Chunks are read from the file as tonic pulls them, so a large layer never sits in
         // memory whole; a read error ends the stream early and is reported below.
-        let reference = format!("weir-import-{}", desc.digest);
+        // A ref of its own per write: containerd locks a ref while it is written, and two imports
+        // of the same blob at once must not fail on each other's lock (the second commit finds
+        // the blob there and says AlreadyExists, which is success).
+        let reference = format!("weir-import-{}-{}", desc.digest, unique_suffix());
         let read_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
         let chunks = size.div_ceil(WRITE_CHUNK as u64).max(1);
         let reader = ChunkReader::new(archive, source)?;
