@@ -662,8 +662,10 @@ async fn twenty_containers_start_and_are_listed() {
         fixture.import("busybox.tar").await;
         let mut took = Vec::new();
         let mut ids = Vec::new();
-        for _ in 0..20 {
-            let config = fixture.config(BUSYBOX, &["sleep", "300"]);
+        for i in 0..20 {
+            let mut config = fixture.config(BUSYBOX, &["sleep", "300"]);
+            let pod = if i % 2 == 0 { "pod-a" } else { "pod-\"b\"" };
+            config.labels.insert(POD_UID_LABEL.into(), pod.into());
             let started = Instant::now();
             fixture.runtime.create_container(&config).await.unwrap();
             fixture.runtime.start_container(&config.id).await.unwrap();
@@ -680,6 +682,12 @@ async fn twenty_containers_start_and_are_listed() {
             .filter(|c| ids.contains(&c.id) && matches!(c.task, TaskStatus::Running { .. }))
             .count();
         assert_eq!(running, 20, "{listed:?}");
+        for pod in ["pod-a", "pod-\"b\""] {
+            let of_pod = fixture.runtime.list_pod_containers(pod).await.unwrap();
+            assert_eq!(of_pod.len(), 10, "{pod}: {of_pod:?}");
+            assert!(of_pod.iter().all(|c| c.labels[POD_UID_LABEL] == pod), "{of_pod:?}");
+        }
+        assert_eq!(fixture.runtime.list_pod_containers("pod-c").await.unwrap(), vec![]);
         let started = Instant::now();
         for id in &ids {
             fixture.runtime.delete_container(id).await.unwrap();

@@ -380,8 +380,22 @@ impl Runtime {
     /// Every container in this namespace with its task's state: what a restarted agent
     /// re-adopts (by [`super::POD_UID_LABEL`] and [`super::CONTAINER_NAME_LABEL`]).
     pub async fn list_containers(&self) -> Result<Vec<ContainerState>, Error> {
+        self.list_containers_filtered(Vec::new()).await
+    }
+
+    /// The containers of one pod (label [`super::POD_UID_LABEL`] = `pod_uid`), as
+    /// [`Runtime::list_containers`] describes them.
+    pub async fn list_pod_containers(&self, pod_uid: &str) -> Result<Vec<ContainerState>, Error> {
+        // containerd's filter syntax: a quoted label key, the value quoted too (uids are
+        // plain, but a quote or backslash must not end the string early).
+        let value = pod_uid.replace('\\', "\\\\").replace('"', "\\\"");
+        self.list_containers_filtered(vec![format!("labels.\"{}\"==\"{value}\"", super::POD_UID_LABEL)])
+            .await
+    }
+
+    async fn list_containers_filtered(&self, filters: Vec<String>) -> Result<Vec<ContainerState>, Error> {
         let containers = ContainersClient::new(self.channel())
-            .list(self.request(ListContainersRequest::default()))
+            .list(self.request(ListContainersRequest { filters }))
             .await
             .map_err(Error::rpc("listing containers"))?
             .into_inner()
