@@ -591,6 +591,20 @@ async fn runs_processes_with_exit_code_logs_env_user_cwd_and_mounts() {
         };
         let (_, log) = fixture.run(&config).await;
         assert_eq!(log.trim(), "allowed");
+
+        // Privileged: every capability and the host's devices.
+        let script = [
+            "sh",
+            "-c",
+            "ip addr add 10.9.9.9/32 dev lo 2>/dev/null && echo allowed || echo denied; \
+             test -c /dev/kmsg && echo host-devices || echo no-host-devices",
+        ];
+        let (_, log) = fixture.run(&fixture.config(BUSYBOX, &script)).await;
+        assert_eq!(log.lines().collect::<Vec<_>>(), ["denied", "no-host-devices"]);
+        let mut config = fixture.config(BUSYBOX, &script);
+        config.security.privileged = true;
+        let (_, log) = fixture.run(&config).await;
+        assert_eq!(log.lines().collect::<Vec<_>>(), ["allowed", "host-devices"]);
     })
     .catch_unwind()
     .await;

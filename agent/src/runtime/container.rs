@@ -19,7 +19,7 @@ use containerd_client::tonic::Code;
 use containerd_client::types::v1::Status as ProcessStatus;
 use tracing::{debug, info};
 
-use super::spec::{ContainerConfig, runtime_spec};
+use super::spec::{ContainerConfig, host_devices, runtime_spec};
 use super::{CGROUPS_PATH_LABEL, Error, LOG_PATH_LABEL, RUNC_RUNTIME, Runtime, SNAPSHOTTER};
 
 /// The type URL containerd stores runtime specs under.
@@ -108,7 +108,12 @@ impl Runtime {
             .cgroups_path
             .get_or_insert_with(|| format!("/{}/{}", self.namespace(), config.id))
             .clone();
-        let spec = runtime_spec(&config, &image.defaults)?;
+        let devices = if config.security.privileged {
+            host_devices()
+        } else {
+            Vec::new()
+        };
+        let spec = runtime_spec(&config, &image.defaults, &devices)?;
         let spec = serde_json::to_vec(&spec)
             .map_err(|e| Error::InvalidSpec(format!("container {}: serialising the spec: {e}", config.id)))?;
         let mut labels: HashMap<String, String> = config.labels.clone().into_iter().collect();

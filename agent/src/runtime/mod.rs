@@ -29,7 +29,7 @@ pub use daemon::{Containerd, ContainerdConfig, DEFAULT_BINARY};
 pub use image::{Image, ImageDefaults, chain_ids, normalize_reference};
 pub use spec::{
     BindMount, ContainerConfig, DEFAULT_CAPABILITIES, NetworkNamespace, ResolvedProcess, Resources, Security,
-    capabilities, resolve_process, runtime_spec,
+    capabilities, host_devices, resolve_process, runtime_spec,
 };
 
 /// The containerd namespace the agent keeps its images and containers in.

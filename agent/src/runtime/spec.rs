@@ -4,13 +4,14 @@
 //! structs come from `oci-spec`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder,
-    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDevice, LinuxDeviceBuilder,
+    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
+    UserBuilder,
 };
 
 use super::Error;
@@ -133,7 +134,7 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "AUDIT_WRITE",
 ];
 
-/// Every capability runc 1.1 knows (capabilities(7), 0 to 40); `privileged` and `ALL`.
+/// Every capability runc 1.1 knows, indexed by number (capabilities(7), 0 to 40).
 const ALL_CAPABILITIES: &[&str] = &[
     "CHOWN",
     "DAC_OVERRIDE",
@@ -284,10 +285,15 @@ pub fn capabilities(security: &Security) -> Result<HashSet<Capability>, Error> {
             ))
         })
     };
+    // `privileged` and `ALL` mean every capability the agent itself may hold (as containerd's
+    // CRI does): runc cannot grant more, and fails the whole container if asked to.
+    let bounding = own_bounding_set();
     let all = || {
         ALL_CAPABILITIES
             .iter()
-            .map(|c| parse(c))
+            .enumerate()
+            .filter(|(number, _)| bounding & (1u64 << number) != 0)
+            .map(|(_, c)| parse(c))
             .collect::<Result<HashSet<_>, _>>()
     };
     if security.privileged {
@@ -313,8 +319,82 @@ pub fn capabilities(security: &Security) -> Result<HashSet<Capability>, Error> {
     Ok(caps)
 }
 
+/// The host's device nodes under /dev, which a privileged container gets (as containerd's
+/// CRI does): char and block devices, without the pseudo-terminals of the host's sessions.
+pub fn host_devices() -> Vec<LinuxDevice> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let mut devices = Vec::new();
+    let mut dirs = vec![PathBuf::from("/dev")];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            // /dev/pts and /dev/shm, /dev/mqueue are the container's own mounts; /dev/console
+            // belongs to the host's terminal.
+            if ["/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/console"]
+                .iter()
+                .any(|p| path == Path::new(p))
+            {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let file_type = meta.file_type();
+            if file_type.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let typ = if file_type.is_char_device() {
+                LinuxDeviceType::C
+            } else if file_type.is_block_device() {
+                LinuxDeviceType::B
+            } else {
+                continue;
+            };
+            let rdev = meta.rdev();
+            let device = LinuxDeviceBuilder::default()
+                .path(path)
+                .typ(typ)
+                .major(i64::from(libc::major(rdev)))
+                .minor(i64::from(libc::minor(rdev)))
+                .file_mode(meta.mode() & 0o7777)
+                .uid(meta.uid())
+                .gid(meta.gid())
+                .build();
+            if let Ok(device) = device {
+                devices.push(device);
+            }
+        }
+    }
+    devices.sort_by(|a, b| a.path().cmp(b.path()));
+    devices
+}
+
+/// The agent's capability bounding set (`CapBnd` of /proc/self/status), all bits when it
+/// cannot be read.
+fn own_bounding_set() -> u64 {
+    static SET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("CapBnd:"))
+                    .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            })
+            .unwrap_or(u64::MAX)
+    })
+}
+
 /// The runtime spec. The root path is `rootfs`, where the shim mounts the snapshot.
-pub fn runtime_spec(config: &ContainerConfig, image: &ImageDefaults) -> Result<Spec, Error> {
+/// `host_devices` (from [`host_devices`]) are given to privileged containers only.
+pub fn runtime_spec(
+    config: &ContainerConfig,
+    image: &ImageDefaults,
+    host_devices: &[LinuxDevice],
+) -> Result<Spec, Error> {
     let invalid = |what: &str, e: &dyn std::fmt::Display| {
         Error::InvalidSpec(format!(
             "container {}: building the runtime spec ({what}): {e}",
@@ -446,6 +526,9 @@ pub fn runtime_spec(config: &ContainerConfig, image: &ImageDefaults) -> Result<S
     if let Some(path) = &config.cgroups_path {
         linux = linux.cgroups_path(PathBuf::from(path));
     }
+    if config.security.privileged && !host_devices.is_empty() {
+        linux = linux.devices(host_devices.to_vec());
+    }
     // Set either way: oci-spec's builder would otherwise fill in its own defaults.
     let (masked, readonly): (&[&str], &[&str]) = if config.security.privileged {
         (&[], &[])
@@ -543,7 +626,7 @@ mod tests {
     }
 
     fn spec_json(config: &ContainerConfig) -> serde_json::Value {
-        serde_json::to_value(runtime_spec(config, &busybox()).unwrap()).unwrap()
+        serde_json::to_value(runtime_spec(config, &busybox(), &host_devices()).unwrap()).unwrap()
     }
 
     #[test]
@@ -624,7 +707,10 @@ mod tests {
             privileged: true,
             ..Default::default()
         };
-        assert_eq!(names(&privileged).len(), ALL_CAPABILITIES.len());
+        assert_eq!(
+            names(&privileged).len() as u32,
+            (own_bounding_set() & ((1u64 << ALL_CAPABILITIES.len()) - 1)).count_ones()
+        );
         let bad = Security {
             add_capabilities: vec!["FLY".into()],
             ..Default::default()
@@ -674,6 +760,10 @@ mod tests {
         assert_eq!(data["type"], "bind");
         assert_eq!(data["options"], serde_json::json!(["rbind", "rprivate", "ro"]));
         assert!(spec["linux"]["maskedPaths"].as_array().unwrap().len() > 3);
+        assert!(
+            spec["linux"]["devices"].as_array().is_none_or(|d| d.is_empty()),
+            "host devices are for privileged containers only"
+        );
         assert_eq!(spec["process"]["capabilities"]["ambient"], serde_json::json!([]));
         assert_eq!(spec["process"]["rlimits"], serde_json::json!([]));
     }
