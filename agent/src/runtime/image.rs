@@ -222,18 +222,20 @@ impl Archive {
         })
     }
 
-    fn source(&self, member: &str) -> Result<Source, Error> {
+    /// Where a member's bytes are in the (uncompressed) file: offset and size.
+    fn region(&self, member: &str) -> Result<(u64, u64), Error> {
         let member = member.trim_start_matches("./");
-        let (offset, size) = self.members.get(member).ok_or_else(|| {
+        self.members.get(member).copied().ok_or_else(|| {
             Error::Archive(format!(
                 "{} has no member {member}: the archive is incomplete; export the image again",
                 self.path.display()
             ))
-        })?;
-        Ok(Source::Archive {
-            offset: *offset,
-            size: *size,
         })
+    }
+
+    fn source(&self, member: &str) -> Result<Source, Error> {
+        let (offset, size) = self.region(member)?;
+        Ok(Source::Archive { offset, size })
     }
 
     fn read(&self, member: &str) -> Result<Vec<u8>, Error> {
@@ -424,7 +426,7 @@ impl Runtime {
                 .map_err(|e| Error::Archive(format!("reading the archive panicked: {e}")))??
         };
         let plans = if archive.members.contains_key("index.json") {
-            match self.oci_plans(&archive) {
+            match oci_plans(&archive) {
                 Err(Error::Archive(_)) if archive.members.contains_key("manifest.json") => docker_plans(&archive)?,
                 other => other?,
             }
@@ -452,46 +454,6 @@ impl Runtime {
         result?;
         info!(archive = %path.display(), images = ?names, "imported images");
         Ok(names)
-    }
-
-    fn oci_plans(&self, archive: &Archive) -> Result<Vec<Plan>, Error> {
-        let index: Index = parse_json("index.json", &archive.read("index.json")?)?;
-        let mut plans = Vec::new();
-        for entry in &index.manifests {
-            let name = entry
-                .annotations
-                .get(CONTAINERD_NAME_ANNOTATION)
-                .or_else(|| entry.annotations.get(OCI_REF_ANNOTATION).filter(|r| r.contains('/')));
-            let Some(name) = name else { continue };
-            let mut desc = entry.clone();
-            desc.annotations.clear();
-            if desc.media_type == OCI_INDEX || desc.media_type == DOCKER_MANIFEST_LIST {
-                let nested: Index = parse_json(&desc.digest, &archive.read_blob(&desc.digest)?)?;
-                desc = pick_platform(&nested, &format!("the index of {name}"))?;
-            }
-            let manifest: Manifest = parse_json(&desc.digest, &archive.read_blob(&desc.digest)?)?;
-            let config = archive.read_blob(&manifest.config.digest)?;
-            let manifest_source = archive.blob(&desc.digest)?;
-            let layers = manifest
-                .layers
-                .iter()
-                .map(|l| Ok((l.clone(), archive.blob(&l.digest)?)))
-                .collect::<Result<Vec<_>, Error>>()?;
-            plans.push(Plan {
-                names: vec![normalize_reference(name)?],
-                manifest: (desc, manifest_source),
-                config: (manifest.config, config),
-                layers,
-            });
-        }
-        if plans.is_empty() {
-            return Err(Error::Archive(format!(
-                "{}: index.json names no image (no {CONTAINERD_NAME_ANNOTATION} or full {OCI_REF_ANNOTATION} \
-                 annotation); export it with `ctr images export` or `docker save NAME:TAG`",
-                archive.path.display()
-            )));
-        }
-        Ok(plans)
     }
 
     async fn import_plan(&self, archive: &Archive, lease: &str, plan: &Plan) -> Result<(), Error> {
@@ -907,6 +869,47 @@ impl Archive {
     }
 }
 
+/// Plans for an OCI image archive: one per index entry that names an image.
+fn oci_plans(archive: &Archive) -> Result<Vec<Plan>, Error> {
+    let index: Index = parse_json("index.json", &archive.read("index.json")?)?;
+    let mut plans = Vec::new();
+    for entry in &index.manifests {
+        let name = entry
+            .annotations
+            .get(CONTAINERD_NAME_ANNOTATION)
+            .or_else(|| entry.annotations.get(OCI_REF_ANNOTATION).filter(|r| r.contains('/')));
+        let Some(name) = name else { continue };
+        let mut desc = entry.clone();
+        desc.annotations.clear();
+        if desc.media_type == OCI_INDEX || desc.media_type == DOCKER_MANIFEST_LIST {
+            let nested: Index = parse_json(&desc.digest, &archive.read_blob(&desc.digest)?)?;
+            desc = pick_platform(&nested, &format!("the index of {name}"))?;
+        }
+        let manifest: Manifest = parse_json(&desc.digest, &archive.read_blob(&desc.digest)?)?;
+        let config = archive.read_blob(&manifest.config.digest)?;
+        let manifest_source = archive.blob(&desc.digest)?;
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|l| Ok((l.clone(), archive.blob(&l.digest)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        plans.push(Plan {
+            names: vec![normalize_reference(name)?],
+            manifest: (desc, manifest_source),
+            config: (manifest.config, config),
+            layers,
+        });
+    }
+    if plans.is_empty() {
+        return Err(Error::Archive(format!(
+            "{}: index.json names no image (no {CONTAINERD_NAME_ANNOTATION} or full {OCI_REF_ANNOTATION} \
+             annotation); export it with `ctr images export` or `docker save NAME:TAG`",
+            archive.path.display()
+        )));
+    }
+    Ok(plans)
+}
+
 /// Plans for a `docker save` tarball: manifest.json gives config and layer paths; the
 /// Docker schema-2 manifest containerd stores is made here, as `ctr import` does.
 fn docker_plans(archive: &Archive) -> Result<Vec<Plan>, Error> {
@@ -933,10 +936,8 @@ fn docker_plans(archive: &Archive) -> Result<Vec<Plan>, Error> {
         };
         let mut layers = Vec::new();
         for path in &entry.layers {
-            let source = archive.source(path)?;
-            let Source::Archive { offset, size } = source else {
-                unreachable!("archive members are regions of the file")
-            };
+            let (offset, size) = archive.region(path)?;
+            let source = Source::Archive { offset, size };
             let head = archive.read_at(offset, size.min(2) as usize)?;
             let media_type = if head == [0x1f, 0x8b] {
                 DOCKER_LAYER_GZIP
