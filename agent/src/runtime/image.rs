@@ -1022,4 +1022,90 @@ mod tests {
             format!("sha256:{:x}", Sha256::digest(b"sha256:aaaa sha256:bbbb"))
         );
     }
+
+    fn tarball(dir: &Path, name: &str, members: &[(&str, &[u8])]) -> PathBuf {
+        let path = dir.join(name);
+        let mut builder = tar::Builder::new(File::create(&path).unwrap());
+        for (member, data) in members {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, member, *data).unwrap();
+        }
+        builder.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn docker_save_tarballs_become_schema2_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = br#"{"config":{"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:x"]}}"#;
+        let layer = b"plain tar bytes";
+        let save = br#"[{"Config":"c.json","RepoTags":["busybox:1"],"Layers":["l/layer.tar"]}]"#;
+        let path = tarball(
+            dir.path(),
+            "save.tar",
+            &[("c.json", config), ("l/layer.tar", layer), ("manifest.json", save)],
+        );
+        let archive = Archive::open(&path).unwrap();
+        let plans = docker_plans(&archive).unwrap();
+        assert_eq!(plans.len(), 1);
+        let plan = &plans[0];
+        assert_eq!(plan.names, ["docker.io/library/busybox:1"]);
+        assert_eq!(plan.config.0.digest, format!("sha256:{:x}", Sha256::digest(config)));
+        assert_eq!(plan.layers[0].0.media_type, DOCKER_LAYER);
+        assert_eq!(plan.layers[0].0.digest, format!("sha256:{:x}", Sha256::digest(layer)));
+        let Source::Memory(manifest) = &plan.manifest.1 else {
+            panic!("the manifest is made in memory")
+        };
+        assert_eq!(plan.manifest.0.digest, format!("sha256:{:x}", Sha256::digest(manifest)));
+        let manifest: serde_json::Value = serde_json::from_slice(manifest).unwrap();
+        assert_eq!(manifest["mediaType"], DOCKER_MANIFEST);
+        assert_eq!(manifest["layers"][0]["size"], layer.len());
+        assert!(manifest["layers"][0].get("platform").is_none(), "{manifest}");
+
+        let untagged = br#"[{"Config":"c.json","RepoTags":null,"Layers":["l/layer.tar"]}]"#;
+        let path = tarball(
+            dir.path(),
+            "untagged.tar",
+            &[("c.json", config), ("l/layer.tar", layer), ("manifest.json", untagged)],
+        );
+        let err = docker_plans(&Archive::open(&path).unwrap()).err().unwrap().to_string();
+        assert!(err.contains("docker save NAME:TAG"), "{err}");
+    }
+
+    #[test]
+    fn oci_archives_need_a_name_and_every_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = br#"{"schemaVersion":2,"config":{"mediaType":"c","digest":"sha256:cc","size":2},"layers":[]}"#;
+        let digest = format!("sha256:{:x}", Sha256::digest(manifest));
+        let blob = format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+        let unnamed = format!(
+            r#"{{"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{digest}","size":{}}}]}}"#,
+            manifest.len()
+        );
+        let path = tarball(
+            dir.path(),
+            "unnamed.tar",
+            &[("index.json", unnamed.as_bytes()), (&blob, manifest)],
+        );
+        let err = oci_plans(&Archive::open(&path).unwrap()).err().unwrap().to_string();
+        assert!(err.contains("names no image"), "{err}");
+
+        let named = unnamed.replace(
+            r#""size":"#,
+            r#""annotations":{"io.containerd.image.name":"weir.local/x:1"},"size":"#,
+        );
+        let path = tarball(
+            dir.path(),
+            "named.tar",
+            &[("index.json", named.as_bytes()), (&blob, manifest)],
+        );
+        let err = oci_plans(&Archive::open(&path).unwrap()).err().unwrap().to_string();
+        assert!(
+            err.contains("has no member blobs/sha256/cc"),
+            "the config blob is missing: {err}"
+        );
+    }
 }
