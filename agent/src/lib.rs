@@ -1,10 +1,10 @@
 //! Weir's node agent: joining a cluster with a token (`join`), the Node and its heartbeats
-//! (`node`), the pod network (`network`), pod status and back-off (`pods`) and the
-//! userspace side of the eBPF service datapath (`datapath`); pods on containerd grow
-//! around them.
+//! (`node`), the pod network (`network`), containers on containerd (`runtime`), pod status
+//! and back-off (`pods`) and the userspace side of the eBPF service datapath (`datapath`).
 
 pub mod datapath;
 pub mod join;
 pub mod network;
 pub mod node;
 pub mod pods;
+pub mod runtime;

@@ -35,8 +35,8 @@ enum Task {
     /// target/ebpf/bpfel-unknown-none/release/weir-ebpf. The agent's build.rs does the same.
     BuildEbpf,
     /// Setup, build the weir binary, then `cargo test --workspace` with the tool paths in
-    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD, then the privileged datapath tests
-    /// (as root, one at a time).
+    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD, then the privileged datapath and
+    /// container runtime tests (as root, one at a time; the images built first, in WEIR_IMAGES).
     Test {
         /// Extra arguments for `cargo test --workspace`, after `--`.
         #[arg(last = true)]
@@ -183,18 +183,26 @@ impl Tally {
     }
 }
 
-/// Tests that load eBPF programs, make cgroups, network namespaces and pod networks: root
-/// only, one at a time (they share kernel state), marked `#[ignore]` so the workspace run
-/// above leaves them out.
+/// Tests that load eBPF programs, make cgroups, network namespaces and pod networks and run
+/// containers: root only, one at a time (they share kernel state), marked `#[ignore]` so the
+/// workspace run above leaves them out. The runtime tests run the images of `cargo xtask
+/// images`, built first and passed in WEIR_IMAGES.
 fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
     if !setup::is_root() {
-        status("test: privileged datapath tests: SKIPPED (not root; run `cargo xtask test` as root)");
+        status("test: privileged datapath and runtime tests: SKIPPED (not root; run `cargo xtask test` as root)");
         return Ok(true);
     }
-    status(
-        "test: privileged datapath tests (cargo test -p weir-agent --test datapath --test nodeport --test podnet -- \
-         --ignored --test-threads=1)",
-    );
+    let images = images::run(ws)?;
+    let images_dir = images
+        .first()
+        .and_then(|image| image.parent())
+        .map(std::path::Path::to_path_buf)
+        .context("test: `cargo xtask images` built no image")?;
+    status(format!(
+        "test: privileged tests (WEIR_IMAGES={} cargo test -p weir-agent --test datapath --test nodeport --test \
+         podnet --test runtime -- --ignored --test-threads=1)",
+        images_dir.display()
+    ));
     tally.run(
         ws.cargo()
             .args([
@@ -207,9 +215,12 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
                 "nodeport",
                 "--test",
                 "podnet",
+                "--test",
+                "runtime",
                 "--",
             ])
-            .args(["--ignored", "--test-threads=1"]),
+            .args(["--ignored", "--test-threads=1"])
+            .env("WEIR_IMAGES", &images_dir),
     )
 }
 

@@ -45,6 +45,16 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "llvm-22-dev",
         present: || Path::new(LLVM_PREFIX).join("bin/llvm-config").exists(),
     },
+    // The agent's container runtime (agent/src/runtime): it starts its own containerd, whose
+    // runc shim runs containers with runc.
+    DebianPackage {
+        name: "containerd",
+        present: || Path::new("/usr/bin/containerd").exists() && Path::new("/usr/bin/containerd-shim-runc-v2").exists(),
+    },
+    DebianPackage {
+        name: "runc",
+        present: || command::find_on_path("runc").is_some() || Path::new("/usr/sbin/runc").exists(),
+    },
     // The shell and tools of the test images (`cargo xtask images`).
     DebianPackage {
         name: "busybox-static",

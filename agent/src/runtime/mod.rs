@@ -1,0 +1,199 @@
+//! The container runtime: the agent's own containerd ([`Containerd`]: started, supervised,
+//! restarted, stopped) and a client for it ([`Runtime`]: images, containers, tasks).
+//! It knows nothing of pods or the Kubernetes API; the pod lifecycle calls it.
+//!
+//! What runs where:
+//! - containerd (Debian's `/usr/bin/containerd`) with config, root, state, socket, pid file
+//!   and log under one directory (`<data-dir>/containerd/`), CRI plugin disabled; or an
+//!   existing containerd given by its socket.
+//! - One `containerd-shim-runc-v2` per container, started by containerd, running the
+//!   container with runc. Shims outlive containerd restarts and agent restarts; they write
+//!   each container's stdout and stderr to the log file the agent chose.
+//! - Images in the content store, unpacked into the overlayfs snapshotter; each container
+//!   gets a writable snapshot of its image's top layer, named by the container id.
+//!
+//! Every call carries the runtime's containerd namespace (`weir` for the agent); container
+//! labels ([`POD_UID_LABEL`], [`CONTAINER_NAME_LABEL`]) let a restarted agent find its own.
+
+mod container;
+mod daemon;
+mod image;
+mod spec;
+
+use containerd_client::tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::{Code, Request, Status};
+
+pub use container::{ContainerState, ExitStatus, TaskStatus};
+pub use daemon::{Containerd, ContainerdConfig, DEFAULT_BINARY};
+pub use image::{Image, ImageDefaults, chain_ids, normalize_reference};
+pub use spec::{
+    BindMount, ContainerConfig, DEFAULT_CAPABILITIES, NetworkNamespace, ResolvedProcess, Resources, Security,
+    capabilities, host_devices, resolve_process, runtime_spec,
+};
+
+/// The containerd namespace the agent keeps its images and containers in.
+pub const DEFAULT_NAMESPACE: &str = "weir";
+/// The snapshotter images are unpacked into and containers run on.
+pub const SNAPSHOTTER: &str = "overlayfs";
+/// The runtime (shim) containers run under.
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// Container label: the uid of the pod a container belongs to.
+pub const POD_UID_LABEL: &str = "io.weir.pod.uid";
+/// Container label: the container's name in its pod spec.
+pub const CONTAINER_NAME_LABEL: &str = "io.weir.container.name";
+/// Container label set by [`Runtime::create_container`]: where its stdout and stderr go.
+pub const LOG_PATH_LABEL: &str = "io.weir.log-path";
+/// Container label set by [`Runtime::create_container`]: its cgroups path (for OOM checks).
+pub const CGROUPS_PATH_LABEL: &str = "io.weir.cgroups-path";
+
+/// What went wrong, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// containerd could not be started or reached.
+    #[error("containerd: {0}")]
+    Containerd(String),
+    /// containerd refused a call.
+    #[error("containerd refused {call}: {code:?}: {message}{hint}")]
+    Rpc {
+        /// What was asked.
+        call: &'static str,
+        /// The gRPC code.
+        code: Code,
+        /// containerd's message.
+        message: String,
+        /// How to fix it, when known.
+        hint: &'static str,
+    },
+    /// The image is not on this node.
+    #[error(
+        "image {reference} is not present on this node: import it (`weir image import FILE`, or put the tarball \
+         in the agent's images directory) or push it to a registry the node can pull from"
+    )]
+    ImageNotPresent {
+        /// The normalised reference.
+        reference: String,
+    },
+    /// An image archive or image document is unusable.
+    #[error("{0}")]
+    Archive(String),
+    /// The container configuration cannot become a runtime spec.
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// No such container in this namespace.
+    #[error("container {0} does not exist in containerd (already deleted, or created by another namespace)")]
+    NotFound(String),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Maps a gRPC status, with a hint for the codes that have a usual cause.
+    pub(crate) fn rpc(call: &'static str) -> impl FnOnce(Status) -> Error {
+        move |status| {
+            let hint = match status.code() {
+                Code::Unavailable => " (is containerd running? the agent restarts its own; check containerd.log)",
+                Code::Unimplemented => " (this containerd lacks the API; use containerd 1.6 or later)",
+                _ => "",
+            };
+            Error::Rpc {
+                call,
+                code: status.code(),
+                message: status.message().to_string(),
+                hint,
+            }
+        }
+    }
+
+    /// Whether containerd could not be reached (down or restarting), as opposed to refusing.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Error::Rpc {
+                code: Code::Unavailable,
+                ..
+            }
+        )
+    }
+}
+
+/// A connection to containerd, scoped to one containerd namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    channel: Channel,
+    namespace: String,
+    namespace_header: AsciiMetadataValue,
+}
+
+impl Runtime {
+    /// Connects to containerd's socket. The connection re-establishes itself when containerd
+    /// restarts; calls made while it is down fail with [`Error::is_unavailable`].
+    pub async fn connect(socket: &std::path::Path, namespace: &str) -> Result<Runtime, Error> {
+        let valid = !namespace.is_empty()
+            && namespace.len() <= 76
+            && namespace.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !valid {
+            return Err(Error::InvalidSpec(format!(
+                "{namespace:?} is not a containerd namespace: letters, digits, '-', '_' and '.', starting with a \
+                 letter or digit"
+            )));
+        }
+        let namespace_header = MetadataValue::try_from(namespace)
+            .map_err(|e| Error::InvalidSpec(format!("namespace {namespace:?}: {e}")))?;
+        let channel = containerd_client::connect(socket).await.map_err(|e| {
+            Error::Containerd(format!(
+                "connecting to {}: {e}; start containerd (the agent does unless --containerd-socket is given)",
+                socket.display()
+            ))
+        })?;
+        Ok(Runtime {
+            channel,
+            namespace: namespace.to_string(),
+            namespace_header,
+        })
+    }
+
+    /// The containerd namespace this runtime works in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// A request in our namespace (containerd rejects namespaced calls without one).
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert("containerd-namespace", self.namespace_header.clone());
+        request
+    }
+
+    /// A request in our namespace that adds what it creates to `lease`.
+    pub(crate) fn leased<T>(&self, message: T, lease: &str) -> Request<T> {
+        let mut request = self.request(message);
+        if let Ok(value) = MetadataValue::try_from(lease) {
+            request.metadata_mut().insert("containerd-lease", value);
+        }
+        request
+    }
+}
