@@ -28,7 +28,7 @@ pub enum JoinError {
         #[source]
         source: kube::Error,
     },
-    #[error("{url}{CA_CERTS_PATH} did not return a PEM certificate")]
+    #[error("{url}{CA_CERTS_PATH} did not return exactly one PEM certificate")]
     NoCa { url: String },
     #[error(
         "the server's CA (sha256:{got}) is not the one the token names (sha256:{expected}): wrong token or \
@@ -162,7 +162,16 @@ pub async fn join(server: &str, token: &Token, node_name: &str) -> Result<Creden
             url: server.to_owned(),
             source,
         })?;
-    let got = ca_hash(&ca_pem).ok_or_else(|| JoinError::NoCa { url: server.to_owned() })?;
+    // Exactly one certificate: with more, one could be the real (public) CA and another
+    // an impostor's, which would then be trusted too.
+    let certs: Vec<Vec<u8>> = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| JoinError::NoCa { url: server.to_owned() })?;
+    let [der] = certs.as_slice() else {
+        return Err(JoinError::NoCa { url: server.to_owned() });
+    };
+    let got: String = sha2::Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect();
     if got != token.ca_hash {
         return Err(JoinError::CaMismatch {
             expected: token.ca_hash.clone(),
@@ -170,13 +179,9 @@ pub async fn join(server: &str, token: &Token, node_name: &str) -> Result<Creden
         });
     }
 
-    // 2. The secret, to the server that proved to hold that CA.
-    let der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
-        .filter_map(Result::ok)
-        .map(|c| c.to_vec())
-        .collect();
+    // 2. The secret, to the server that proved to hold that CA (and only that CA is trusted).
     let mut trusted = kube::Config::new(url);
-    trusted.root_cert = Some(der);
+    trusted.root_cert = Some(vec![der.clone()]);
     trusted.auth_info.token = Some(token.secret.clone().into());
     let client = kube::Client::try_from(trusted).map_err(|e| JoinError::Client(e.to_string()))?;
     let body = serde_json::to_vec(&serde_json::json!({"nodeName": node_name})).expect("JSON");

@@ -480,7 +480,11 @@ impl Heartbeat {
         {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => {
-                // Owned by the Node, so it goes when the Node is deleted.
+                // Owned by the Node, so it goes when the Node is deleted: the Node's uid as it
+                // is now (a Node deleted and created again has a new one).
+                if let Some(uid) = self.nodes.get_opt(&name).await.ok().flatten().and_then(|n| n.uid()) {
+                    self.uid = uid;
+                }
                 let lease: Lease = serde_json::from_value(json!({
                     "metadata": {
                         "name": name,

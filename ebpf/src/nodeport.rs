@@ -503,6 +503,15 @@ fn record_dsr(key: &Ct4Key, address: u32, port: u16, now: u64, syn: bool) {
         pad: [0; 3],
         backend_id: 0,
     };
+    // Never over a flow this node tracks for something else (a NodePort or SNAT flow
+    // reusing the tuple): only a DSR backend entry may be refreshed.
+    let foreign = |k: &Ct4Key| {
+        // SAFETY: a map value pointer from a successful lookup; read at once.
+        CT4.get_ptr(k).is_some_and(|e| unsafe { (*e).flags } & CT_FLAG_DSR_BACKEND == 0)
+    };
+    if foreign(&reply) || foreign(key) {
+        return;
+    }
     // Replies can only come after the packet is delivered: reverse entry first. A failed
     // insert (the map is LRU: only on memory pressure) leaves replies untranslated.
     if CT4.insert(reply, reverse, 0).is_ok() && CT4.insert(*key, forward, 0).is_ok() {

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use tokio::sync::watch;
 use weir_agent::node::{self, NodeConfig, Readiness};
-use weir_tests::{Backend, TestServer, eventually};
+use weir_tests::{Backend, TestServer, eventually, fake};
 
 const SETTLE: Duration = Duration::from_secs(15);
 
@@ -146,6 +146,40 @@ async fn a_node_joins_with_the_token_and_a_wrong_token_is_refused() -> Result<()
     let _node = node::register(client.clone(), NodeConfig::new("joined-a", data_dir.path()), readiness).await?;
     let nodes: Api<Node> = Api::all(server.kube_client().await?);
     ensure!(nodes.get_opt("joined-a").await?.is_some());
+
+    // A node's credentials do what a kubelet does, no more: reading is fine, creating a
+    // namespace or changing another node is forbidden.
+    let as_node: Api<Node> = Api::all(client.clone());
+    ensure!(as_node.list(&Default::default()).await?.items.len() >= 1);
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "made-by-a-node"}}))?;
+    match namespaces.create(&Default::default(), &namespace).await {
+        Err(kube::Error::Api(status)) if status.code == 403 => ensure!(
+            status
+                .message
+                .contains("User \"system:node:joined-a\" cannot create resource \"namespaces\""),
+            "{}",
+            status.message
+        ),
+        other => anyhow::bail!("a node must not create namespaces: {other:?}"),
+    }
+    fake::node(
+        &server.kube_client().await?,
+        "other-node",
+        "4",
+        "8Gi",
+        serde_json::json!({}),
+        serde_json::json!([]),
+    )
+    .await?;
+    let label = serde_json::json!({"metadata": {"labels": {"hijacked": "yes"}}});
+    match as_node
+        .patch("other-node", &Default::default(), &kube::api::Patch::Merge(&label))
+        .await
+    {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => anyhow::bail!("a node must not change another node: {other:?}"),
+    }
 
     // The right secret with another cluster's CA hash: refused here, nothing sent.
     let wrong_ca = Token {

@@ -241,6 +241,7 @@ pub struct Datapath {
     destroyed_udp_sockets: u64,
     /// Stale UDP sockets a failed destroy left open: tried again with the next update.
     pending_udp_sockets: std::collections::BTreeSet<sockets::StaleSocket>,
+    udp_socket_errors: u64,
     index: Index,
     pin_dir: PathBuf,
     capacity: Capacity,
@@ -284,6 +285,7 @@ impl Datapath {
             sock_rev_nat6: open_lru_map(&pin_dir, SOCK_REV_NAT6)?,
             destroyed_udp_sockets: 0,
             pending_udp_sockets: Default::default(),
+            udp_socket_errors: 0,
             index: Index::default(),
             pin_dir,
             capacity: config.capacity,
@@ -421,7 +423,7 @@ impl Datapath {
             };
             count += self.forget_affinities(rev_nat_id, &keep)?;
         }
-        self.close_stale_udp_sockets(&departed, stale_udp)?;
+        self.close_stale_udp_sockets(&departed, stale_udp);
         Ok(count)
     }
 
@@ -503,7 +505,7 @@ impl Datapath {
                 count += self.forget_affinities(old.rev_nat_id, &[])?;
             }
         }
-        self.close_stale_udp_sockets(&departed, stale_udp)?;
+        self.close_stale_udp_sockets(&departed, stale_udp);
         Ok(count)
     }
 

@@ -36,7 +36,7 @@ use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, Stat
 use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use weir_ebpf_common::{
     SOCK_REV_NAT4, SOCK_REV_NAT6, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
 };
@@ -224,29 +224,42 @@ impl Datapath {
 
     /// After the map writes: destroys the sockets in `before` and those `SOCK_REV_NAT4` holds
     /// now for the `departed` backends, in every network namespace of the node, then drops
-    /// their entries. Returns how many sockets were destroyed. When destroying fails, the
-    /// sockets are kept and tried again by the next call (the next service update).
-    pub(super) fn close_stale_udp_sockets(
-        &mut self,
-        departed: &[Departure],
-        before: BTreeSet<StaleSocket>,
-    ) -> Result<u64, Error> {
+    /// their entries. Returns how many sockets were destroyed.
+    ///
+    /// Best effort: the map writes have taken effect whatever happens here, so a failure is
+    /// logged and counted ([`Datapath::udp_socket_errors`]), never returned. Sockets whose
+    /// destroy failed are tried again with the next UDP departure, unless the kernel cannot
+    /// destroy sockets at all (no CONFIG_INET_DIAG_DESTROY or udp_diag), which is said once.
+    pub(super) fn close_stale_udp_sockets(&mut self, departed: &[Departure], before: BTreeSet<StaleSocket>) -> u64 {
+        if departed.is_empty() && before.is_empty() {
+            return 0;
+        }
         let mut stale = before;
         stale.extend(self.stale_udp_sockets(departed));
         stale.append(&mut self.pending_udp_sockets);
         if stale.is_empty() {
-            return Ok(0);
+            return 0;
         }
         let started = std::time::Instant::now();
         let destroyed = match destroy_everywhere(&stale) {
             Ok(destroyed) => destroyed,
             Err(e) => {
-                self.pending_udp_sockets = stale;
-                return Err(e.into());
+                self.udp_socket_errors += 1;
+                if matches!(e, UdpSocketError::NoDestroy | UdpSocketError::NoUdpDiag) {
+                    // Nothing to retry: this kernel cannot do it.
+                    warn!(error = %e, "datapath: stale UDP sockets cannot be closed on this node");
+                } else {
+                    warn!(error = %e, sockets = stale.len(), "datapath: closing stale UDP sockets failed; retrying with the next UDP update");
+                    self.pending_udp_sockets = stale;
+                }
+                return 0;
             }
         };
         self.destroyed_udp_sockets += destroyed;
-        forget(&mut self.sock_rev_nat, &mut self.sock_rev_nat6, &stale)?;
+        if let Err(e) = forget(&mut self.sock_rev_nat, &mut self.sock_rev_nat6, &stale) {
+            // Stale entries only cost LRU room; recvmsg drops those of changed services.
+            warn!(error = %e, "datapath: removing socket reverse-NAT entries failed");
+        }
         info!(
             departed = departed.len(),
             candidates = stale.len(),
@@ -254,7 +267,12 @@ impl Datapath {
             elapsed_ms = started.elapsed().as_millis(),
             "datapath: closed connected UDP sockets of departed backends"
         );
-        Ok(destroyed)
+        destroyed
+    }
+
+    /// How many times closing stale UDP sockets failed since load (each failure is logged).
+    pub fn udp_socket_errors(&self) -> u64 {
+        self.udp_socket_errors
     }
 }
 
@@ -311,9 +329,14 @@ fn destroy_everywhere(stale: &BTreeSet<StaleSocket>) -> Result<u64, UdpSocketErr
             let result = if entered {
                 destroy_in_current_netns(stale, path)
             } else {
+                let source = io::Error::last_os_error();
+                // Not a network namespace (a plain file left in /run/netns): nothing there.
+                if source.raw_os_error() == Some(libc::EINVAL) {
+                    continue;
+                }
                 Err(UdpSocketError::EnterNetns {
                     netns: path.clone(),
-                    source: io::Error::last_os_error(),
+                    source,
                 })
             };
             match result {

@@ -89,6 +89,24 @@ fn restart_policy(spec: &PodSpec) -> &str {
     spec.restart_policy.as_deref().unwrap_or("Always")
 }
 
+/// Whether every init container is done: exited 0, or, for a sidecar (an init container
+/// with `restartPolicy: Always`), started.
+fn inits_done(spec: &PodSpec, observation: &PodObservation) -> bool {
+    spec.init_containers.as_ref().is_none_or(|inits| {
+        inits.iter().all(|c| {
+            let sidecar = c.restart_policy.as_deref() == Some("Always");
+            observation.init_containers.iter().any(|o| {
+                o.name == c.name
+                    && match &o.state {
+                        ContainerState::Terminated(t) => t.exit_code == 0,
+                        ContainerState::Running { .. } => sidecar && o.started,
+                        ContainerState::Waiting { .. } => false,
+                    }
+            })
+        })
+    })
+}
+
 /// kubelet's `getPhase`.
 pub fn phase(spec: &PodSpec, observation: &PodObservation) -> &'static str {
     if observation.failed.is_some() {
@@ -96,15 +114,7 @@ pub fn phase(spec: &PodSpec, observation: &PodObservation) -> &'static str {
     }
     let policy = restart_policy(spec);
     // Init containers run first, in order; the pod is Pending until all have succeeded.
-    let init_done = spec.init_containers.as_ref().is_none_or(|inits| {
-        inits.iter().all(|c| {
-            observation
-                .init_containers
-                .iter()
-                .find(|o| o.name == c.name)
-                .is_some_and(|o| matches!(&o.state, ContainerState::Terminated(t) if t.exit_code == 0))
-        })
-    });
+    let init_done = inits_done(spec, observation);
     if !init_done {
         let init_failed_for_good = policy == "Never"
             && observation
@@ -113,28 +123,30 @@ pub fn phase(spec: &PodSpec, observation: &PodObservation) -> &'static str {
                 .any(|o| matches!(&o.state, ContainerState::Terminated(t) if t.exit_code != 0));
         return if init_failed_for_good { "Failed" } else { "Pending" };
     }
-    let (mut waiting, mut running, mut succeeded, mut failed) = (0, 0, 0, 0);
+    // Succeeded containers need no count: with none waiting, running or failed, the pod
+    // succeeded (or, with restartPolicy Always, restarts them).
+    let (mut waiting, mut running, mut failed) = (0, 0, 0);
     for container in &spec.containers {
         match observation.containers.iter().find(|o| o.name == container.name) {
             None => waiting += 1,
             Some(o) => match &o.state {
                 ContainerState::Running { .. } => running += 1,
-                ContainerState::Terminated(t) if t.exit_code == 0 => succeeded += 1,
+                ContainerState::Terminated(t) if t.exit_code == 0 => {}
                 ContainerState::Terminated(_) => failed += 1,
                 // Waiting after a run (back-off) counts as that run's end.
                 ContainerState::Waiting { .. } => match &o.last_termination {
-                    Some(t) if t.exit_code == 0 => succeeded += 1,
+                    Some(t) if t.exit_code == 0 => {}
                     Some(_) => failed += 1,
                     None => waiting += 1,
                 },
             },
         }
     }
-    let stopped = succeeded + failed;
-    if waiting > 0 && running == 0 && stopped == 0 {
+    // As kubelet: a container that has never started keeps the pod Pending.
+    if waiting > 0 {
         return "Pending";
     }
-    if running > 0 || waiting > 0 {
+    if running > 0 {
         return "Running";
     }
     // Everything has stopped.
@@ -219,14 +231,7 @@ pub fn pod_status(pod: &Pod, observation: &PodObservation, now: Timestamp) -> Va
             (c.type_.clone(), (c.status.clone(), time))
         })
         .collect();
-    let inits_done = spec.init_containers.as_ref().is_none_or(|inits| {
-        inits.iter().all(|c| {
-            observation
-                .init_containers
-                .iter()
-                .any(|o| o.name == c.name && matches!(&o.state, ContainerState::Terminated(t) if t.exit_code == 0))
-        })
-    });
+    let inits_done = inits_done(&spec, observation);
     let not_ready: Vec<&str> = spec
         .containers
         .iter()
@@ -444,10 +449,12 @@ mod tests {
             phase_of(&always, vec![], vec![waiting("a", "ContainerCreating")]),
             "Pending"
         );
+        // A container that never started keeps the pod Pending, as kubelet's getPhase.
         assert_eq!(
             phase_of(&always, vec![], vec![running("a"), waiting("b", "ContainerCreating")]),
-            "Running"
+            "Pending"
         );
+        assert_eq!(phase_of(&always, vec![], vec![running("a"), running("b")]), "Running");
         assert_eq!(
             phase_of(&always, vec![], vec![exited("a", 0), exited("b", 1)]),
             "Running",
@@ -486,6 +493,13 @@ mod tests {
         assert_eq!(phase_of(&p, vec![exited("init", 1)], vec![]), "Pending", "retried");
         let never = pod("Never", &["app"], &["init"]);
         assert_eq!(phase_of(&never, vec![exited("init", 1)], vec![]), "Failed");
+        // A sidecar (restartPolicy Always) init container counts once it has started.
+        let mut sidecar = pod("Always", &["app"], &["proxy"]);
+        sidecar.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0].restart_policy = Some("Always".into());
+        assert_eq!(
+            phase_of(&sidecar, vec![running("proxy")], vec![running("app")]),
+            "Running"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! generic resource registry in `handler`. It is the only component that touches the store.
 
 pub mod allocator;
+pub mod authz;
 pub mod cache;
 pub mod convert;
 pub mod discovery;
@@ -268,10 +269,18 @@ pub async fn run(config: ServerConfig) -> Result<()> {
                     return;
                 }
             };
-            let client_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+            // The TLS layer verified the certificate against the cluster CA; its subject says who.
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| authz::Identity::from_certificate(cert))
+                .map(Arc::new);
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(serve(shared, client_cert, req).await) }
+                let identity = identity.clone();
+                async move { Ok::<_, Infallible>(serve(shared, identity, req).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
@@ -311,31 +320,48 @@ fn is_public(path: &str) -> bool {
         || path.starts_with("/readyz/")
 }
 
-fn authenticated(shared: &Shared, client_cert: bool, headers: &http::HeaderMap) -> bool {
-    if client_cert {
-        return true;
+/// The client certificate's holder, else the admin token's; None: unauthenticated.
+fn identify(
+    shared: &Shared,
+    certificate: Option<&Arc<authz::Identity>>,
+    headers: &http::HeaderMap,
+) -> Option<Arc<authz::Identity>> {
+    if let Some(identity) = certificate {
+        return Some(identity.clone());
     }
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    token.is_some_and(|t| constant_time_eq(t.as_bytes(), shared.admin_token.as_bytes()))
+    token
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), shared.admin_token.as_bytes()))
+        .then(|| Arc::new(authz::Identity::admin()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn serve(shared: Arc<Shared>, client_cert: bool, req: http::Request<hyper::body::Incoming>) -> Response {
+async fn serve(
+    shared: Arc<Shared>,
+    certificate: Option<Arc<authz::Identity>>,
+    req: http::Request<hyper::body::Incoming>,
+) -> Response {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let (path, query) = handler::split_path_and_query(&parts.uri);
     let (verb, resource) = metrics::classify(&parts.method, &path, &query);
     let response = if path == join::CA_CERTS_PATH || path == join::JOIN_PATH {
         join::serve(&shared.pki, &parts, body).await
-    } else if !is_public(&path) && !authenticated(&shared, client_cert, &parts.headers) {
-        ApiError::unauthorized().into_response()
+    } else if let Some(denied) = (!is_public(&path))
+        .then(|| match identify(&shared, certificate.as_ref(), &parts.headers) {
+            None => Some(ApiError::unauthorized()),
+            Some(identity) => authz::authorize(&identity, &parts.method, &path).err(),
+        })
+        .flatten()
+    {
+        denied.into_response()
     } else {
         match path.as_str() {
             "/healthz" | "/livez" => (StatusCode::OK, "ok").into_response(),

@@ -206,12 +206,28 @@ struct Allocator {
     recorder: Recorder,
     /// Nodes told that their CIDR is full, so the Event is not repeated every pass.
     reported: BTreeSet<String>,
+    /// Blocks written to nodes (by uid) that the watch cache may not show yet: counted as
+    /// theirs, so a pass working from a stale cache never hands them out twice.
+    assigned: HashMap<String, Vec<String>>,
 }
 
 impl Pass for Allocator {
     async fn pass(&mut self) -> Result<()> {
         let nodes: Vec<Arc<Node>> = self.nodes.state();
-        let infos: Vec<NodeCidrs> = nodes.iter().map(|n| NodeCidrs::of(n)).collect();
+        let mut infos: Vec<NodeCidrs> = nodes.iter().map(|n| NodeCidrs::of(n)).collect();
+        // Assignments the cache shows by now, or whose node is gone, need no more keeping.
+        let waiting: HashMap<String, usize> = nodes
+            .iter()
+            .zip(&infos)
+            .enumerate()
+            .filter(|(_, (_, info))| info.pod_cidrs.is_empty())
+            .filter_map(|(i, (node, _))| Some((node.uid()?, i)))
+            .collect();
+        self.assigned.retain(|uid, _| waiting.contains_key(uid));
+        for (uid, blocks) in &self.assigned {
+            infos[waiting[uid]].pod_cidrs = blocks.clone();
+        }
+        self.reported.retain(|name| infos.iter().any(|info| &info.name == name));
         let api: Api<Node> = Api::all(self.client.clone());
         for (name, decision) in allocate(&self.cidrs, &infos) {
             let Some(node) = nodes.iter().find(|n| n.name_any() == name) else {
@@ -230,6 +246,9 @@ impl Pass for Allocator {
                         Ok(_) => {
                             tracing::info!(node = %name, cidrs = ?texts, "node-ipam: assigned pod CIDRs");
                             self.reported.remove(&name);
+                            if let Some(uid) = node.uid() {
+                                self.assigned.insert(uid, texts);
+                            }
                         }
                         Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
                         Err(e) => return Err(e.into()),
@@ -269,6 +288,7 @@ pub async fn run(client: Client, cidrs: ClusterCidrs) -> Result<()> {
             cidrs,
             nodes,
             reported: BTreeSet::new(),
+            assigned: HashMap::new(),
         },
     )
     .await
