@@ -101,8 +101,9 @@ impl NodeConfig {
     }
 }
 
-/// The source address this machine would use towards the outside (the default route),
-/// found by connecting a UDP socket to a TEST-NET address: no packet is sent.
+/// The source address this machine would use towards the outside (the IPv4 default
+/// route), found by connecting a UDP socket to a TEST-NET address: no packet is sent. IPv4
+/// only: a dual-stack node lists its IPv6 address in [`NodeConfig::addresses`] itself.
 pub fn detect_node_ip() -> Option<IpAddr> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
     socket.connect((Ipv4Addr::new(192, 0, 2, 1), 9)).ok()?;

@@ -16,6 +16,11 @@
 //! of the node in turn with `setns`, and the walk runs only when `SOCK_REV_NAT4` holds an
 //! entry for a departed backend.
 //!
+//! The walk blocks the calling thread (it reads /proc and dumps sockets in each namespace,
+//! milliseconds on a node with a few hundred processes): an async agent calls the
+//! [`Datapath`] from a blocking thread (`tokio::task::spawn_blocking`), as for every other
+//! map update.
+//!
 //! The netlink messages come from rust-netlink's `netlink-packet-sock-diag` (which has
 //! both the request and `SockDiagDestroy`) over `netlink-sys`.
 

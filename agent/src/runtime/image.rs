@@ -354,7 +354,7 @@ pub fn normalize_reference(reference: &str) -> Result<String, Error> {
 }
 
 /// The chain IDs of a layer stack (OCI image spec: the first is the first diff ID; each
-/// next is sha256 of "<previous chain ID> <diff ID>").
+/// next is sha256 of `"<previous chain ID> <diff ID>"`).
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
     for diff_id in diff_ids {
