@@ -13,6 +13,9 @@
 //! run and machine noise hits all of them alike; the report gives medians over runs, and
 //! ratios against direct taken per run. Writes `<out>/datapath.{json,md}`.
 
+/// Shared with the privileged tests: joining a cgroup before exec.
+#[path = "../../tests/common/mod.rs"]
+mod common;
 mod load;
 mod modes;
 mod report;

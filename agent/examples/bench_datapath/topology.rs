@@ -6,12 +6,10 @@
 //!  client 10.1.0.2 ─veth─ 10.1.0.1 [ext]  node  [pod] 10.2.0.1 ─veth─ 10.2.0.2:8080 backend
 //! ```
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -213,25 +211,7 @@ impl Topology {
         let exe = std::env::current_exe().context("locating this binary to start the client")?;
         let mut cmd = self.client.command(exe);
         if in_cgroup {
-            let procs = CString::new(self.cgroup.0.join("cgroup.procs").as_os_str().as_bytes())
-                .context("cgroup path with a NUL byte")?;
-            // SAFETY: between fork and exec only async-signal-safe calls (open, write, close);
-            // "0" moves the writing process itself, so nothing is formatted or allocated.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    let err = std::io::Error::last_os_error();
-                    libc::close(fd);
-                    if written != 1 {
-                        return Err(err);
-                    }
-                    Ok(())
-                });
-            }
+            crate::common::run_in_cgroup(&mut cmd, &self.cgroup.0);
         }
         Ok(cmd)
     }
