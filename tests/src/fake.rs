@@ -143,18 +143,23 @@ pub async fn node(
     Ok(node)
 }
 
-/// Plays the kubelet for every node: marks each bound, live pod in `pods` Running and Ready,
-/// every 100 ms, until the handle is aborted.
+/// Plays the kubelet for every node: marks each bound, live pod in `pods` Running and Ready
+/// with a pod IP of its own (10.244.0.0/16, in order), every 100 ms, until the handle is
+/// aborted.
 pub fn mark_bound_pods_ready(pods: Api<Pod>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut next_ip: u32 = 2;
         loop {
             if let Ok(list) = pods.list(&ListParams::default()).await {
                 for p in list.items {
                     let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
                     let ready = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
                     if bound && !ready && p.metadata.deletion_timestamp.is_none() {
-                        let status = json!({"status": {"phase": "Running", "conditions": [
-                            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+                        let ip = std::net::Ipv4Addr::from(0x0af4_0000 + next_ip).to_string();
+                        next_ip += 1;
+                        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                            "conditions": [
+                                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
                         let _ = pods
                             .patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(&status))
                             .await;
