@@ -272,3 +272,30 @@ pub fn format_number(v: f64, decimals: usize) -> String {
         None => format!("{sign}{grouped}"),
     }
 }
+
+/// The body of a benchmark binary's `main`: a bad command line exits 2, a failed run 1,
+/// Ctrl-C 130. On Ctrl-C the run's future is dropped, so its guards stop the servers it
+/// started (by PID) and remove their data dirs before the exit.
+pub async fn run_main<A>(name: &str, args: Result<A>, run: impl AsyncFnOnce(&A) -> Result<()>) -> ! {
+    let args = match args {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let code = tokio::select! {
+        result = run(&args) => match result {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("{name}: {e:#}");
+                1
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("{name}: interrupted; servers stopped");
+            130
+        }
+    };
+    std::process::exit(code);
+}

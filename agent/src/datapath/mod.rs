@@ -54,7 +54,6 @@ pub use index::IdsExhausted;
 pub use model::{
     Backend, BackendState, DesiredState, LbAlgorithm, Protocol, Selection as ServiceSelection, ServiceKey,
 };
-pub use sockets::UdpSocketError;
 
 use index::{ByFamily, Family, Index, Limits, Selection, Write};
 
@@ -217,9 +216,6 @@ pub enum Error {
     NoTcx { interface: String },
     #[error("invalid datapath configuration: {0}")]
     InvalidConfig(String),
-    /// The map writes were done; the sockets stay open (a later update does not retry them).
-    #[error("the maps are updated, but closing connected UDP sockets of departed backends failed: {0}")]
-    UdpSockets(#[from] UdpSocketError),
 }
 
 /// The loaded (or reopened) datapath: typed handles on the pinned service maps and a

@@ -53,7 +53,7 @@ use super::{Backend, Datapath, Error, Protocol, ServiceKey};
 /// Why stale UDP sockets could not be closed. The map writes before it took effect.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum UdpSocketError {
+pub(crate) enum UdpSocketError {
     #[error(
         "the kernel refused SOCK_DESTROY (EOPNOTSUPP): it was built without CONFIG_INET_DIAG_DESTROY, so \
          connected UDP sockets of departed backends stay open; use a kernel with CONFIG_INET_DIAG_DESTROY=y"

@@ -120,29 +120,7 @@ fn status(line: impl AsRef<str>) {
 
 #[tokio::main]
 async fn main() {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("bench_api: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    // On Ctrl-C the benchmark future is dropped, so its guards stop weir and etcd by PID and
-    // remove their data dirs before we exit.
-    let code = tokio::select! {
-        result = run(&args) => match result {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("bench_api: {e:#}");
-                1
-            }
-        },
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("bench_api: interrupted; servers stopped");
-            130
-        }
-    };
-    std::process::exit(code);
+    weir_tests::bench::run_main("bench_api", parse_args(), run).await
 }
 
 async fn run(args: &Args) -> Result<()> {

@@ -110,29 +110,7 @@ fn status(line: impl AsRef<str>) {
 
 #[tokio::main]
 async fn main() {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("bench_scheduler: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    // On Ctrl-C the benchmark future is dropped, and with it the server (killed by PID, its
-    // data dir removed).
-    let code = tokio::select! {
-        result = run(&args) => match result {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("bench_scheduler: {e:#}");
-                1
-            }
-        },
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("bench_scheduler: interrupted; server stopped");
-            130
-        }
-    };
-    std::process::exit(code);
+    weir_tests::bench::run_main("bench_scheduler", parse_args(), run).await
 }
 
 /// What one run measured.
