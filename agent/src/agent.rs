@@ -203,6 +203,7 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
     };
     let containerd = Containerd::start(&containerd_config).await?;
     let runtime = Runtime::connect(containerd.socket(), DEFAULT_NAMESPACE).await?;
+    import_images(&runtime, &config.data_dir.join("images")).await;
 
     let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady("the agent is starting".into()));
     let mut node_config = NodeConfig::new(node_name.clone(), config.data_dir.clone());
@@ -237,6 +238,9 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
     };
 
     if !config.no_service_proxy {
+        // A cgroup below the v2 root (e.g. the pods' parent) may not exist before the first pod.
+        std::fs::create_dir_all(&config.service_cgroup)
+            .with_context(|| format!("creating the service cgroup {}", config.service_cgroup.display()))?;
         let datapath_config = crate::datapath::Config {
             cgroup_path: config.service_cgroup.clone(),
             pin_root: config.bpf_pin_root.clone(),
@@ -282,6 +286,21 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
     containerd.shutdown().await?;
     info!("agent stopped; pods keep running");
     Ok(())
+}
+
+/// Imports every image archive in `dir` (air-gapped nodes); a bad file is logged and skipped.
+async fn import_images(runtime: &Runtime, dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "tar") {
+            continue;
+        }
+        match runtime.import_archive(&path).await {
+            Ok(images) => info!(file = %path.display(), ?images, "imported images"),
+            Err(e) => warn!(file = %path.display(), error = %e, "importing an image archive"),
+        }
+    }
 }
 
 fn nix_is_root() -> bool {

@@ -59,6 +59,12 @@ struct UpConfig {
     /// The cgroup pods' containers go under.
     #[arg(long, default_value = "/weir")]
     cgroup_parent: String,
+    /// The cgroup v2 directory whose processes get socket-level service translation.
+    #[arg(long, default_value = "/sys/fs/cgroup/unified")]
+    service_cgroup: PathBuf,
+    /// Where the service datapath pins its maps and links (a bpffs directory).
+    #[arg(long, default_value = weir_agent::datapath::DEFAULT_PIN_ROOT)]
+    bpf_pin_root: PathBuf,
     /// Run only the server (no agent: no pods run on this machine).
     #[arg(long)]
     no_agent: bool,
@@ -128,6 +134,8 @@ async fn up(config: UpConfig) -> Result<()> {
         no_service_proxy: config.no_service_proxy,
         port: config.agent_port,
         cgroup_parent: config.cgroup_parent,
+        service_cgroup: config.service_cgroup,
+        bpf_pin_root: config.bpf_pin_root,
         ..AgentConfig::new(format!("https://127.0.0.1:{port}"), data_dir)
     };
     let mut agent = tokio::spawn(agent::run(agent_config, stop));

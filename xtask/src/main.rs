@@ -203,7 +203,7 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
          podnet --test runtime -- --ignored --test-threads=1)",
         images_dir.display()
     ));
-    tally.run(
+    let agent_ok = tally.run(
         ws.cargo()
             .args([
                 "test",
@@ -221,7 +221,22 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
             ])
             .args(["--ignored", "--test-threads=1"])
             .env("WEIR_IMAGES", &images_dir),
-    )
+    )?;
+    // Real clusters (weir up, weir agent) in network namespaces of their own, with kubectl.
+    let weir = ws.target.join("debug").join("weir");
+    status(format!(
+        "test: cluster tests (WEIR_IMAGES={} cargo test -p weir-tests --test cluster -- --ignored --test-threads=1)",
+        images_dir.display()
+    ));
+    let clusters_ok = tally.run(
+        ws.cargo()
+            .args(["test", "-p", "weir-tests", "--test", "cluster", "--"])
+            .args(["--ignored", "--test-threads=1"])
+            .env("WEIR_IMAGES", &images_dir)
+            .env("WEIR_BIN", &weir)
+            .env("WEIR_KUBECTL", ws.kubectl()),
+    )?;
+    Ok(agent_ok && clusters_ok)
 }
 
 fn build_ebpf(ws: &Workspace) -> Result<()> {
