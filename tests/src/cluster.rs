@@ -408,6 +408,11 @@ impl Lab {
         out
     }
 
+    /// The PID of node `i`'s weir process, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
     /// Where the lab keeps its files.
     pub fn dir(&self) -> &Path {
         self.dir.path()

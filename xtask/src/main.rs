@@ -42,9 +42,10 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Build weir in release mode and run `weir up`: a single-node server on this machine.
+    /// Install what is missing, build the images and weir (release) and run `weir up`: a
+    /// single-node cluster (server and agent) on this machine.
     Up {
-        /// Where weir keeps its store, certificates and admin kubeconfig.
+        /// Where weir keeps its store, certificates, admin kubeconfig, containerd and pods.
         #[arg(long, default_value = "/var/lib/weir")]
         data_dir: PathBuf,
         /// HTTPS port of the API server.
@@ -265,6 +266,15 @@ fn build_ebpf(ws: &Workspace) -> Result<()> {
 }
 
 fn up(ws: &Workspace, data_dir: &std::path::Path, secure_port: u16, weir_args: &[String]) -> Result<()> {
+    setup::run(ws)?;
+    // The example images, imported by the agent from <data-dir>/images/ at start.
+    let images_dir = data_dir.join("images");
+    std::fs::create_dir_all(&images_dir).with_context(|| format!("up: creating {}", images_dir.display()))?;
+    for image in images::run(ws)? {
+        let name = image.file_name().context("up: an image archive without a file name")?;
+        std::fs::copy(&image, images_dir.join(name))
+            .with_context(|| format!("up: copying {} to {}", image.display(), images_dir.display()))?;
+    }
     status("up: building weir in release mode (cargo build --release -p weir)");
     command::run(
         "up: build weir",

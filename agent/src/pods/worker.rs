@@ -487,10 +487,11 @@ impl Worker {
         if self.sandbox_retry.is_some_and(|t| t > Instant::now()) {
             return false;
         }
+        let t0 = Instant::now();
         let result = self.create_sandbox().await;
         match result {
             Ok(sandbox) => {
-                info!(pod = %self.name(), ip = ?sandbox.ip, "pod sandbox ready");
+                info!(pod = %self.name(), ip = ?sandbox.ip, took = ?t0.elapsed(), "pod sandbox ready");
                 self.sandbox = Some(sandbox);
                 self.sandbox_error = None;
                 self.sandbox_retry = None;
@@ -736,12 +737,14 @@ impl Worker {
     /// Creates and starts run `attempt` of `c`. Err: (kubelet's waiting reason, message).
     async fn start(&mut self, c: &Container, init: bool, attempt: u32) -> Result<(String, String), (String, String)> {
         let image = c.image.clone().unwrap_or_default();
+        let t0 = Instant::now();
         let present = self
             .ctx
             .runtime
             .ensure_image(&image)
             .await
             .map_err(|e| ("ErrImagePull".to_owned(), e.to_string()))?;
+        let t_image = t0.elapsed();
         let sources = self
             .env_sources()
             .await
@@ -779,17 +782,19 @@ impl Worker {
                 )
             })?;
         }
+        let t_config = t0.elapsed();
         // A leftover of the same id (a start interrupted by an agent restart) goes first.
         self.delete_container(&config.id).await;
         self.ctx
             .runtime
-            .create_container(&config)
+            .create_container_from(&config, &present)
             .await
             .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
         if let Err(e) = self.ctx.runtime.start_container(&config.id).await {
             self.delete_container(&config.id).await;
             return Err(("RunContainerError".to_owned(), e.to_string()));
         }
+        debug!(pod = %self.name(), container = %c.name, ?t_image, ?t_config, total = ?t0.elapsed(), "container start timings");
         Ok((config.id, format!("{}@{}", present.name, present.digest)))
     }
 
