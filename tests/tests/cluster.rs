@@ -95,7 +95,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root only: runs real clusters; `cargo xtask test` runs it"]
 async fn weir_up_runs_deployments_restarts_crashes_and_survives_an_agent_restart() -> Result<()> {
-    let mut lab = Lab::start(1, &["--no-service-proxy"]).await?;
+    let mut lab = Lab::start(1, &[]).await?;
     let created = Instant::now();
     lab.apply(ECHO)?;
     let ips = until(&lab, "3 echo pods Running with IPs", START, || {
@@ -118,6 +118,39 @@ async fn weir_up_runs_deployments_restarts_crashes_and_survives_an_agent_restart
             "pod {name} at {ip} answered {answer:?}"
         );
     }
+
+    // A ClusterIP Service reaches every replica through the node's eBPF socket-LB.
+    lab.apply(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080}]
+"#,
+    )?;
+    let cluster_ip = lab.kubectl_ok(&["get", "service", "echo", "-o", "jsonpath={.spec.clusterIP}"])?;
+    lab.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: svc-client}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: wget
+    image: weir.local/busybox:latest
+    command: [sh, -c, 'for i in $(seq 1 30); do timeout 5 wget -q -O - http://{cluster_ip}/; done | cut -d" " -f1 | sort -u | wc -l | grep -qx 3']
+"#
+    ))?;
+    let svc = until(&lab, "svc-client finished", START, || {
+        let p = pod(&lab, "svc-client")?;
+        let phase = p["status"]["phase"].as_str().unwrap_or("").to_owned();
+        Ok((phase == "Succeeded" || phase == "Failed").then_some(phase))
+    })
+    .await?;
+    ensure!(svc == "Succeeded", "30 requests to the ClusterIP {cluster_ip} did not reach all 3 replicas");
 
     // The environment from the ConfigMap, the Secret and the downward API, seen by the process.
     let env_pod = r#"
