@@ -150,7 +150,10 @@ spec:
         Ok((phase == "Succeeded" || phase == "Failed").then_some(phase))
     })
     .await?;
-    ensure!(svc == "Succeeded", "30 requests to the ClusterIP {cluster_ip} did not reach all 3 replicas");
+    ensure!(
+        svc == "Succeeded",
+        "30 requests to the ClusterIP {cluster_ip} did not reach all 3 replicas"
+    );
 
     // The environment from the ConfigMap, the Secret and the downward API, seen by the process.
     let env_pod = r#"
