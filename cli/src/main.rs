@@ -27,6 +27,9 @@ enum Command {
     Server(ServerConfig),
     /// Run everything this machine needs for a single-node cluster. Today: the API server.
     Up(ServerConfig),
+    /// The node's container images: import tarballs (air-gapped nodes), list them.
+    #[command(subcommand)]
+    Image(weir_agent::runtime::ImageCommand),
 }
 
 #[tokio::main]
@@ -37,5 +40,6 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Server(config) | Command::Up(config) => apiserver::run(config).await,
+        Command::Image(command) => command.run().await,
     }
 }

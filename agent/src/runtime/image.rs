@@ -228,8 +228,15 @@ impl Archive {
             }
             .map_err(|e| io("opening", e))?;
             let mut tar = tar::Archive::new(reader);
-            for entry in tar.entries().map_err(|e| io("reading the tar archive", e))? {
-                let entry = entry.map_err(|e| io("reading a tar entry of", e))?;
+            let not_tar = |e: std::io::Error| {
+                Error::Archive(format!(
+                    "{} is not a complete tar archive ({e}): give an OCI image archive or `docker save` output, \
+                     gzipped or not",
+                    path.display()
+                ))
+            };
+            for entry in tar.entries().map_err(not_tar)? {
+                let entry = entry.map_err(not_tar)?;
                 if !entry.header().entry_type().is_file() {
                     continue;
                 }
