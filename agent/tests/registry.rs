@@ -4,6 +4,10 @@
 //! authentication. The busybox image of `cargo xtask images` (WEIR_IMAGES) is pushed into
 //! it with oci-client and pulled back through the agent's runtime.
 //!
+//! Token auth (a `Bearer` challenge, a token from the realm for the user's Basic
+//! credentials) is checked against a small registry of the test's own (axum, on loopback):
+//! Debian's registry only does htpasswd (Basic) without a separate token server.
+//!
 //! Root only, one at a time (`cargo xtask test` runs them with `--ignored
 //! --test-threads=1`). Each test has its own containerd (the fixture of runtime.rs, in
 //! common/containerd.rs); the registry is killed by its PID and its directory removed by a
@@ -486,5 +490,216 @@ async fn import_directory_imports_every_archive_and_reports_bad_ones() {
     .catch_unwind()
     .await;
     drop(dir);
+    fixture.finish(outcome).await;
+}
+
+/// A read-only registry with token auth, as Docker Hub and most hosted registries do it:
+/// `/v2/` answers 401 with a Bearer challenge naming `/token`; `/token` hands out a token
+/// for the right Basic credentials; manifests and blobs need `Authorization: Bearer`.
+/// Written here because Debian's registry needs a separate token server for this.
+#[derive(Clone)]
+struct TokenRegistry {
+    user: String,
+    password: String,
+    token: String,
+    realm: String,
+    /// Manifests by tag and by digest: (media type, bytes).
+    manifests: std::sync::Arc<HashMap<String, (String, Vec<u8>)>>,
+    blobs: std::sync::Arc<HashMap<String, Vec<u8>>>,
+    /// The scopes asked for at `/token`.
+    scopes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TokenRegistry {
+    fn has_token(&self, headers: &axum::http::HeaderMap) -> bool {
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(format!("Bearer {}", self.token).as_str())
+    }
+
+    fn challenge(&self) -> axum::response::Response {
+        use axum::response::IntoResponse as _;
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            [(
+                "www-authenticate",
+                format!(r#"Bearer realm="{}",service="weir-test""#, self.realm),
+            )],
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+        )
+            .into_response()
+    }
+}
+
+async fn token_ping(
+    axum::extract::State(registry): axum::extract::State<TokenRegistry>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if registry.has_token(&headers) {
+        "{}".into_response()
+    } else {
+        registry.challenge()
+    }
+}
+
+async fn token_issue(
+    axum::extract::State(registry): axum::extract::State<TokenRegistry>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    use base64::Engine as _;
+    registry
+        .scopes
+        .lock()
+        .unwrap()
+        .push(query.get("scope").cloned().unwrap_or_default());
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", registry.user, registry.password))
+    );
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str()) {
+        axum::Json(serde_json::json!({"token": registry.token})).into_response()
+    } else {
+        (axum::http::StatusCode::UNAUTHORIZED, "bad credentials").into_response()
+    }
+}
+
+async fn token_manifest(
+    axum::extract::State(registry): axum::extract::State<TokenRegistry>,
+    axum::extract::Path(reference): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if !registry.has_token(&headers) {
+        return registry.challenge();
+    }
+    match registry.manifests.get(&reference) {
+        Some((media_type, body)) => (
+            [
+                ("content-type", media_type.clone()),
+                ("docker-content-digest", digest_of(body)),
+            ],
+            body.clone(),
+        )
+            .into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+        )
+            .into_response(),
+    }
+}
+
+async fn token_blob(
+    axum::extract::State(registry): axum::extract::State<TokenRegistry>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if !registry.has_token(&headers) {
+        return registry.challenge();
+    }
+    match registry.blobs.get(&digest) {
+        Some(body) => ([("docker-content-digest", digest.clone())], body.clone()).into_response(),
+        None => (axum::http::StatusCode::NOT_FOUND, "").into_response(),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+async fn pulls_with_bearer_token_auth() {
+    let Some(images) = images() else { return };
+    let fixture = Fixture::new(images.clone()).await;
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let members = read_archive(&images.join("busybox.tar"));
+    let index: serde_json::Value = serde_json::from_slice(&members["index.json"]).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let manifest = blob(&members, &manifest_digest).to_vec();
+    let blobs: HashMap<String, Vec<u8>> = members
+        .iter()
+        .filter_map(|(path, data)| {
+            let hex = path.strip_prefix("blobs/sha256/")?;
+            Some((format!("sha256:{hex}"), data.clone()))
+        })
+        .collect();
+    let registry = TokenRegistry {
+        user: "robot".into(),
+        password: unique("token-pw"),
+        token: unique("token"),
+        realm: format!("http://{host}/token"),
+        manifests: std::sync::Arc::new(HashMap::from([
+            ("v1".to_string(), (OCI_MANIFEST.to_string(), manifest.clone())),
+            (manifest_digest.clone(), (OCI_MANIFEST.to_string(), manifest.clone())),
+        ])),
+        blobs: std::sync::Arc::new(blobs),
+        scopes: Default::default(),
+    };
+    let app = axum::Router::new()
+        .route("/v2/", axum::routing::get(token_ping))
+        .route("/token", axum::routing::get(token_issue))
+        .route(
+            "/v2/test/busybox/manifests/{reference}",
+            axum::routing::get(token_manifest),
+        )
+        .route("/v2/test/busybox/blobs/{digest}", axum::routing::get(token_blob))
+        .with_state(registry.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let outcome = AssertUnwindSafe(async {
+        let runtime = &fixture.runtime;
+        let v1 = format!("{host}/test/busybox:v1");
+        let secret = |name: &str, password: &str| {
+            use base64::Engine as _;
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("robot:{password}"));
+            let config = serde_json::json!({"auths": {format!("http://{host}/v2/"): {"auth": auth}}});
+            Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("default".into()),
+                    ..Default::default()
+                },
+                type_: Some("kubernetes.io/dockerconfigjson".into()),
+                data: Some(BTreeMap::from([(
+                    ".dockerconfigjson".to_string(),
+                    ByteString(config.to_string().into_bytes()),
+                )])),
+                ..Default::default()
+            }
+        };
+
+        // The token server refuses a wrong password: the pull is unauthorized.
+        let wrong = registry_credentials(&v1, &[secret("wrong", "nope")]).unwrap();
+        let err = runtime
+            .ensure_image_with(&v1, PullPolicy::Always, Some(&wrong))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::RegistryUnauthorized { .. }), "{err}");
+        assert!(err.to_string().contains("secret default/wrong"), "{err}");
+
+        // The right password: a token for pulling test/busybox, then the image.
+        let right = registry_credentials(&v1, &[secret("robot", &registry.password)]).unwrap();
+        let image = runtime
+            .ensure_image_with(&v1, PullPolicy::Always, Some(&right))
+            .await
+            .unwrap_or_else(|e| panic!("pulling {v1} with token auth: {e}"));
+        assert_eq!(image.digest, manifest_digest);
+        assert!(
+            registry
+                .scopes
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s == "repository:test/busybox:pull"),
+            "{:?}",
+            registry.scopes
+        );
+        let config = fixture.config(&v1, &["echo", "token"]);
+        let (code, log) = fixture.run(&config).await;
+        assert_eq!(code, 0, "{log}");
+        assert!(log.contains("token"), "{log}");
+    })
+    .catch_unwind()
+    .await;
+    server.abort();
     fixture.finish(outcome).await;
 }
