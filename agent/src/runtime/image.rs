@@ -1,8 +1,9 @@
 //! Images in containerd: importing OCI archives and `docker save` tarballs into the content
 //! store, the image records, and unpacking layers into the overlayfs snapshotter through
-//! the diff service so containers can start from them. Registry pulls plug in at
-//! [`Runtime::ensure_image`]. Import and registry pulls (`pull.rs`) share the storing: blobs
-//! into the content store, image records and unpacking ([`Runtime::store_image`]).
+//! the diff service so containers can start from them; [`Runtime::ensure_image`] finds an
+//! image on the node. Import and registry pulls (`pull.rs`) share the storing: blobs into
+//! the content store, image records and unpacking ([`Runtime::store_image`]), with the
+//! blobs' bytes from a [`BlobSource`] (an archive here, a registry there).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -889,8 +890,8 @@ impl Runtime {
     }
 
     /// The image `reference` if it is on this node, unpacked (layers unpacked again when
-    /// their snapshots are missing), with its run defaults. This is where a registry pull
-    /// goes: today a missing image is [`Error::ImageNotPresent`].
+    /// their snapshots are missing), with its run defaults; a missing image is
+    /// [`Error::ImageNotPresent`]. [`Runtime::ensure_image_with`] pulls as a policy says.
     pub async fn ensure_image(&self, reference: &str) -> Result<Image, Error> {
         let name = normalize_reference(reference)?;
         let record = ImagesClient::new(self.channel())

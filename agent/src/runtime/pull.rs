@@ -51,6 +51,17 @@ pub struct RegistryConfig {
     pub insecure_registries: Vec<String>,
 }
 
+impl RegistryConfig {
+    /// Whether `registry` is spoken to over plain HTTP: loopback ones and the insecure list.
+    pub fn plain_http(&self, registry: &str) -> bool {
+        is_loopback_registry(registry)
+            || self
+                .insecure_registries
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(registry))
+    }
+}
+
 /// kubelet's `imagePullPolicy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PullPolicy {
@@ -310,12 +321,7 @@ impl Runtime {
         // reqwest (built without a bundled provider) takes the process default: ring, as
         // the rest of the workspace. Already installed (by us or another part) is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let plain_http = is_loopback_registry(registry)
-            || self
-                .registry_config()
-                .insecure_registries
-                .iter()
-                .any(|r| r.eq_ignore_ascii_case(registry));
+        let plain_http = self.registry_config().plain_http(registry);
         let config = oci_client::client::ClientConfig {
             protocol: if plain_http {
                 oci_client::client::ClientProtocol::Http
@@ -512,6 +518,18 @@ mod tests {
         ] {
             assert!(!is_loopback_registry(remote), "{remote}");
         }
+    }
+
+    #[test]
+    fn plain_http_for_loopback_and_listed_registries_only() {
+        let config = RegistryConfig {
+            insecure_registries: vec!["registry.lan:5000".into()],
+        };
+        assert!(config.plain_http("127.0.0.1:5000"));
+        assert!(config.plain_http("registry.lan:5000"));
+        assert!(!config.plain_http("registry.lan"), "the port is part of the name");
+        assert!(!config.plain_http("docker.io"));
+        assert!(!RegistryConfig::default().plain_http("registry.lan:5000"));
     }
 
     #[test]
