@@ -2,8 +2,8 @@
 //! imagePullPolicy.
 //!
 //! The registry protocol (the `/v2/` ping, Bearer token and Basic auth, manifests, blobs
-//! with digest checks) is `oci-client`'s. Here: choosing HTTP or HTTPS, the linux/<host
-//! arch> manifest of an index (with image.rs's platform choice, so import and pull agree),
+//! with digest checks) is `oci-client`'s. Here: choosing HTTP or HTTPS, the `linux/<host
+//! arch>` manifest of an index (with image.rs's platform choice, so import and pull agree),
 //! and storing the image with the import's code ([`Runtime::store_image`]): blobs into the
 //! content store (only those missing are downloaded), the image record, the unpacked layers.
 //!
