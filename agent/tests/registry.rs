@@ -367,6 +367,21 @@ async fn pulls_with_pull_secrets_and_follows_the_pull_policy() {
         assert_eq!(code, 0, "{log}");
         assert!(log.contains("hello"), "{log}");
 
+        // Five pods starting at once with a new tag: one pull, the others wait for it and
+        // find the image present (the registry serves the tag's manifest once).
+        pusher.manifest("test/busybox:v2", OCI_MANIFEST, &manifest).await;
+        let v2 = format!("{host}/test/busybox:v2");
+        let pulls = (0..5).map(|_| runtime.ensure_image_with(&v2, PullPolicy::IfNotPresent, Some(&credentials)));
+        for pulled in futures::future::join_all(pulls).await {
+            assert_eq!(pulled.unwrap().digest, manifest_digest);
+        }
+        let served = registry
+            .log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/test/busybox/manifests/v2 HTTP/1.1\" 200"))
+            .count();
+        assert_eq!(served, 1, "manifest requests for v2:\n{}", registry.log());
+
         // Not in the registry: not found, naming the reference.
         let missing = format!("{host}/test/busybox:nope");
         let err = runtime

@@ -228,6 +228,8 @@ pub struct Runtime {
     namespace: String,
     namespace_header: AsciiMetadataValue,
     registries: std::sync::Arc<RegistryConfig>,
+    /// One pull at a time per image: pods starting together share the first one's pull.
+    pulls: pull::PullLocks,
 }
 
 impl Runtime {
@@ -259,6 +261,7 @@ impl Runtime {
             namespace: namespace.to_string(),
             namespace_header,
             registries: Default::default(),
+            pulls: Default::default(),
         })
     }
 
@@ -270,6 +273,10 @@ impl Runtime {
 
     pub(crate) fn registry_config(&self) -> &RegistryConfig {
         &self.registries
+    }
+
+    pub(crate) fn pull_locks(&self) -> &pull::PullLocks {
+        &self.pulls
     }
 
     /// The containerd namespace this runtime works in.

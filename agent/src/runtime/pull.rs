@@ -15,7 +15,9 @@
 //! ever imported (`cargo xtask images`, `weir image import`): whatever the policy, such an
 //! image present is used and absent is [`Error::ImageNotPresent`]; it is never pulled.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -121,6 +123,54 @@ pub fn is_loopback_registry(registry: &str) -> bool {
         registry
     };
     host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Per-image locks, so that only one pull of an image runs at a time on the node: when
+/// the replicas of a deployment start together, the first pulls and the others find the
+/// image present (`IfNotPresent`) or fetch only its manifest (`Always`).
+#[derive(Clone, Default)]
+pub(crate) struct PullLocks(Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
+
+/// Held while an image is pulled; the lock's entry goes when no one else waits for it.
+pub(crate) struct PullGuard {
+    locks: PullLocks,
+    name: String,
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl PullLocks {
+    /// Waits for the other pulls of `name` to finish.
+    pub(crate) async fn lock(&self, name: &str) -> PullGuard {
+        let mutex = {
+            let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            map.entry(name.to_string()).or_default().clone()
+        };
+        let guard = mutex.clone().lock_owned().await;
+        PullGuard {
+            locks: self.clone(),
+            name: name.to_string(),
+            mutex,
+            guard: Some(guard),
+        }
+    }
+
+    /// How many images have a lock entry (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or_default()
+    }
+}
+
+impl Drop for PullGuard {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.locks.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The map's reference and ours: nobody else holds or waits for this lock.
+        if Arc::strong_count(&self.mutex) == 2 {
+            map.remove(&self.name);
+        }
+    }
 }
 
 /// Whether `normalized` names one of the project's own, imported-only images.
@@ -464,10 +514,20 @@ impl Runtime {
                 other => other,
             },
             PullPolicy::IfNotPresent => match self.ensure_image(&name).await {
-                Err(Error::ImageNotPresent { .. }) => self.pull_image(&name, credentials).await,
+                Err(Error::ImageNotPresent { .. }) => {
+                    let _pulling = self.pull_locks().lock(&name).await;
+                    // Pulled meanwhile by whoever held the lock?
+                    match self.ensure_image(&name).await {
+                        Err(Error::ImageNotPresent { .. }) => self.pull_image(&name, credentials).await,
+                        other => other,
+                    }
+                }
                 other => other,
             },
-            PullPolicy::Always => self.pull_image(&name, credentials).await,
+            PullPolicy::Always => {
+                let _pulling = self.pull_locks().lock(&name).await;
+                self.pull_image(&name, credentials).await
+            }
         }
     }
 }
@@ -518,6 +578,28 @@ mod tests {
         ] {
             assert!(!is_loopback_registry(remote), "{remote}");
         }
+    }
+
+    #[tokio::test]
+    async fn pulls_of_one_image_wait_for_each_other_and_locks_are_dropped() {
+        let locks = PullLocks::default();
+        let first = locks.lock("a").await;
+        let other_image = locks.lock("b").await;
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let _second = locks.lock("a").await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "the second pull of a waits for the first");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the second pull runs once the first is done")
+            .unwrap();
+        drop(other_image);
+        assert_eq!(locks.len(), 0, "no entries are left behind");
     }
 
     #[test]
