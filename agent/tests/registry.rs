@@ -33,7 +33,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use sha2::{Digest as _, Sha256};
-use weir_agent::runtime::{Error, PullPolicy, import_directory, registry_credentials};
+use weir_agent::runtime::{Error, PullPolicy, RegistryConfig, import_directory, registry_credentials};
 
 const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
 const BUSYBOX: &str = "weir.local/busybox:latest";
@@ -54,6 +54,17 @@ impl TestRegistry {
     /// Starts a registry on 127.0.0.1 at a free port, requiring `user`'s password (bcrypt
     /// htpasswd), and waits until it answers.
     fn start() -> TestRegistry {
+        // A free port: bind port 0, note it, release it for the registry.
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("finding a free port on 127.0.0.1")
+            .port();
+        TestRegistry::start_at(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), None, None)
+    }
+
+    /// Starts a registry listening on `addr`, inside network namespace `netns` when given,
+    /// serving HTTPS with `tls` (certificate and key PEM) when given.
+    fn start_at(addr: SocketAddrV4, netns: Option<&str>, tls: Option<(&str, &str)>) -> TestRegistry {
         assert!(
             Path::new(REGISTRY_BINARY).exists(),
             "{REGISTRY_BINARY} is missing: run `cargo xtask setup` (it installs Debian's docker-registry)"
@@ -62,12 +73,6 @@ impl TestRegistry {
             .prefix("weir-registry-")
             .tempdir_in("/tmp")
             .expect("creating a directory under /tmp");
-        // A free port: bind port 0, note it, release it for the registry.
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("finding a free port on 127.0.0.1")
-            .port();
-        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
         let user = "weir".to_string();
         let password = unique("pw");
         // Cost 4 (bcrypt's least) keeps the registry's check of every request fast.
@@ -75,16 +80,34 @@ impl TestRegistry {
             .expect("hashing the password")
             .format_for_version(bcrypt::Version::TwoY);
         std::fs::write(dir.path().join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
-        let config = format!(
+        let mut config = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    \
-             enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: weir-test\n    path: {htpasswd}\n",
+             enabled: true\nauth:\n  htpasswd:\n    realm: weir-test\n    path: {htpasswd}\nhttp:\n  addr: {addr}\n",
             storage = dir.path().join("storage").display(),
             htpasswd = dir.path().join("htpasswd").display(),
         );
+        if let Some((certificate, key)) = tls {
+            std::fs::write(dir.path().join("tls.crt"), certificate).unwrap();
+            std::fs::write(dir.path().join("tls.key"), key).unwrap();
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("tls.crt").display(),
+                dir.path().join("tls.key").display()
+            ));
+        }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(REGISTRY_BINARY)
+        // `ip netns exec` execs the registry itself, so the child's PID is the registry's.
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, REGISTRY_BINARY]);
+                command
+            }
+            None => Command::new(REGISTRY_BINARY),
+        };
+        let child = command
             .arg("serve")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -102,7 +125,8 @@ impl TestRegistry {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok(status) = registry.ping() {
-                assert_eq!(status, 401, "the registry asks for credentials");
+                // Over HTTPS the plain request gets 400; over HTTP, credentials are asked for.
+                assert_eq!(status, if tls.is_some() { 400 } else { 401 }, "{}", registry.log());
                 break;
             }
             if let Some(Ok(Some(exit))) = registry.child.as_mut().map(|c| c.try_wait()) {
@@ -226,10 +250,22 @@ struct Pusher {
 }
 
 impl Pusher {
-    async fn new(registry: &TestRegistry) -> Pusher {
+    /// Over plain HTTP, or over HTTPS trusting `ca` (PEM).
+    async fn new(registry: &TestRegistry, ca: Option<&str>) -> Pusher {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Client::try_from(ClientConfig {
-            protocol: ClientProtocol::Http,
+            protocol: if ca.is_some() {
+                ClientProtocol::Https
+            } else {
+                ClientProtocol::Http
+            },
+            extra_root_certificates: ca
+                .map(|pem| oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: pem.as_bytes().to_vec(),
+                })
+                .into_iter()
+                .collect(),
             ..Default::default()
         })
         .expect("making the push client");
@@ -254,6 +290,29 @@ impl Pusher {
             .push_blob(&reference, data.to_vec(), &digest_of(data))
             .await
             .unwrap_or_else(|e| panic!("pushing a blob to {repository}: {e}"));
+    }
+
+    /// Pushes weir.local/busybox:latest's config, layer and manifest (from the archive of
+    /// `cargo xtask images`) as test/busybox:v1; returns the manifest's digest and bytes.
+    async fn busybox(&self, images: &Path) -> (String, Vec<u8>) {
+        let members = read_archive(&images.join("busybox.tar"));
+        let index: serde_json::Value = serde_json::from_slice(&members["index.json"]).unwrap();
+        let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+        let manifest = blob(&members, &manifest_digest).to_vec();
+        let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let mut blobs = vec![parsed["config"]["digest"].as_str().unwrap().to_string()];
+        blobs.extend(
+            parsed["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["digest"].as_str().unwrap().to_string()),
+        );
+        for digest in &blobs {
+            self.blob("test/busybox", blob(&members, digest)).await;
+        }
+        self.manifest("test/busybox:v1", OCI_MANIFEST, &manifest).await;
+        (manifest_digest, manifest)
     }
 
     async fn manifest(&self, repository_tag: &str, media_type: &str, body: &[u8]) {
@@ -285,24 +344,9 @@ async fn pulls_with_pull_secrets_and_follows_the_pull_policy() {
         // weir.local/busybox:latest's manifest, config and layer, pushed as test/busybox:v1;
         // a second manifest (the same plus an annotation, so another digest) for tag moves
         // and for an index whose first entry is another platform's.
-        let members = read_archive(&images.join("busybox.tar"));
-        let index: serde_json::Value = serde_json::from_slice(&members["index.json"]).unwrap();
-        let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
-        let manifest = blob(&members, &manifest_digest).to_vec();
+        let pusher = Pusher::new(&registry, None).await;
+        let (manifest_digest, manifest) = pusher.busybox(&images).await;
         let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-        let pusher = Pusher::new(&registry).await;
-        let mut blobs = vec![parsed["config"]["digest"].as_str().unwrap().to_string()];
-        blobs.extend(
-            parsed["layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l["digest"].as_str().unwrap().to_string()),
-        );
-        for digest in &blobs {
-            pusher.blob("test/busybox", blob(&members, digest)).await;
-        }
-        pusher.manifest("test/busybox:v1", OCI_MANIFEST, &manifest).await;
         let mut other: serde_json::Value = parsed.clone();
         other["annotations"] = serde_json::json!({"org.weir.test": "another build"});
         let other = serde_json::to_vec(&other).unwrap();
@@ -716,5 +760,130 @@ async fn pulls_with_bearer_token_auth() {
     .catch_unwind()
     .await;
     server.abort();
+    fixture.finish(outcome).await;
+}
+
+/// A network namespace with a veth to the host: host side `.1`, namespace side `.2` (/30),
+/// in 10.252.0.0/16 (runtime.rs uses 10.251/16). Deleted on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    ns_ip: Ipv4Addr,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let name = unique("weir-reg");
+        let n: u32 = name.rsplit('-').next().unwrap().parse().unwrap();
+        let pid = std::process::id();
+        let host_if = format!("wrg{}h{n}", pid % 100_000);
+        let peer_if = format!("wrg{}p{n}", pid % 100_000);
+        let (third, fourth) = ((pid % 250) as u8, ((n % 60) * 4) as u8);
+        let host_ip = Ipv4Addr::new(10, 252, third, fourth + 1);
+        let ns_ip = Ipv4Addr::new(10, 252, third, fourth + 2);
+        let netns = Netns {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            ns_ip,
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
+        ip(&["link", "set", &peer_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&["-n", &name, "addr", "add", &format!("{ns_ip}/30"), "dev", &peer_if]);
+        ip(&["-n", &name, "link", "set", &peer_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        netns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for `ip` signed by it: (CA PEM, certificate PEM, key PEM).
+fn tls_for(ip: Ipv4Addr) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "weir test registry CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca.pem(), ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "weir test registry");
+    params.subject_alt_names = vec![SanType::IpAddress(ip.into())];
+    let certificate = params.signed_by(&key, &issuer).unwrap();
+    (ca.pem(), certificate.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+async fn pulls_over_https_trusting_the_configured_ca() {
+    let Some(images) = images() else { return };
+    let fixture = Fixture::new(images.clone()).await;
+    // Not on loopback (which is plain HTTP by design): in a namespace of the test's own.
+    let netns = Netns::new();
+    let (ca, certificate, key) = tls_for(netns.ns_ip);
+    let registry = TestRegistry::start_at(
+        SocketAddrV4::new(netns.ns_ip, 5000),
+        Some(&netns.name),
+        Some((&certificate, &key)),
+    );
+    let ca_path = registry.dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca).unwrap();
+    let outcome = AssertUnwindSafe(async {
+        let pusher = Pusher::new(&registry, Some(&ca)).await;
+        let (manifest_digest, _) = pusher.busybox(&images).await;
+        let v1 = format!("{}/test/busybox:v1", registry.host());
+        let secret = registry.pull_secret("regcred", &registry.password);
+        let credentials = registry_credentials(&v1, &[secret]).unwrap();
+
+        // HTTPS by default, and the system does not trust the test's CA.
+        let err = fixture
+            .runtime
+            .ensure_image_with(&v1, PullPolicy::IfNotPresent, Some(&credentials))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::RegistryUnreachable { .. }), "{err}");
+        assert!(err.to_string().contains("certificate"), "{err}");
+        eprintln!("untrusted CA: {err}");
+
+        // With the CA configured: pulled over HTTPS, and it runs.
+        let runtime = fixture.runtime.clone().with_registry_config(RegistryConfig {
+            ca_certificates: vec![ca_path.clone()],
+            ..Default::default()
+        });
+        let image = runtime
+            .ensure_image_with(&v1, PullPolicy::IfNotPresent, Some(&credentials))
+            .await
+            .unwrap_or_else(|e| panic!("pulling {v1} over HTTPS: {e}\nregistry log:\n{}", registry.log()));
+        assert_eq!(image.digest, manifest_digest);
+        let config = fixture.config(&v1, &["echo", "over https"]);
+        let (code, log) = fixture.run(&config).await;
+        assert_eq!(code, 0, "{log}");
+        assert!(log.contains("over https"), "{log}");
+    })
+    .catch_unwind()
+    .await;
+    drop(registry);
+    drop(netns);
     fixture.finish(outcome).await;
 }

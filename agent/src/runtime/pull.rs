@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,9 @@ pub struct RegistryConfig {
     /// besides loopback ones (the agent's `--insecure-registry`). Only for registries on a
     /// network you trust: nothing is encrypted or authenticated.
     pub insecure_registries: Vec<String>,
+    /// PEM files of certificate authorities trusted for HTTPS registries besides the
+    /// system's roots (the agent's `--registry-ca`), for registries with a private CA.
+    pub ca_certificates: Vec<PathBuf>,
 }
 
 impl RegistryConfig {
@@ -255,8 +259,9 @@ impl Pull {
             format!("check that it runs and listens on plain HTTP at {}", self.registry)
         } else {
             format!(
-                "check that the node reaches it over HTTPS with a certificate the system trusts; if it serves plain \
-                 HTTP, list {} in the agent's insecure registries",
+                "check that the node reaches it over HTTPS with a certificate it trusts (the system's roots, or a CA \
+                 in the agent's registry CA certificates); if it serves plain HTTP, list {} in the agent's insecure \
+                 registries",
                 self.registry
             )
         };
@@ -372,7 +377,17 @@ impl Runtime {
         // the rest of the workspace. Already installed (by us or another part) is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let plain_http = self.registry_config().plain_http(registry);
+        let mut extra_root_certificates = Vec::new();
+        for path in &self.registry_config().ca_certificates {
+            let data = std::fs::read(path)
+                .map_err(|e| Error::io(format!("reading the registry CA certificate {}", path.display()), e))?;
+            extra_root_certificates.push(oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data,
+            });
+        }
         let config = oci_client::client::ClientConfig {
+            extra_root_certificates,
             protocol: if plain_http {
                 oci_client::client::ClientProtocol::Http
             } else {
@@ -384,8 +399,12 @@ impl Runtime {
             read_timeout: Some(READ_TIMEOUT),
             ..Default::default()
         };
-        let client = Client::try_from(config)
-            .map_err(|e| Error::Containerd(format!("making an HTTP client for registry {registry}: {}", causes(&e))))?;
+        let client = Client::try_from(config).map_err(|e| {
+            Error::Containerd(format!(
+                "making an HTTP client for registry {registry}: {} (are the registry CA certificates PEM?)",
+                causes(&e)
+            ))
+        })?;
         Ok((client, plain_http))
     }
 
@@ -606,6 +625,7 @@ mod tests {
     fn plain_http_for_loopback_and_listed_registries_only() {
         let config = RegistryConfig {
             insecure_registries: vec!["registry.lan:5000".into()],
+            ..Default::default()
         };
         assert!(config.plain_http("127.0.0.1:5000"));
         assert!(config.plain_http("registry.lan:5000"));
