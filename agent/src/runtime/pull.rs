@@ -45,15 +45,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A download that stalls (no bytes) this long has failed.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How the agent talks to registries.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// How the agent talks to registries; its flags, for the agent's command to flatten.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegistryConfig {
-    /// Registries (`host` or `host:port`, as in image references) spoken to over plain HTTP
-    /// besides loopback ones (the agent's `--insecure-registry`). Only for registries on a
-    /// network you trust: nothing is encrypted or authenticated.
+    /// A registry (`host` or `host:port`, as in image references) to pull from over plain
+    /// HTTP, besides loopback ones; repeatable. Only on a network you trust: nothing is
+    /// encrypted or authenticated.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     pub insecure_registries: Vec<String>,
-    /// PEM files of certificate authorities trusted for HTTPS registries besides the
-    /// system's roots (the agent's `--registry-ca`), for registries with a private CA.
+    /// A PEM file of certificate authorities to trust for HTTPS registries besides the
+    /// system's roots (registries with a private CA); repeatable.
+    #[arg(long = "registry-ca", value_name = "PEM")]
     pub ca_certificates: Vec<PathBuf>,
 }
 
@@ -632,6 +634,31 @@ mod tests {
         assert!(!config.plain_http("registry.lan"), "the port is part of the name");
         assert!(!config.plain_http("docker.io"));
         assert!(!RegistryConfig::default().plain_http("registry.lan:5000"));
+    }
+
+    #[test]
+    fn registry_flags_repeat() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Agent {
+            #[command(flatten)]
+            registries: RegistryConfig,
+        }
+        let agent = Agent::parse_from([
+            "agent",
+            "--insecure-registry",
+            "registry.lan:5000",
+            "--insecure-registry",
+            "10.0.0.5",
+            "--registry-ca",
+            "/etc/weir/registry-ca.pem",
+        ]);
+        assert_eq!(agent.registries.insecure_registries, ["registry.lan:5000", "10.0.0.5"]);
+        assert_eq!(
+            agent.registries.ca_certificates,
+            [PathBuf::from("/etc/weir/registry-ca.pem")]
+        );
+        assert_eq!(Agent::parse_from(["agent"]).registries, RegistryConfig::default());
     }
 
     #[test]
