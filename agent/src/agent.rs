@@ -76,6 +76,9 @@ pub struct AgentConfig {
     /// The port of the agent's own server (logs, exec, port-forward).
     #[arg(long, default_value_t = 10250)]
     pub port: u16,
+    /// How the agent reaches image registries.
+    #[command(flatten)]
+    pub registries: crate::runtime::RegistryConfig,
     /// How long to wait for the node's podCIDR before running only hostNetwork pods.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     pub pod_cidr_timeout: Duration,
@@ -109,6 +112,7 @@ impl AgentConfig {
             bpf_pin_root: PathBuf::from(crate::datapath::DEFAULT_PIN_ROOT),
             port: 10250,
             pod_cidr_timeout: Duration::from_secs(60),
+            registries: crate::runtime::RegistryConfig::default(),
         }
     }
 
@@ -202,8 +206,29 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
         ..ContainerdConfig::managed(config.data_dir.join("containerd"))
     };
     let containerd = Containerd::start(&containerd_config).await?;
-    let runtime = Runtime::connect(containerd.socket(), DEFAULT_NAMESPACE).await?;
-    import_images(&runtime, &config.data_dir.join("images")).await;
+    let runtime = Runtime::connect(containerd.socket(), DEFAULT_NAMESPACE)
+        .await?
+        .with_registry_config(config.registries.clone());
+    // Air-gapped nodes: every image archive in <data-dir>/images/ (failures are logged).
+    let images = crate::runtime::images_dir(&config.data_dir);
+    // On a blocking thread: the import's futures are not provably `Send` for every lifetime
+    // (see `pull_image_spawnable`), and `run` must stay spawnable.
+    let imported = {
+        let runtime = runtime.clone();
+        let images = images.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || handle.block_on(crate::runtime::import_directory(&runtime, &images)))
+            .await
+            .context("the image import task")?
+    };
+    match imported {
+        Ok(report) => {
+            if !report.imported.is_empty() {
+                info!(images = ?report.images(), dir = %images.display(), "imported image archives");
+            }
+        }
+        Err(e) => warn!(error = %e, "importing the image archives in {}", images.display()),
+    }
 
     let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady("the agent is starting".into()));
     let mut node_config = NodeConfig::new(node_name.clone(), config.data_dir.clone());
@@ -286,21 +311,6 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
     containerd.shutdown().await?;
     info!("agent stopped; pods keep running");
     Ok(())
-}
-
-/// Imports every image archive in `dir` (air-gapped nodes); a bad file is logged and skipped.
-async fn import_images(runtime: &Runtime, dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "tar") {
-            continue;
-        }
-        match runtime.import_archive(&path).await {
-            Ok(images) => info!(file = %path.display(), ?images, "imported images"),
-            Err(e) => warn!(file = %path.display(), error = %e, "importing an image archive"),
-        }
-    }
 }
 
 fn nix_is_root() -> bool {

@@ -34,6 +34,9 @@ enum Command {
     Agent(AgentConfig),
     /// A single-node cluster on this machine: the API server and an agent in one process.
     Up(UpConfig),
+    /// The node's container images: import tarballs (air-gapped nodes), list them.
+    #[command(subcommand)]
+    Image(weir_agent::runtime::ImageCommand),
 }
 
 /// `weir up`: the server's flags and the agent's that make sense on the same machine.
@@ -80,6 +83,7 @@ async fn main() -> Result<()> {
         Command::Server(config) => apiserver::run(config).await,
         Command::Agent(config) => agent::run(config, stop_on_signal()).await,
         Command::Up(config) => up(config).await,
+        Command::Image(command) => command.run().await,
     }
 }
 

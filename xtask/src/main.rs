@@ -35,8 +35,9 @@ enum Task {
     /// target/ebpf/bpfel-unknown-none/release/weir-ebpf. The agent's build.rs does the same.
     BuildEbpf,
     /// Setup, build the weir binary, then `cargo test --workspace` with the tool paths in
-    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD, then the privileged datapath and
-    /// container runtime tests (as root, one at a time; the images built first, in WEIR_IMAGES).
+    /// WEIR_BIN, WEIR_KUBECTL, WEIR_HELM and WEIR_ETCD, then the privileged datapath,
+    /// container runtime and image pull tests (as root, one at a time; the images built first,
+    /// in WEIR_IMAGES).
     Test {
         /// Extra arguments for `cargo test --workspace`, after `--`.
         #[arg(last = true)]
@@ -201,7 +202,7 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
         .context("test: `cargo xtask images` built no image")?;
     status(format!(
         "test: privileged tests (WEIR_IMAGES={} cargo test -p weir-agent --test datapath --test nodeport --test \
-         podnet --test runtime -- --ignored --test-threads=1)",
+         podnet --test runtime --test registry -- --ignored --test-threads=1)",
         images_dir.display()
     ));
     let agent_ok = tally.run(
@@ -218,6 +219,8 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
                 "podnet",
                 "--test",
                 "runtime",
+                "--test",
+                "registry",
                 "--",
             ])
             .args(["--ignored", "--test-threads=1"])

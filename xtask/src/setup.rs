@@ -55,6 +55,12 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "runc",
         present: || command::find_on_path("runc").is_some() || Path::new("/usr/sbin/runc").exists(),
     },
+    // The registry the image-pull tests push to and pull from (agent/tests/registry.rs); each
+    // test starts its own on loopback with its own config.
+    DebianPackage {
+        name: "docker-registry",
+        present: || Path::new("/usr/bin/docker-registry").exists(),
+    },
     // The shell and tools of the test images (`cargo xtask images`).
     DebianPackage {
         name: "busybox-static",

@@ -738,12 +738,7 @@ impl Worker {
     async fn start(&mut self, c: &Container, init: bool, attempt: u32) -> Result<(String, String), (String, String)> {
         let image = c.image.clone().unwrap_or_default();
         let t0 = Instant::now();
-        let present = self
-            .ctx
-            .runtime
-            .ensure_image(&image)
-            .await
-            .map_err(|e| ("ErrImagePull".to_owned(), e.to_string()))?;
+        let present = self.image(c, &image).await?;
         let t_image = t0.elapsed();
         let sources = self
             .env_sources()
@@ -796,6 +791,40 @@ impl Worker {
         }
         debug!(pod = %self.name(), container = %c.name, ?t_image, ?t_config, total = ?t0.elapsed(), "container start timings");
         Ok((config.id, format!("{}@{}", present.name, present.digest)))
+    }
+
+    /// The container's image by its pull policy, with the pod's imagePullSecrets (the first
+    /// that matches the registry, as kubelet tries them).
+    async fn image(&self, c: &Container, image: &str) -> Result<runtime::Image, (String, String)> {
+        let fail = |e: runtime::Error| {
+            let reason = e.image_failure_reason().unwrap_or("ErrImagePull").to_owned();
+            (reason, e.to_string())
+        };
+        let policy = runtime::PullPolicy::for_container(c.image_pull_policy.as_deref(), image).map_err(fail)?;
+        let mut secrets = Vec::new();
+        let ns = self.pod.namespace().unwrap_or_else(|| "default".into());
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
+        let names: Vec<String> = self
+            .pod
+            .spec
+            .iter()
+            .flat_map(|s| s.image_pull_secrets.iter().flatten())
+            .map(|r| r.name.clone())
+            .collect();
+        for name in names {
+            match api.get_opt(&name).await {
+                Ok(Some(secret)) => secrets.push(secret),
+                // kubelet goes on without a missing pull secret (and warns).
+                Ok(None) => warn!(pod = %self.name(), secret = %name, "imagePullSecret not found"),
+                Err(e) => warn!(pod = %self.name(), secret = %name, error = %e, "reading an imagePullSecret"),
+            }
+        }
+        let credentials = runtime::registry_credentials(image, &secrets);
+        self.ctx
+            .runtime
+            .ensure_image_with(image, policy, credentials.as_ref())
+            .await
+            .map_err(fail)
     }
 
     async fn env_sources(&self) -> Result<EnvSources, String> {

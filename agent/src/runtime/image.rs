@@ -1,7 +1,9 @@
 //! Images in containerd: importing OCI archives and `docker save` tarballs into the content
 //! store, the image records, and unpacking layers into the overlayfs snapshotter through
-//! the diff service so containers can start from them. Registry pulls plug in at
-//! [`Runtime::ensure_image`].
+//! the diff service so containers can start from them; [`Runtime::ensure_image`] finds an
+//! image on the node. Import and registry pulls (`pull.rs`) share the storing: blobs into
+//! the content store, image records and unpacking ([`Runtime::store_image`]), with the
+//! blobs' bytes from a [`BlobSource`] (an archive here, a registry there).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,16 +26,17 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::Code;
 use containerd_client::types::Descriptor;
+use futures::StreamExt as _;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use tracing::info;
 
 use super::{Error, Runtime, SNAPSHOTTER};
 
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(super) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(super) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(super) const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(super) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
 const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
@@ -41,7 +44,7 @@ const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gz
 const CONTAINERD_NAME_ANNOTATION: &str = "io.containerd.image.name";
 const OCI_REF_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 /// Blobs go to containerd in pieces below its 16 MiB gRPC message limit.
-const WRITE_CHUNK: usize = 1 << 20;
+pub(super) const WRITE_CHUNK: usize = 1 << 20;
 
 /// What an image says a container runs when the pod does not say otherwise.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,36 +79,36 @@ pub struct Image {
 /// Docker's manifest lists and schema-2 manifests, and Docker `save`'s manifest.json, and
 /// oci-spec's validating types reject the Docker variants.
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
-struct Desc {
+pub(super) struct Desc {
     #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: i64,
+    pub(super) media_type: String,
+    pub(super) digest: String,
+    pub(super) size: i64,
     #[serde(default, skip_serializing_if = "HashMap::is_empty")]
-    annotations: HashMap<String, String>,
+    pub(super) annotations: HashMap<String, String>,
     #[serde(default, skip_serializing)]
-    platform: Option<Platform>,
+    pub(super) platform: Option<Platform>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-struct Platform {
+pub(super) struct Platform {
     #[serde(default)]
-    architecture: String,
+    pub(super) architecture: String,
     #[serde(default)]
-    os: String,
+    pub(super) os: String,
 }
 
 #[derive(Deserialize)]
-struct Index {
+pub(super) struct Index {
     #[serde(default)]
-    manifests: Vec<Desc>,
+    pub(super) manifests: Vec<Desc>,
 }
 
 #[derive(Deserialize)]
-struct Manifest {
-    config: Desc,
+pub(super) struct Manifest {
+    pub(super) config: Desc,
     #[serde(default)]
-    layers: Vec<Desc>,
+    pub(super) layers: Vec<Desc>,
 }
 
 #[derive(Deserialize, Default)]
@@ -147,12 +150,34 @@ struct DockerSaveEntry {
     layers: Vec<String>,
 }
 
-/// Where a blob's bytes come from.
-enum Source {
-    /// A region of the archive file.
-    Archive { offset: u64, size: u64 },
-    /// Bytes made during import (a Docker manifest).
+/// Where one blob's bytes are: made in memory (a Docker manifest, a config read whole), or
+/// at a location of the [`BlobSource`] the image comes from.
+pub(super) enum Source<L> {
+    /// Bytes already in memory.
     Memory(Vec<u8>),
+    /// A location in the image's source (a region of an archive; a digest in a registry).
+    At(L),
+}
+
+/// A region of an archive file: where a member's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Region {
+    offset: u64,
+    size: u64,
+}
+
+/// A blob's bytes, in pieces of at most [`WRITE_CHUNK`], produced as the content store
+/// write pulls them; an error ends the blob.
+pub(super) type Chunks = futures::stream::BoxStream<'static, Result<Vec<u8>, Error>>;
+
+/// Where the blobs of an image being stored come from: an archive on disk (import) or a
+/// registry (pull). Asked only for the blobs the content store lacks.
+pub(super) trait BlobSource: Sync {
+    /// Where a blob is in this source.
+    type Location: Sync;
+
+    /// The bytes of blob `desc`, found at `location`.
+    fn open(&self, desc: &Desc, location: &Self::Location) -> impl Future<Output = Result<Chunks, Error>> + Send;
 }
 
 /// A tar archive opened for random access: each member's offset and size, read once.
@@ -204,8 +229,15 @@ impl Archive {
             }
             .map_err(|e| io("opening", e))?;
             let mut tar = tar::Archive::new(reader);
-            for entry in tar.entries().map_err(|e| io("reading the tar archive", e))? {
-                let entry = entry.map_err(|e| io("reading a tar entry of", e))?;
+            let not_tar = |e: std::io::Error| {
+                Error::Archive(format!(
+                    "{} is not a complete tar archive ({e}): give an OCI image archive or `docker save` output, \
+                     gzipped or not",
+                    path.display()
+                ))
+            };
+            for entry in tar.entries().map_err(not_tar)? {
+                let entry = entry.map_err(not_tar)?;
                 if !entry.header().entry_type().is_file() {
                     continue;
                 }
@@ -222,27 +254,24 @@ impl Archive {
         })
     }
 
-    /// Where a member's bytes are in the (uncompressed) file: offset and size.
-    fn region(&self, member: &str) -> Result<(u64, u64), Error> {
+    /// Where a member's bytes are in the (uncompressed) file.
+    fn region(&self, member: &str) -> Result<Region, Error> {
         let member = member.trim_start_matches("./");
-        self.members.get(member).copied().ok_or_else(|| {
+        let (offset, size) = self.members.get(member).copied().ok_or_else(|| {
             Error::Archive(format!(
                 "{} has no member {member}: the archive is incomplete; export the image again",
                 self.path.display()
             ))
-        })
-    }
-
-    fn source(&self, member: &str) -> Result<Source, Error> {
-        let (offset, size) = self.region(member)?;
-        Ok(Source::Archive { offset, size })
+        })?;
+        Ok(Region { offset, size })
     }
 
     fn read(&self, member: &str) -> Result<Vec<u8>, Error> {
-        match self.source(member)? {
-            Source::Archive { offset, size } => self.read_at(offset, size as usize),
-            Source::Memory(data) => Ok(data),
-        }
+        self.read_region(self.region(member)?)
+    }
+
+    fn read_region(&self, region: Region) -> Result<Vec<u8>, Error> {
+        self.read_at(region.offset, region.size as usize)
     }
 
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
@@ -253,69 +282,71 @@ impl Archive {
         Ok(buf)
     }
 
-    fn blob(&self, digest: &str) -> Result<Source, Error> {
+    /// Where blob `digest` is in an OCI layout (`blobs/<algorithm>/<hex>`).
+    fn blob(&self, digest: &str) -> Result<Region, Error> {
         let (algorithm, hex) = digest
             .split_once(':')
             .ok_or_else(|| Error::Archive(format!("{digest:?} is not a digest (algorithm:hex)")))?;
-        self.source(&format!("blobs/{algorithm}/{hex}"))
+        self.region(&format!("blobs/{algorithm}/{hex}"))
+    }
+
+    fn read_blob(&self, digest: &str) -> Result<Vec<u8>, Error> {
+        self.read_region(self.blob(digest)?)
     }
 
     /// sha256 of a member, streamed.
-    fn digest_of(&self, source: &Source) -> Result<String, Error> {
+    fn digest_of(&self, region: Region) -> Result<String, Error> {
         let mut hasher = Sha256::new();
-        match source {
-            Source::Memory(data) => hasher.update(data),
-            Source::Archive { offset, size } => {
-                let mut done = 0u64;
-                while done < *size {
-                    let len = (*size - done).min(WRITE_CHUNK as u64) as usize;
-                    hasher.update(self.read_at(offset + done, len)?);
-                    done += len as u64;
-                }
-            }
+        let mut done = 0u64;
+        while done < region.size {
+            let len = (region.size - done).min(WRITE_CHUNK as u64) as usize;
+            hasher.update(self.read_at(region.offset + done, len)?);
+            done += len as u64;
         }
         Ok(format!("sha256:{:x}", hasher.finalize()))
     }
 }
 
-/// Reads a blob's bytes by offset, owned so the write stream can carry it.
-enum ChunkReader {
-    File { file: File, base: u64 },
-    Memory(Vec<u8>),
-}
+impl BlobSource for Archive {
+    type Location = Region;
 
-impl ChunkReader {
-    fn new(archive: &Archive, source: &Source) -> Result<ChunkReader, Error> {
-        Ok(match source {
-            Source::Memory(data) => ChunkReader::Memory(data.clone()),
-            Source::Archive { offset, .. } => ChunkReader::File {
-                file: archive
-                    .file
-                    .try_clone()
-                    .map_err(|e| Error::io(format!("reading {}", archive.path.display()), e))?,
-                base: *offset,
-            },
-        })
-    }
-
-    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        match self {
-            ChunkReader::Memory(data) => Ok(data[offset as usize..offset as usize + len].to_vec()),
-            ChunkReader::File { file, base } => {
-                let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, base + offset)?;
-                Ok(buf)
-            }
+    /// The region read in [`WRITE_CHUNK`] pieces as the write pulls them, so a large layer
+    /// never sits in memory whole.
+    async fn open(&self, desc: &Desc, region: &Region) -> Result<Chunks, Error> {
+        if region.size != desc.size as u64 {
+            return Err(Error::Archive(format!(
+                "blob {} is {} bytes in the archive but its descriptor says {}; the archive is damaged",
+                desc.digest, region.size, desc.size
+            )));
         }
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?;
+        let (path, digest, region) = (self.path.clone(), desc.digest.clone(), *region);
+        let chunks = region.size.div_ceil(WRITE_CHUNK as u64);
+        Ok(Box::pin(futures::stream::iter(0..chunks).map(move |i| {
+            let offset = i * WRITE_CHUNK as u64;
+            let len = (region.size - offset).min(WRITE_CHUNK as u64) as usize;
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, region.offset + offset).map_err(|e| {
+                Error::Archive(format!(
+                    "reading blob {digest} from the archive {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Ok(buf)
+        })))
     }
 }
 
-/// An image ready to be written: its manifest, config and layers.
-struct Plan {
-    names: Vec<String>,
-    manifest: (Desc, Source),
-    config: (Desc, Vec<u8>),
-    layers: Vec<(Desc, Source)>,
+/// An image ready to be stored: its names, manifest, config and layers, the blobs at
+/// locations of type `L` in their [`BlobSource`].
+pub(super) struct Plan<L> {
+    pub(super) names: Vec<String>,
+    pub(super) manifest: (Desc, Source<L>),
+    pub(super) config: (Desc, Vec<u8>),
+    pub(super) layers: Vec<(Desc, Source<L>)>,
 }
 
 /// `docker.io/library/busybox:latest` from `busybox`, as Docker and containerd normalise
@@ -324,7 +355,7 @@ struct Plan {
 pub fn normalize_reference(reference: &str) -> Result<String, Error> {
     let reference = reference.trim();
     if reference.is_empty() || reference.contains(char::is_whitespace) {
-        return Err(Error::InvalidSpec(format!(
+        return Err(Error::InvalidImageName(format!(
             "{reference:?} is not an image reference (like busybox, weir.local/echo:latest)"
         )));
     }
@@ -335,7 +366,7 @@ pub fn normalize_reference(reference: &str) -> Result<String, Error> {
         _ => ("docker.io".to_string(), reference.to_string()),
     };
     if rest.chars().any(|c| c.is_ascii_uppercase()) {
-        return Err(Error::InvalidSpec(format!(
+        return Err(Error::InvalidImageName(format!(
             "{reference:?} is not an image reference: repository names are lower case"
         )));
     }
@@ -367,12 +398,30 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(what: &str, data: &[u8]) -> Result<T, Error> {
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(what: &str, data: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(data).map_err(|e| Error::Archive(format!("{what} is not valid JSON of its kind: {e}")))
 }
 
-/// From an index, the manifest for linux/amd64 (or the only one).
-fn pick_platform(index: &Index, what: &str) -> Result<Desc, Error> {
+/// The OCI name of this machine's architecture (`GOARCH` spelling, as image indexes use).
+pub(super) fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+}
+
+/// From an index, the manifest for linux on this machine's architecture.
+pub(super) fn pick_platform(index: &Index, what: &str) -> Result<Desc, Error> {
+    pick_platform_for(index, what, host_architecture())
+}
+
+/// From an index, the first manifest for linux/`architecture`; an index of one manifest
+/// that names no platform is taken as it is (`ctr images export` writes such indexes).
+fn pick_platform_for(index: &Index, what: &str, architecture: &str) -> Result<Desc, Error> {
     let manifests: Vec<&Desc> = index
         .manifests
         .iter()
@@ -381,15 +430,26 @@ fn pick_platform(index: &Index, what: &str) -> Result<Desc, Error> {
     let host = manifests.iter().find(|m| {
         m.platform
             .as_ref()
-            .is_some_and(|p| p.os == "linux" && p.architecture == std::env::consts::ARCH.replace("x86_64", "amd64"))
+            .is_some_and(|p| p.os == "linux" && p.architecture == architecture)
     });
     match (host, manifests.as_slice()) {
         (Some(m), _) => Ok((*m).clone()),
-        (None, [only]) => Ok((*only).clone()),
-        _ => Err(Error::Archive(format!(
-            "{what} has no manifest for linux/{}: export the image for this platform",
-            std::env::consts::ARCH
-        ))),
+        (None, [only]) if only.platform.is_none() => Ok((*only).clone()),
+        _ => {
+            let offered: Vec<String> = manifests
+                .iter()
+                .filter_map(|m| m.platform.as_ref().map(|p| format!("{}/{}", p.os, p.architecture)))
+                .collect();
+            Err(Error::Archive(format!(
+                "{what} has no manifest for linux/{architecture} (it has: {}): build or export the image for this \
+                 platform",
+                if offered.is_empty() {
+                    "none with a platform".to_string()
+                } else {
+                    offered.join(", ")
+                }
+            )))
+        }
     }
 }
 
@@ -442,7 +502,7 @@ impl Runtime {
         let mut names = Vec::new();
         let mut result = Ok(());
         for plan in plans {
-            match self.import_plan(&archive, &lease, &plan).await {
+            match self.store_image(&archive, &lease, &plan).await {
                 Ok(()) => names.extend(plan.names.iter().cloned()),
                 Err(e) => {
                     result = Err(e);
@@ -456,28 +516,38 @@ impl Runtime {
         Ok(names)
     }
 
-    async fn import_plan(&self, archive: &Archive, lease: &str, plan: &Plan) -> Result<(), Error> {
+    /// Stores one image: writes its layers, config and manifest into the content store
+    /// (each only if missing) with the labels that keep them from garbage collection,
+    /// unpacks the layers, and points the image records at the manifest. Shared by import
+    /// and pull; `source` supplies the blobs the content store lacks.
+    pub(super) async fn store_image<S: BlobSource>(
+        &self,
+        source: &S,
+        lease: &str,
+        plan: &Plan<S::Location>,
+    ) -> Result<(), Error> {
         let config: ImageConfigFile = parse_json("the image config", &plan.config.1)?;
         let diff_ids = config.rootfs.as_ref().map(|r| r.diff_ids.clone()).unwrap_or_default();
         if diff_ids.len() != plan.layers.len() {
             return Err(Error::Archive(format!(
-                "image {}: the config lists {} diff IDs for {} layers; the archive is damaged",
+                "image {}: the config lists {} diff IDs for {} layers; the image is damaged (export or push it \
+                 again)",
                 plan.names.join(", "),
                 diff_ids.len(),
                 plan.layers.len()
             )));
         }
         let chains = chain_ids(&diff_ids);
-        for ((desc, source), diff_id) in plan.layers.iter().zip(&diff_ids) {
+        for ((desc, blob), diff_id) in plan.layers.iter().zip(&diff_ids) {
             let labels = HashMap::from([("containerd.io/uncompressed".to_string(), diff_id.clone())]);
-            self.write_blob(archive, lease, desc, source, labels).await?;
+            self.write_blob(source, lease, desc, blob, labels).await?;
         }
         let mut config_labels = HashMap::new();
         if let Some(top) = chains.last() {
             config_labels.insert(format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"), top.clone());
         }
         self.write_blob(
-            archive,
+            source,
             lease,
             &plan.config.0,
             &Source::Memory(plan.config.1.clone()),
@@ -491,7 +561,7 @@ impl Runtime {
         for (i, (layer, _)) in plan.layers.iter().enumerate() {
             manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), layer.digest.clone());
         }
-        self.write_blob(archive, lease, &plan.manifest.0, &plan.manifest.1, manifest_labels)
+        self.write_blob(source, lease, &plan.manifest.0, &plan.manifest.1, manifest_labels)
             .await?;
         let layers: Vec<Desc> = plan.layers.iter().map(|(d, _)| d.clone()).collect();
         self.unpack(Some(lease), &layers, &diff_ids).await?;
@@ -502,7 +572,7 @@ impl Runtime {
     }
 
     /// Creates or replaces the image record `name` → `target`.
-    async fn put_image_record(&self, name: &str, target: &Desc) -> Result<(), Error> {
+    pub(super) async fn put_image_record(&self, name: &str, target: &Desc) -> Result<(), Error> {
         let image = ImageRecord {
             name: name.to_string(),
             target: Some(to_descriptor(target)),
@@ -530,13 +600,14 @@ impl Runtime {
     }
 
     /// Writes one blob into the content store unless it is there already; either way the
-    /// blob ends up with `labels` (garbage-collection references to its children).
-    async fn write_blob(
+    /// blob ends up with `labels` (garbage-collection references to its children). Only a
+    /// missing blob is opened in `source` (a pull downloads only what the node lacks).
+    async fn write_blob<S: BlobSource>(
         &self,
-        archive: &Archive,
+        source: &S,
         lease: &str,
         desc: &Desc,
-        source: &Source,
+        blob: &Source<S::Location>,
         labels: HashMap<String, String>,
     ) -> Result<(), Error> {
         let mut content = ContentClient::new(self.channel());
@@ -567,50 +638,59 @@ impl Runtime {
             Err(status) if status.code() == Code::NotFound => {}
             Err(status) => return Err(Error::rpc("looking up a blob in the content store")(status)),
         }
-        let size = match source {
-            Source::Memory(data) => data.len() as u64,
-            Source::Archive { size, .. } => *size,
+        let chunks: Chunks = match blob {
+            Source::Memory(data) => {
+                if data.len() as u64 != desc.size as u64 {
+                    return Err(Error::Archive(format!(
+                        "blob {} is {} bytes but its descriptor says {}; the image is damaged",
+                        desc.digest,
+                        data.len(),
+                        desc.size
+                    )));
+                }
+                let pieces: Vec<Result<Vec<u8>, Error>> = data.chunks(WRITE_CHUNK).map(|c| Ok(c.to_vec())).collect();
+                Box::pin(futures::stream::iter(pieces))
+            }
+            Source::At(location) => source.open(desc, location).await?,
         };
-        if size != desc.size as u64 {
-            return Err(Error::Archive(format!(
-                "blob {} is {size} bytes in the archive but its descriptor says {}; the archive is damaged",
-                desc.digest, desc.size
-            )));
-        }
-        // Chunks are read from the file as tonic pulls them, so a large layer never sits in
-        // memory whole; a read error ends the stream early and is reported below.
+        // One Write request per chunk at its offset, then a Commit (containerd checks size
+        // and digest). A source error ends the stream early and is reported below.
         // A ref of its own per write: containerd locks a ref while it is written, and two imports
         // of the same blob at once must not fail on each other's lock (the second commit finds
         // the blob there and says AlreadyExists, which is success).
         let reference = format!("weir-import-{}-{}", desc.digest, unique_suffix());
-        let read_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
-        let chunks = size.div_ceil(WRITE_CHUNK as u64).max(1);
-        let reader = ChunkReader::new(archive, source)?;
+        let read_error = std::sync::Arc::new(std::sync::Mutex::new(None::<Error>));
         let requests = {
             let read_error = read_error.clone();
-            let digest = desc.digest.clone();
-            tokio_stream::StreamExt::map_while(tokio_stream::iter(0..chunks), move |i| {
-                let offset = i * WRITE_CHUNK as u64;
-                let len = (size - offset).min(WRITE_CHUNK as u64) as usize;
-                let data = match reader.read(offset, len) {
-                    Ok(data) => data,
-                    Err(e) => {
-                        if let Ok(mut slot) = read_error.lock() {
-                            *slot = Some(e.to_string());
+            let (total, expected) = (desc.size, desc.digest.clone());
+            futures::stream::unfold(Some((chunks, 0i64)), move |state| {
+                let read_error = read_error.clone();
+                let (reference, expected, labels) = (reference.clone(), expected.clone(), labels.clone());
+                async move {
+                    let (mut chunks, offset) = state?;
+                    let request = |action: WriteAction, data: Vec<u8>, labels| WriteContentRequest {
+                        action: action as i32,
+                        r#ref: reference,
+                        total,
+                        expected,
+                        offset,
+                        data,
+                        labels,
+                    };
+                    match chunks.next().await {
+                        Some(Ok(data)) => {
+                            let next = offset + data.len() as i64;
+                            Some((request(WriteAction::Write, data, HashMap::new()), Some((chunks, next))))
                         }
-                        return None;
+                        Some(Err(e)) => {
+                            if let Ok(mut slot) = read_error.lock() {
+                                *slot = Some(e);
+                            }
+                            None
+                        }
+                        None => Some((request(WriteAction::Commit, Vec::new(), labels), None)),
                     }
-                };
-                let last = i + 1 == chunks;
-                Some(WriteContentRequest {
-                    action: if last { WriteAction::Commit } else { WriteAction::Write } as i32,
-                    r#ref: reference.clone(),
-                    total: size as i64,
-                    expected: digest.clone(),
-                    offset: offset as i64,
-                    data,
-                    labels: if last { labels.clone() } else { HashMap::new() },
-                })
+                }
             })
         };
         let mut stream = content
@@ -618,30 +698,23 @@ impl Runtime {
             .await
             .map_err(Error::rpc("writing a blob to the content store"))?
             .into_inner();
+        let taken = |slot: &std::sync::Mutex<Option<Error>>| slot.lock().ok().and_then(|mut e| e.take());
         loop {
             match stream.message().await {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(status) if status.code() == Code::AlreadyExists => break,
                 Err(status) => {
-                    let read_error = read_error.lock().ok().and_then(|e| e.clone());
-                    return match read_error {
-                        Some(e) => Err(Error::Archive(format!(
-                            "reading blob {} from the archive: {e}",
-                            desc.digest
-                        ))),
-                        None => Err(Error::rpc("writing a blob to the content store")(status)),
-                    };
+                    return Err(
+                        taken(&read_error).unwrap_or_else(|| Error::rpc("writing a blob to the content store")(status))
+                    );
                 }
             }
         }
-        if let Some(e) = read_error.lock().ok().and_then(|e| e.clone()) {
-            return Err(Error::Archive(format!(
-                "reading blob {} from the archive: {e}",
-                desc.digest
-            )));
+        match taken(&read_error) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Unpacks layers into the snapshotter: for each layer whose chain ID has no committed
@@ -757,7 +830,7 @@ impl Runtime {
 
     /// A lease keeps blobs and snapshots of an import from garbage collection until the
     /// image record refers to them; it expires by itself if the agent dies mid-import.
-    async fn create_lease(&self) -> Result<String, Error> {
+    pub(super) async fn create_lease(&self) -> Result<String, Error> {
         let id = format!("weir-unpack-{}", unique_suffix());
         let expire = jiff::Timestamp::now()
             .checked_add(jiff::SignedDuration::from_hours(1))
@@ -773,7 +846,7 @@ impl Runtime {
         Ok(id)
     }
 
-    async fn delete_lease(&self, id: &str) {
+    pub(super) async fn delete_lease(&self, id: &str) {
         let _ = LeasesClient::new(self.channel())
             .delete(self.request(DeleteLeaseRequest {
                 id: id.to_string(),
@@ -817,8 +890,8 @@ impl Runtime {
     }
 
     /// The image `reference` if it is on this node, unpacked (layers unpacked again when
-    /// their snapshots are missing), with its run defaults. This is where a registry pull
-    /// goes: today a missing image is [`Error::ImageNotPresent`].
+    /// their snapshots are missing), with its run defaults; a missing image is
+    /// [`Error::ImageNotPresent`]. [`Runtime::ensure_image_with`] pulls as a policy says.
     pub async fn ensure_image(&self, reference: &str) -> Result<Image, Error> {
         let name = normalize_reference(reference)?;
         let record = ImagesClient::new(self.channel())
@@ -860,17 +933,8 @@ impl Runtime {
     }
 }
 
-impl Archive {
-    fn read_blob(&self, digest: &str) -> Result<Vec<u8>, Error> {
-        match self.blob(digest)? {
-            Source::Archive { offset, size } => self.read_at(offset, size as usize),
-            Source::Memory(data) => Ok(data),
-        }
-    }
-}
-
 /// Plans for an OCI image archive: one per index entry that names an image.
-fn oci_plans(archive: &Archive) -> Result<Vec<Plan>, Error> {
+fn oci_plans(archive: &Archive) -> Result<Vec<Plan<Region>>, Error> {
     let index: Index = parse_json("index.json", &archive.read("index.json")?)?;
     let mut plans = Vec::new();
     for entry in &index.manifests {
@@ -887,11 +951,11 @@ fn oci_plans(archive: &Archive) -> Result<Vec<Plan>, Error> {
         }
         let manifest: Manifest = parse_json(&desc.digest, &archive.read_blob(&desc.digest)?)?;
         let config = archive.read_blob(&manifest.config.digest)?;
-        let manifest_source = archive.blob(&desc.digest)?;
+        let manifest_source = Source::At(archive.blob(&desc.digest)?);
         let layers = manifest
             .layers
             .iter()
-            .map(|l| Ok((l.clone(), archive.blob(&l.digest)?)))
+            .map(|l| Ok((l.clone(), Source::At(archive.blob(&l.digest)?))))
             .collect::<Result<Vec<_>, Error>>()?;
         plans.push(Plan {
             names: vec![normalize_reference(name)?],
@@ -912,7 +976,7 @@ fn oci_plans(archive: &Archive) -> Result<Vec<Plan>, Error> {
 
 /// Plans for a `docker save` tarball: manifest.json gives config and layer paths; the
 /// Docker schema-2 manifest containerd stores is made here, as `ctr import` does.
-fn docker_plans(archive: &Archive) -> Result<Vec<Plan>, Error> {
+fn docker_plans(archive: &Archive) -> Result<Vec<Plan<Region>>, Error> {
     let entries: Vec<DockerSaveEntry> = parse_json("manifest.json", &archive.read("manifest.json")?)?;
     let mut plans = Vec::new();
     for entry in entries {
@@ -936,23 +1000,22 @@ fn docker_plans(archive: &Archive) -> Result<Vec<Plan>, Error> {
         };
         let mut layers = Vec::new();
         for path in &entry.layers {
-            let (offset, size) = archive.region(path)?;
-            let source = Source::Archive { offset, size };
-            let head = archive.read_at(offset, size.min(2) as usize)?;
+            let region = archive.region(path)?;
+            let head = archive.read_at(region.offset, region.size.min(2) as usize)?;
             let media_type = if head == [0x1f, 0x8b] {
                 DOCKER_LAYER_GZIP
             } else {
                 DOCKER_LAYER
             };
-            let digest = archive.digest_of(&source)?;
+            let digest = archive.digest_of(region)?;
             layers.push((
                 Desc {
                     media_type: media_type.into(),
                     digest,
-                    size: size as i64,
+                    size: region.size as i64,
                     ..Default::default()
                 },
-                source,
+                Source::At(region),
             ));
         }
         let manifest = serde_json::json!({
@@ -1021,6 +1084,46 @@ mod tests {
             chains[1],
             format!("sha256:{:x}", Sha256::digest(b"sha256:aaaa sha256:bbbb"))
         );
+    }
+
+    #[test]
+    fn indexes_give_the_manifest_for_this_platform() {
+        let index: Index = serde_json::from_value(serde_json::json!({"manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": "sha256:arm", "size": 1,
+             "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:att", "size": 1,
+             "platform": {"os": "unknown", "architecture": "unknown"}},
+            {"mediaType": DOCKER_MANIFEST, "digest": "sha256:amd", "size": 1,
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": OCI_INDEX, "digest": "sha256:nested", "size": 1,
+             "platform": {"os": "linux", "architecture": "riscv64"}},
+        ]}))
+        .unwrap();
+        assert_eq!(pick_platform_for(&index, "i", "amd64").unwrap().digest, "sha256:amd");
+        assert_eq!(pick_platform_for(&index, "i", "arm64").unwrap().digest, "sha256:arm");
+        let err = pick_platform_for(&index, "the index of x", "riscv64")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no manifest for linux/riscv64 (it has: linux/arm64, unknown/unknown, linux/amd64)"),
+            "{err}"
+        );
+        // One manifest without a platform (as `ctr images export` writes) is taken as is;
+        // one for another platform is not.
+        let single: Index = serde_json::from_value(serde_json::json!({"manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": "sha256:only", "size": 1}
+        ]}))
+        .unwrap();
+        assert_eq!(pick_platform_for(&single, "i", "amd64").unwrap().digest, "sha256:only");
+        let foreign: Index = serde_json::from_value(serde_json::json!({"manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": "sha256:s390", "size": 1,
+             "platform": {"os": "linux", "architecture": "s390x"}}
+        ]}))
+        .unwrap();
+        assert!(pick_platform_for(&foreign, "i", "amd64").is_err());
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(host_architecture(), "amd64");
+        }
     }
 
     fn tarball(dir: &Path, name: &str, members: &[(&str, &[u8])]) -> PathBuf {

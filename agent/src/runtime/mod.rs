@@ -15,18 +15,24 @@
 //! Every call carries the runtime's containerd namespace (`weir` for the agent); container
 //! labels ([`POD_UID_LABEL`], [`CONTAINER_NAME_LABEL`]) let a restarted agent find its own.
 
+mod airgap;
 mod container;
+mod credentials;
 mod daemon;
 mod image;
+mod pull;
 mod spec;
 
 use containerd_client::tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 
+pub use airgap::{DirectoryImport, ImageCommand, images_dir, import_directory};
 pub use container::{ContainerState, ExitStatus, TaskStatus};
+pub use credentials::{Credentials, matching_credentials, registry_credentials};
 pub use daemon::{Containerd, ContainerdConfig, DEFAULT_BINARY};
 pub use image::{Image, ImageDefaults, chain_ids, normalize_reference};
+pub use pull::{LOCAL_REGISTRY, PullPolicy, RegistryConfig, is_loopback_registry, registry_of};
 pub use spec::{
     BindMount, ContainerConfig, DEFAULT_CAPABILITIES, NetworkNamespace, ResolvedProcess, Resources, Security,
     capabilities, host_devices, resolve_process, runtime_spec,
@@ -83,9 +89,75 @@ pub enum Error {
         /// The normalised reference.
         reference: String,
     },
+    /// The registry refused the pull: no credentials, wrong ones, or no access.
+    #[error(
+        "registry {registry} refused to serve {reference}: unauthorized ({tried}); give the pod an \
+         imagePullSecret (type kubernetes.io/dockerconfigjson) with a user that may pull it"
+    )]
+    RegistryUnauthorized {
+        /// The registry host (with port).
+        registry: String,
+        /// The normalised reference.
+        reference: String,
+        /// Which credentials were sent: the secret and user, or none.
+        tried: String,
+    },
+    /// The registry answered that it has no such repository, tag or digest.
+    #[error(
+        "image {reference} was not found in registry {registry}: check the name and tag (or digest), and that it \
+         was pushed there"
+    )]
+    ImageNotFound {
+        /// The registry host (with port).
+        registry: String,
+        /// The normalised reference.
+        reference: String,
+    },
+    /// The registry could not be reached (refused, timed out, TLS failed, connection broke).
+    #[error("registry {registry} cannot be reached: {reason}; {hint}")]
+    RegistryUnreachable {
+        /// The registry host (with port).
+        registry: String,
+        /// What failed, with its causes.
+        reason: String,
+        /// What to check.
+        hint: String,
+    },
+    /// The registry sent a manifest, index or config that cannot be used.
+    #[error("registry {registry} sent an unusable manifest for {reference}: {reason}")]
+    BadManifest {
+        /// The registry host (with port).
+        registry: String,
+        /// The normalised reference.
+        reference: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The registry failed the pull otherwise (a server error, rate limit, broken download).
+    #[error("pulling {reference} from registry {registry} failed: {reason}")]
+    PullFailed {
+        /// The registry host (with port).
+        registry: String,
+        /// The normalised reference.
+        reference: String,
+        /// The registry's answer or the failure.
+        reason: String,
+    },
+    /// The image is absent and the pull policy forbids pulling (`imagePullPolicy: Never`).
+    #[error(
+        "image {reference} is not present on this node and its imagePullPolicy is Never: import it (`weir image \
+         import FILE`) or change the policy to IfNotPresent"
+    )]
+    NeverPull {
+        /// The normalised reference.
+        reference: String,
+    },
     /// An image archive or image document is unusable.
     #[error("{0}")]
     Archive(String),
+    /// The image reference cannot be parsed.
+    #[error("{0}")]
+    InvalidImageName(String),
     /// The container configuration cannot become a runtime spec.
     #[error("{0}")]
     InvalidSpec(String),
@@ -119,6 +191,24 @@ impl Error {
         }
     }
 
+    /// The reason kubelet shows in a container's `waiting` state when getting its image
+    /// failed this way: `ErrImageNeverPull`, `InvalidImageName`, or `ErrImagePull` (which
+    /// becomes `ImagePullBackOff` while the worker waits to retry); `None` for errors that
+    /// are not about the image (containerd down, a bad spec).
+    pub fn image_failure_reason(&self) -> Option<&'static str> {
+        match self {
+            Error::NeverPull { .. } => Some("ErrImageNeverPull"),
+            Error::ImageNotPresent { .. }
+            | Error::RegistryUnauthorized { .. }
+            | Error::ImageNotFound { .. }
+            | Error::RegistryUnreachable { .. }
+            | Error::BadManifest { .. }
+            | Error::PullFailed { .. } => Some("ErrImagePull"),
+            Error::InvalidImageName(_) => Some("InvalidImageName"),
+            _ => None,
+        }
+    }
+
     /// Whether containerd could not be reached (down or restarting), as opposed to refusing.
     pub fn is_unavailable(&self) -> bool {
         matches!(
@@ -137,6 +227,9 @@ pub struct Runtime {
     channel: Channel,
     namespace: String,
     namespace_header: AsciiMetadataValue,
+    registries: std::sync::Arc<RegistryConfig>,
+    /// One pull at a time per image: pods starting together share the first one's pull.
+    pulls: pull::PullLocks,
 }
 
 impl Runtime {
@@ -167,7 +260,23 @@ impl Runtime {
             channel,
             namespace: namespace.to_string(),
             namespace_header,
+            registries: Default::default(),
+            pulls: Default::default(),
         })
+    }
+
+    /// This runtime with `config` for registry pulls (the agent's `--insecure-registry`).
+    pub fn with_registry_config(mut self, config: RegistryConfig) -> Runtime {
+        self.registries = std::sync::Arc::new(config);
+        self
+    }
+
+    pub(crate) fn registry_config(&self) -> &RegistryConfig {
+        &self.registries
+    }
+
+    pub(crate) fn pull_locks(&self) -> &pull::PullLocks {
+        &self.pulls
     }
 
     /// The containerd namespace this runtime works in.
