@@ -303,6 +303,13 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
         backoff_max: crate::pods::backoff::MAX,
         directory: Arc::new(Directory::default()),
         cgroup_parent: config.cgroup_parent.clone(),
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "kubelet".into(),
+                instance: Some(node_name.clone()),
+            },
+        ),
     });
     let _ = ready_tx.send(Readiness::Ready);
     info!(node = %node_name, "agent ready");

@@ -207,6 +207,14 @@ spec:
         "{}",
         crashed["lastState"]
     );
+    // The agent's events, as kubelet's, in `kubectl describe`.
+    until(&lab, "crasher's events", Duration::from_secs(20), || {
+        let described = lab.kubectl_ok(&["describe", "pod", "crasher"])?;
+        Ok((described.contains("Started container crasher")
+            && described.contains("Back-off restarting failed container crasher"))
+        .then_some(()))
+    })
+    .await?;
     until(&lab, "crasher restarted at least once", Duration::from_secs(40), || {
         let p = pod(&lab, "crasher")?;
         Ok((p["status"]["containerStatuses"][0]["restartCount"].as_i64() >= Some(1)).then_some(()))

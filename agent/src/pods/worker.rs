@@ -58,6 +58,8 @@ pub struct Context {
     pub directory: Arc<Directory>,
     /// The cgroup pods go under (`/weir`).
     pub cgroup_parent: String,
+    /// Events about pods (`kubectl describe pod`), as kubelet records them.
+    pub recorder: kube::runtime::events::Recorder,
 }
 
 /// What a worker is told.
@@ -197,6 +199,32 @@ impl Worker {
 
     fn name(&self) -> String {
         format!("{}/{}", self.pod.namespace().unwrap_or_default(), self.pod.name_any())
+    }
+
+    /// Records an event about the pod (in the background: events never hold a pod up).
+    fn event(&self, warning: bool, reason: &str, note: String) {
+        use kube::runtime::events::{Event, EventType};
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: self.pod.metadata.name.clone(),
+            namespace: self.pod.metadata.namespace.clone(),
+            uid: self.pod.metadata.uid.clone(),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: reason.to_owned(),
+            secondary: None,
+        };
+        let recorder = self.ctx.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                debug!(error = %e, "recording an event");
+            }
+        });
     }
 
     fn spec_containers(&self) -> Vec<(Container, bool)> {
@@ -460,9 +488,6 @@ impl Worker {
                 _ => false,
             }
         };
-        if tracked.init && !tracked.sidecar && t.exit_code != 0 && policy == "Never" {
-            self.failed = None; // phase() derives Failed from the init container's exit
-        }
         if restart {
             let delay = self
                 .backoff
@@ -476,6 +501,11 @@ impl Worker {
                 self.uid
             );
             tracked.waiting = Some(("CrashLoopBackOff".into(), Some(message)));
+            self.event(
+                true,
+                "BackOff",
+                format!("Back-off restarting failed container {name} in pod {}", self.name()),
+            );
         }
     }
 
@@ -500,6 +530,13 @@ impl Worker {
             }
             Err(e) => {
                 warn!(pod = %self.name(), error = %e, "creating the pod sandbox; retrying");
+                if self.sandbox_error.as_deref() != Some(e.as_str()) {
+                    self.event(
+                        true,
+                        "FailedCreatePodSandBox",
+                        format!("Failed to create pod sandbox: {e}"),
+                    );
+                }
                 self.sandbox_error = Some(e);
                 self.sandbox_retry = Some(Instant::now() + RETRY);
                 false
@@ -705,6 +742,7 @@ impl Worker {
                 tracked.waiting = None;
                 tracked.not_before = None;
                 info!(pod = %self.name(), container = %c.name, attempt, "container started");
+                self.event(false, "Started", format!("Started container {}", c.name));
                 self.watch_exit(id);
                 self.publish();
                 // Report Running at once (the status SLO is about this moment).
@@ -712,6 +750,15 @@ impl Worker {
             }
             Err((reason, message)) => {
                 warn!(pod = %self.name(), container = %c.name, %reason, %message, "container not started");
+                let note = if reason.contains("Image") {
+                    format!(
+                        "Failed to pull image {:?}: {message}",
+                        c.image.clone().unwrap_or_default()
+                    )
+                } else {
+                    format!("Error: {message}")
+                };
+                self.event(true, "Failed", note);
                 let tracked = self.containers.get_mut(&c.name).expect("inserted above");
                 let pull = reason == "ErrImagePull" || reason == "ImagePullBackOff" || reason == "ErrImageNeverPull";
                 let delay = if pull {
@@ -1114,6 +1161,11 @@ impl Worker {
                 {
                     let runtime = self.ctx.runtime.clone();
                     let id = run.id.clone();
+                    self.event(
+                        false,
+                        "Killing",
+                        format!("Stopping container {}", name_of(&id, &self.uid)),
+                    );
                     stops.push(async move {
                         let stopped = runtime.stop_container(&id, grace).await;
                         (id, stopped)
@@ -1171,6 +1223,14 @@ pub async fn cleanup_pod(ctx: &Context, uid: &str) {
     {
         warn!(pod_uid = uid, error = %e, "removing {}", dir.display());
     }
+}
+
+/// The container name in a container id made by [`config::container_id`].
+fn name_of<'a>(id: &'a str, uid: &str) -> &'a str {
+    id.strip_prefix(uid)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .and_then(|rest| rest.rsplit_once('-'))
+        .map_or(id, |(name, _)| name)
 }
 
 fn host_network(pod: &Pod) -> bool {
