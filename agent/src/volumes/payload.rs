@@ -1,0 +1,492 @@
+//! The files of configMap, secret, downwardAPI and projected volumes, computed as kubelet's
+//! `MakePayload`s do: keys or items with their modes, optional objects and keys, downward
+//! API fields and resources, service account tokens (renewed when due).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Container, DownwardAPIVolumeFile, KeyToPath, Pod, Volume};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use super::atomic::{FileProjection, Payload};
+use super::{CachedToken, TokenRequestFor, VolumeSource, quantity};
+
+/// The Kubernetes default of defaultMode for every API-data volume.
+pub const DEFAULT_MODE: i32 = 0o644;
+/// The default expirationSeconds of a projected service account token.
+pub const DEFAULT_TOKEN_SECONDS: i64 = 3600;
+/// Tokens older than this are renewed whatever their expiry (kubelet's maxTTL).
+const MAX_TOKEN_AGE_SECONDS: i64 = 24 * 3600;
+
+fn mode_of(mode: Option<i32>, default: Option<i32>) -> u32 {
+    (mode.or(default).unwrap_or(DEFAULT_MODE) as u32) & 0o7777
+}
+
+/// The files of `volume` (one of configMap, secret, downwardAPI, projected).
+pub(super) async fn volume_payload(
+    source: &dyn VolumeSource,
+    pod: &Pod,
+    volume: &Volume,
+    tokens: &Mutex<HashMap<(String, usize), CachedToken>>,
+) -> Result<Payload, String> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let mut files = Payload::new();
+    if let Some(cm) = &volume.config_map {
+        let default = cm.default_mode;
+        keys_payload(
+            &mut files,
+            config_map_data(source, namespace, &cm.name, cm.optional.unwrap_or(false)).await?,
+            cm.items.as_deref(),
+            default,
+            "configmap references non-existent config key",
+        )?;
+    } else if let Some(secret) = &volume.secret {
+        let name = secret.secret_name.as_deref().unwrap_or_default();
+        keys_payload(
+            &mut files,
+            secret_data(source, namespace, name, secret.optional.unwrap_or(false)).await?,
+            secret.items.as_deref(),
+            secret.default_mode,
+            "references non-existent secret key",
+        )?;
+    } else if let Some(downward) = &volume.downward_api {
+        downward_payload(
+            &mut files,
+            source,
+            pod,
+            downward.items.as_deref().unwrap_or_default(),
+            downward.default_mode,
+        )
+        .await?;
+    } else if let Some(projected) = &volume.projected {
+        let default = projected.default_mode;
+        for (index, projection) in projected.sources.as_deref().unwrap_or_default().iter().enumerate() {
+            let mut part = Payload::new();
+            if let Some(cm) = &projection.config_map {
+                keys_payload(
+                    &mut part,
+                    config_map_data(source, namespace, &cm.name, cm.optional.unwrap_or(false)).await?,
+                    cm.items.as_deref(),
+                    default,
+                    "configmap references non-existent config key",
+                )?;
+            } else if let Some(secret) = &projection.secret {
+                keys_payload(
+                    &mut part,
+                    secret_data(source, namespace, &secret.name, secret.optional.unwrap_or(false)).await?,
+                    secret.items.as_deref(),
+                    default,
+                    "references non-existent secret key",
+                )?;
+            } else if let Some(downward) = &projection.downward_api {
+                downward_payload(
+                    &mut part,
+                    source,
+                    pod,
+                    downward.items.as_deref().unwrap_or_default(),
+                    default,
+                )
+                .await?;
+            } else if let Some(token) = &projection.service_account_token {
+                let jwt = service_account_token(source, pod, &volume.name, index, token, tokens).await?;
+                part.insert(
+                    token.path.clone(),
+                    FileProjection {
+                        data: jwt.into_bytes(),
+                        mode: mode_of(None, default),
+                    },
+                );
+            } else if projection.cluster_trust_bundle.is_some() {
+                return Err("projected clusterTrustBundle sources are not supported by Weir's node agent; use a configMap source with the bundle".into());
+            } else if projection.pod_certificate.is_some() {
+                return Err("projected podCertificate sources are not supported by Weir's node agent".into());
+            }
+            for (path, file) in part {
+                if files.insert(path.clone(), file).is_some() {
+                    return Err(format!("conflicting duplicate paths: {path:?} is projected twice"));
+                }
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// An object's key → bytes, None when it is missing and optional.
+type KeyData = Option<BTreeMap<String, Vec<u8>>>;
+
+async fn config_map_data(source: &dyn VolumeSource, ns: &str, name: &str, optional: bool) -> Result<KeyData, String> {
+    let cm = source
+        .config_map(ns, name)
+        .await
+        .map_err(|e| format!("getting configmap {ns}/{name}: {e}"))?;
+    match cm {
+        None if optional => Ok(None),
+        None => Err(format!(
+            "configmap \"{name}\" not found in namespace \"{ns}\" (create it, or mark the volume optional)"
+        )),
+        Some(cm) => {
+            let mut data: BTreeMap<String, Vec<u8>> = cm
+                .binary_data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            data.extend(
+                cm.data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes())),
+            );
+            Ok(Some(data))
+        }
+    }
+}
+
+async fn secret_data(source: &dyn VolumeSource, ns: &str, name: &str, optional: bool) -> Result<KeyData, String> {
+    let secret = source
+        .secret(ns, name)
+        .await
+        .map_err(|e| format!("getting secret {ns}/{name}: {e}"))?;
+    match secret {
+        None if optional => Ok(None),
+        None => Err(format!(
+            "secret \"{name}\" not found in namespace \"{ns}\" (create it, or mark the volume optional)"
+        )),
+        Some(secret) => {
+            let mut data: BTreeMap<String, Vec<u8>> = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            // stringData is write-only in the API; a fake or an old object may still carry it.
+            for (k, v) in secret.string_data.unwrap_or_default() {
+                data.entry(k).or_insert_with(|| v.into_bytes());
+            }
+            Ok(Some(data))
+        }
+    }
+}
+
+/// Every key as a file, or only `items` (key → path, mode); a missing item key is an error
+/// unless the object is optional.
+fn keys_payload(
+    files: &mut Payload,
+    data: KeyData,
+    items: Option<&[KeyToPath]>,
+    default_mode: Option<i32>,
+    missing_key: &str,
+) -> Result<(), String> {
+    let optional = data.is_none();
+    let data = data.unwrap_or_default();
+    match items.filter(|i| !i.is_empty()) {
+        None => {
+            for (key, value) in data {
+                files.insert(
+                    key,
+                    FileProjection {
+                        data: value,
+                        mode: mode_of(None, default_mode),
+                    },
+                );
+            }
+        }
+        Some(items) => {
+            for item in items {
+                match data.get(&item.key) {
+                    Some(value) => {
+                        files.insert(
+                            item.path.clone(),
+                            FileProjection {
+                                data: value.clone(),
+                                mode: mode_of(item.mode, default_mode),
+                            },
+                        );
+                    }
+                    None if optional => {}
+                    None => return Err(format!("{missing_key}: {}", item.key)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// kubelet's `FormatMap`: `key="value"` lines in key order, values quoted as Go's `%q`.
+pub fn format_map(map: &BTreeMap<String, String>) -> String {
+    map.iter()
+        .map(|(k, v)| format!("{k}={}", go_quote(v)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn go_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+async fn downward_payload(
+    files: &mut Payload,
+    source: &dyn VolumeSource,
+    pod: &Pod,
+    items: &[DownwardAPIVolumeFile],
+    default_mode: Option<i32>,
+) -> Result<(), String> {
+    let mut allocatable = None;
+    for item in items {
+        let value = if let Some(field) = &item.field_ref {
+            field_value(pod, &field.field_path)?
+        } else if let Some(resource) = &item.resource_field_ref {
+            let container_name = resource.container_name.as_deref().unwrap_or_default();
+            let container = pod
+                .spec
+                .as_ref()
+                .and_then(|s| {
+                    s.containers
+                        .iter()
+                        .chain(s.init_containers.iter().flatten())
+                        .find(|c| c.name == container_name)
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "downwardAPI item {:?}: resourceFieldRef names container {container_name:?}, which the pod does not have",
+                        item.path
+                    )
+                })?;
+            let needs_node = resource.resource.starts_with("limits.")
+                && container
+                    .resources
+                    .as_ref()
+                    .and_then(|r| r.limits.as_ref())
+                    .and_then(|l| l.get(&resource.resource["limits.".len()..]))
+                    .is_none_or(|q| quantity::nano_units(&q.0) == Some(0));
+            if needs_node && allocatable.is_none() {
+                allocatable = Some(
+                    source
+                        .node_allocatable()
+                        .await
+                        .map_err(|e| format!("getting the node's allocatable resources: {e}"))?,
+                );
+            }
+            resource_value(
+                container,
+                &resource.resource,
+                resource.divisor.as_ref(),
+                allocatable.as_ref(),
+            )?
+        } else {
+            return Err(format!(
+                "downwardAPI item {:?} has neither fieldRef nor resourceFieldRef",
+                item.path
+            ));
+        };
+        files.insert(
+            item.path.clone(),
+            FileProjection {
+                data: value.into_bytes(),
+                mode: mode_of(item.mode, default_mode),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// A downward API field a volume may carry (metadata only, as Kubernetes validates).
+pub fn field_value(pod: &Pod, path: &str) -> Result<String, String> {
+    let meta = &pod.metadata;
+    let subscript = |prefix: &str| -> Option<String> {
+        let rest = path.strip_prefix(prefix)?.strip_prefix("['")?.strip_suffix("']")?;
+        Some(rest.to_string())
+    };
+    Ok(match path {
+        "metadata.name" => meta.name.clone().unwrap_or_default(),
+        "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
+        "metadata.labels" => format_map(&meta.labels.clone().unwrap_or_default()),
+        "metadata.annotations" => format_map(&meta.annotations.clone().unwrap_or_default()),
+        _ => {
+            if let Some(key) = subscript("metadata.labels") {
+                meta.labels
+                    .as_ref()
+                    .and_then(|l| l.get(&key))
+                    .cloned()
+                    .unwrap_or_default()
+            } else if let Some(key) = subscript("metadata.annotations") {
+                meta.annotations
+                    .as_ref()
+                    .and_then(|a| a.get(&key))
+                    .cloned()
+                    .unwrap_or_default()
+            } else {
+                return Err(format!(
+                    "unsupported fieldPath {path:?} in a downwardAPI volume: use metadata.name, metadata.namespace, metadata.uid, metadata.labels, metadata.annotations or metadata.labels['key'] (other fields are for env only)"
+                ));
+            }
+        }
+    })
+}
+
+/// `limits.cpu`, `requests.memory`... of `container` divided by `divisor`, rounded up, as
+/// kubelet's `ExtractContainerResourceValue`; a limit the container lacks is the node's
+/// allocatable amount.
+pub fn resource_value(
+    container: &Container,
+    resource: &str,
+    divisor: Option<&Quantity>,
+    allocatable: Option<&BTreeMap<String, Quantity>>,
+) -> Result<String, String> {
+    let (kind, name) = resource
+        .split_once('.')
+        .filter(|(k, _)| matches!(*k, "limits" | "requests"))
+        .ok_or_else(|| {
+            format!("unsupported resource {resource:?}: use limits.cpu, limits.memory, limits.ephemeral-storage, requests.* of those, or hugepages-*")
+        })?;
+    let resources = container.resources.as_ref();
+    let set = |map: Option<&BTreeMap<String, Quantity>>| {
+        map.and_then(|m| m.get(name))
+            .and_then(|q| quantity::nano_units(&q.0))
+            .filter(|v| *v != 0)
+    };
+    let value = if kind == "limits" {
+        set(resources.and_then(|r| r.limits.as_ref()))
+            .or_else(|| {
+                allocatable
+                    .and_then(|a| a.get(name))
+                    .and_then(|q| quantity::nano_units(&q.0))
+            })
+            .ok_or_else(|| {
+                format!(
+                    "container {:?} has no {resource} and the node reports no allocatable {name}",
+                    container.name
+                )
+            })?
+    } else {
+        set(resources.and_then(|r| r.requests.as_ref())).unwrap_or(0)
+    };
+    let divisor = divisor
+        .and_then(|d| quantity::nano_units(&d.0))
+        .filter(|d| *d > 0)
+        .unwrap_or(1_000_000_000);
+    let result = value.div_euclid(divisor) + i128::from(value.rem_euclid(divisor) != 0);
+    Ok(result.to_string())
+}
+
+async fn service_account_token(
+    source: &dyn VolumeSource,
+    pod: &Pod,
+    volume: &str,
+    index: usize,
+    projection: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
+    tokens: &Mutex<HashMap<(String, usize), CachedToken>>,
+) -> Result<String, String> {
+    let key = (volume.to_string(), index);
+    let now = jiff::Timestamp::now();
+    {
+        let cache = tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = cache.get(&key)
+            && !needs_renewal(cached, now)
+        {
+            return Ok(cached.token.clone());
+        }
+    }
+    let request = TokenRequestFor {
+        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        service_account: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        audience: projection.audience.clone().filter(|a| !a.is_empty()),
+        expiration_seconds: projection.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
+        pod_name: pod.metadata.name.clone().unwrap_or_default(),
+        pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
+    };
+    let issued = source.service_account_token(&request).await.map_err(|e| {
+        format!(
+            "requesting a token for service account {}/{}: {e}",
+            request.namespace, request.service_account
+        )
+    })?;
+    let token = issued.token.clone();
+    tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        key,
+        CachedToken {
+            token: issued.token,
+            issued: now,
+            expiration: issued.expiration,
+            ttl_seconds: request.expiration_seconds,
+        },
+    );
+    Ok(token)
+}
+
+/// kubelet's token manager: renew past 80% of the token's life, or when older than 24h.
+fn needs_renewal(token: &CachedToken, now: jiff::Timestamp) -> bool {
+    let age = now.as_second() - token.issued.as_second();
+    let left = token.expiration.as_second() - now.as_second();
+    age > MAX_TOKEN_AGE_SECONDS || left < token.ttl_seconds * 20 / 100
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_format_as_kubelet_writes_labels() {
+        let map = BTreeMap::from([
+            ("b".to_string(), "two \"quoted\"".to_string()),
+            ("a".to_string(), "one\nline".to_string()),
+        ]);
+        assert_eq!(format_map(&map), "a=\"one\\nline\"\nb=\"two \\\"quoted\\\"\"");
+    }
+
+    #[test]
+    fn resource_values_divide_and_round_up() {
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "resources": {"limits": {"cpu": "250m", "memory": "64Mi"}, "requests": {"cpu": "100m"}}
+        }))
+        .unwrap();
+        let q = |s: &str| Quantity(s.into());
+        assert_eq!(resource_value(&container, "limits.cpu", None, None).unwrap(), "1");
+        assert_eq!(
+            resource_value(&container, "limits.cpu", Some(&q("1m")), None).unwrap(),
+            "250"
+        );
+        assert_eq!(
+            resource_value(&container, "requests.cpu", Some(&q("1m")), None).unwrap(),
+            "100"
+        );
+        assert_eq!(
+            resource_value(&container, "limits.memory", Some(&q("1Mi")), None).unwrap(),
+            "64"
+        );
+        assert_eq!(
+            resource_value(&container, "limits.memory", None, None).unwrap(),
+            (64 << 20).to_string()
+        );
+        assert_eq!(resource_value(&container, "requests.memory", None, None).unwrap(), "0");
+        let node = BTreeMap::from([("ephemeral-storage".to_string(), q("10Gi"))]);
+        assert_eq!(
+            resource_value(&container, "limits.ephemeral-storage", Some(&q("1Gi")), Some(&node)).unwrap(),
+            "10"
+        );
+        let err = resource_value(&container, "limits.ephemeral-storage", None, None).unwrap_err();
+        assert!(err.contains("no limits.ephemeral-storage"), "{err}");
+        assert!(resource_value(&container, "cpu", None, None).is_err());
+    }
+}
