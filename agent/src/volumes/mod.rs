@@ -682,3 +682,6 @@ fn resolve_sub_path(volume: &Path, sub: &str) -> Result<PathBuf, String> {
     inside(&existing)?;
     Ok(existing)
 }
+
+#[cfg(test)]
+mod tests;

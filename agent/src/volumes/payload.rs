@@ -38,6 +38,7 @@ pub(super) async fn volume_payload(
             config_map_data(source, namespace, &cm.name, cm.optional.unwrap_or(false)).await?,
             cm.items.as_deref(),
             default,
+            cm.optional.unwrap_or(false),
             "configmap references non-existent config key",
         )?;
     } else if let Some(secret) = &volume.secret {
@@ -47,6 +48,7 @@ pub(super) async fn volume_payload(
             secret_data(source, namespace, name, secret.optional.unwrap_or(false)).await?,
             secret.items.as_deref(),
             secret.default_mode,
+            secret.optional.unwrap_or(false),
             "references non-existent secret key",
         )?;
     } else if let Some(downward) = &volume.downward_api {
@@ -68,6 +70,7 @@ pub(super) async fn volume_payload(
                     config_map_data(source, namespace, &cm.name, cm.optional.unwrap_or(false)).await?,
                     cm.items.as_deref(),
                     default,
+                    cm.optional.unwrap_or(false),
                     "configmap references non-existent config key",
                 )?;
             } else if let Some(secret) = &projection.secret {
@@ -76,6 +79,7 @@ pub(super) async fn volume_payload(
                     secret_data(source, namespace, &secret.name, secret.optional.unwrap_or(false)).await?,
                     secret.items.as_deref(),
                     default,
+                    secret.optional.unwrap_or(false),
                     "references non-existent secret key",
                 )?;
             } else if let Some(downward) = &projection.downward_api {
@@ -175,9 +179,9 @@ fn keys_payload(
     data: KeyData,
     items: Option<&[KeyToPath]>,
     default_mode: Option<i32>,
+    optional: bool,
     missing_key: &str,
 ) -> Result<(), String> {
-    let optional = data.is_none();
     let data = data.unwrap_or_default();
     match items.filter(|i| !i.is_empty()) {
         None => {
