@@ -522,3 +522,333 @@ async fn run_prober(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    use axum::Router;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Redirect};
+    use axum::routing::get;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A local HTTP server; `/toggle` answers with the status stored in the returned cell.
+    async fn server() -> (u16, Arc<AtomicU16>) {
+        let toggle = Arc::new(AtomicU16::new(200));
+        let t = toggle.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = Router::new()
+            .route("/ok", get(|| async { "fine" }))
+            .route("/fail", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }))
+            .route("/same-host", get(|| async { Redirect::temporary("/ok") }))
+            .route(
+                "/other-host",
+                get(move || async move { Redirect::temporary(&format!("http://localhost:{port}/fail")) }),
+            )
+            .route("/loop", get(|| async { Redirect::temporary("/loop") }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/headers",
+                get(|headers: HeaderMap| async move {
+                    let ok = headers.get("x-probe").is_some_and(|v| v == "yes")
+                        && headers.get("user-agent").is_some_and(|v| v == USER_AGENT)
+                        && headers.get("host").is_some_and(|v| v == "app.example");
+                    if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST }
+                }),
+            )
+            .route(
+                "/toggle",
+                get(move || {
+                    let t = t.clone();
+                    async move { StatusCode::from_u16(t.load(Ordering::SeqCst)).unwrap().into_response() }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (port, toggle)
+    }
+
+    /// Exec results scripted per command name (the first argument); the last one repeats.
+    #[derive(Default)]
+    struct ScriptedExec {
+        results: Mutex<HashMap<String, VecDeque<(i32, &'static str)>>>,
+        calls: Mutex<HashMap<String, usize>>,
+    }
+
+    impl ScriptedExec {
+        fn script(self: &Arc<Self>, command: &str, results: &[(i32, &'static str)]) {
+            self.results
+                .lock()
+                .unwrap()
+                .insert(command.into(), results.iter().copied().collect());
+        }
+        fn calls(&self, command: &str) -> usize {
+            self.calls.lock().unwrap().get(command).copied().unwrap_or(0)
+        }
+    }
+
+    impl ExecProbe for ScriptedExec {
+        fn exec<'a>(&'a self, container_id: &'a str, command: &'a [String], _timeout: Duration) -> ExecFuture<'a> {
+            assert_eq!(container_id, "cid");
+            let name = command[0].clone();
+            *self.calls.lock().unwrap().entry(name.clone()).or_default() += 1;
+            let mut results = self.results.lock().unwrap();
+            let queue = results.get_mut(&name).expect("a scripted command");
+            let (code, output) = if queue.len() > 1 {
+                queue.pop_front().unwrap()
+            } else {
+                queue[0]
+            };
+            Box::pin(async move {
+                if code < 0 {
+                    Err(output.to_string())
+                } else {
+                    Ok((code, output.as_bytes().to_vec()))
+                }
+            })
+        }
+    }
+
+    fn container(spec: serde_json::Value) -> Container {
+        let mut c = json!({"name": "app", "image": "x", "ports": [{"name": "http", "containerPort": 1}]});
+        c.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
+        serde_json::from_value(c).unwrap()
+    }
+
+    fn exec_probe(command: &str, extra: serde_json::Value) -> serde_json::Value {
+        let mut p = json!({"exec": {"command": [command]}, "periodSeconds": 1});
+        p.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        p
+    }
+
+    async fn one_run(probe: serde_json::Value, c: &Container) -> ProbeResult {
+        let probe: Probe = serde_json::from_value(probe).unwrap();
+        let action = action_of(&probe, c, Some("127.0.0.1".parse().unwrap())).unwrap();
+        let prober = Prober {
+            kind: ProbeKind::Liveness,
+            http: matches!(action, Action::Http { .. }).then(|| http_client().unwrap()),
+            action,
+            timing: ProbeTiming::of(&probe),
+            container_id: "cid".into(),
+            exec: Arc::new(ScriptedExec::default()),
+        };
+        prober.run().await.unwrap()
+    }
+
+    async fn wait_for(status: &mut watch::Receiver<ProbeStatus>, within: Duration, f: impl Fn(&ProbeStatus) -> bool) {
+        let reached = tokio::time::timeout(within, status.wait_for(|s| f(s))).await.is_ok();
+        assert!(reached, "status still {:?}", *status.borrow());
+    }
+
+    #[tokio::test]
+    async fn http_probes_pass_on_2xx_and_3xx_and_fail_otherwise() {
+        let (port, _) = server().await;
+        let c = container(json!({}));
+        let get = |path: &str| json!({"httpGet": {"path": path, "port": port}});
+        assert_eq!(one_run(get("/ok"), &c).await, ProbeResult::Success(None));
+        assert_eq!(
+            one_run(get("/fail"), &c).await,
+            ProbeResult::Failure("HTTP probe failed with statuscode: 500".into())
+        );
+        // Redirects are followed on the same host; to another host they end the probe with
+        // a warning and count as success (the target's 500 is never seen).
+        assert_eq!(one_run(get("/same-host"), &c).await, ProbeResult::Success(None));
+        match one_run(get("/other-host"), &c).await {
+            ProbeResult::Success(Some(w)) => assert!(w.starts_with("Probe terminated redirects"), "{w}"),
+            other => panic!("{other:?}"),
+        }
+        match one_run(get("/loop"), &c).await {
+            ProbeResult::Failure(m) => assert!(m.contains("stopped after 10 redirects"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // The path gets its slash; headers (and Host) are sent; the user agent is kubelet's.
+        let headers = json!({"httpGet": {"path": "headers", "port": port, "httpHeaders": [
+            {"name": "X-Probe", "value": "yes"}, {"name": "Host", "value": "app.example"}]}});
+        assert_eq!(one_run(headers, &c).await, ProbeResult::Success(None));
+        let started = std::time::Instant::now();
+        match one_run(
+            json!({"httpGet": {"path": "/slow", "port": port}, "timeoutSeconds": 1}),
+            &c,
+        )
+        .await
+        {
+            ProbeResult::Failure(m) => assert!(m.starts_with(&format!("Get \"http://127.0.0.1:{port}/slow\"")), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "timeoutSeconds bounds the probe"
+        );
+        // HTTPS against a plain HTTP server fails in the handshake, not on a certificate.
+        match one_run(json!({"httpGet": {"path": "/ok", "port": port, "scheme": "HTTPS"}}), &c).await {
+            ProbeResult::Failure(m) => assert!(m.starts_with("Get \"https://"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_probes_connect_and_ports_resolve_by_name() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let c = container(json!({"ports": [{"name": "db", "containerPort": port}]}));
+        assert_eq!(
+            one_run(json!({"tcpSocket": {"port": "db"}}), &c).await,
+            ProbeResult::Success(None)
+        );
+        drop(listener);
+        match one_run(json!({"tcpSocket": {"port": port}}), &c).await {
+            ProbeResult::Failure(m) => assert!(m.starts_with(&format!("dial tcp 127.0.0.1:{port}: connect:")), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let bad = container(json!({"livenessProbe": {"tcpSocket": {"port": "nope"}}}));
+        let ip = Some("127.0.0.1".parse().unwrap());
+        let err = ProbeSet::start(&bad, "cid", ip, Arc::new(ScriptedExec::default()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("couldn't find port: nope"), "{err}");
+        let grpc = container(json!({"readinessProbe": {"grpc": {"port": 9000}}}));
+        let err = ProbeSet::start(&grpc, "cid", ip, Arc::new(ScriptedExec::default()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("gRPC probes are not implemented"), "{err}");
+        let no_ip = container(json!({"readinessProbe": {"tcpSocket": {"port": 80}}}));
+        let err = ProbeSet::start(&no_ip, "cid", None, Arc::new(ScriptedExec::default()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("the pod has no IP yet"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn liveness_restarts_after_failure_threshold_failures_in_a_row() {
+        let exec = Arc::new(ScriptedExec::default());
+        // fail, pass (resets the run), fail, fail → restart on the 4th probe.
+        exec.script("live", &[(1, "boom"), (0, ""), (1, "boom"), (1, "boom again")]);
+        let c = container(json!({"livenessProbe": exec_probe("live", json!({"failureThreshold": 2}))}));
+        let mut set = ProbeSet::start(&c, "cid", None, exec.clone()).unwrap();
+        let mut status = set.status();
+        assert!(
+            status.borrow().started && status.borrow().ready,
+            "no startup or readiness probe"
+        );
+        wait_for(&mut status, Duration::from_secs(6), |s| s.restart.is_some()).await;
+        assert_eq!(
+            status.borrow().restart.as_deref(),
+            Some("Container app failed liveness probe, will be restarted")
+        );
+        assert_eq!(exec.calls("live"), 4);
+        let mut messages = Vec::new();
+        while let Some(e) = set.try_next_event() {
+            messages.push(e.message);
+        }
+        assert_eq!(
+            messages,
+            [
+                "Liveness probe failed: boom",
+                "Liveness probe failed: boom",
+                "Liveness probe failed: boom again"
+            ]
+        );
+        // Probing stops once a restart is due.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(exec.calls("live"), 4);
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_its_thresholds_and_an_http_endpoint() {
+        let (port, toggle) = server().await;
+        let c = container(json!({"readinessProbe": {"httpGet": {"path": "/toggle", "port": port},
+            "periodSeconds": 1, "successThreshold": 2, "failureThreshold": 1}}));
+        let exec = Arc::new(ScriptedExec::default());
+        let set = ProbeSet::start(&c, "cid", Some("127.0.0.1".parse().unwrap()), exec).unwrap();
+        let mut status = set.status();
+        assert!(!status.borrow().ready, "not ready before the probe succeeds");
+        let began = std::time::Instant::now();
+        wait_for(&mut status, Duration::from_secs(5), |s| s.ready).await;
+        assert!(
+            began.elapsed() >= Duration::from_millis(900),
+            "two successes, a period apart"
+        );
+        toggle.store(503, Ordering::SeqCst);
+        wait_for(&mut status, Duration::from_secs(4), |s| !s.ready).await;
+        assert!(status.borrow().restart.is_none(), "readiness never restarts");
+    }
+
+    #[tokio::test]
+    async fn startup_gates_liveness_and_readiness() {
+        let exec = Arc::new(ScriptedExec::default());
+        exec.script("startup", &[(1, "not yet"), (1, "not yet"), (0, "")]);
+        exec.script("live", &[(0, "")]);
+        exec.script("ready", &[(0, "")]);
+        let c = container(json!({
+            "startupProbe": exec_probe("startup", json!({"failureThreshold": 5})),
+            "livenessProbe": exec_probe("live", json!({})),
+            "readinessProbe": exec_probe("ready", json!({})),
+        }));
+        let set = ProbeSet::start(&c, "cid", None, exec.clone()).unwrap();
+        let mut status = set.status();
+        assert_eq!(*status.borrow(), ProbeStatus::default());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!status.borrow().started);
+        assert_eq!(
+            (exec.calls("live"), exec.calls("ready")),
+            (0, 0),
+            "gated by the startup probe"
+        );
+        wait_for(&mut status, Duration::from_secs(4), |s| s.started).await;
+        wait_for(&mut status, Duration::from_secs(3), |s| s.ready).await;
+        assert!(exec.calls("live") >= 1);
+        assert_eq!(exec.calls("startup"), 3, "the startup probe stops once it succeeded");
+    }
+
+    #[tokio::test]
+    async fn startup_failures_restart_and_errors_do_not_count() {
+        let exec = Arc::new(ScriptedExec::default());
+        exec.script("startup", &[(-1, "runtime unavailable"), (1, "no"), (1, "no")]);
+        let c = container(json!({"startupProbe": exec_probe("startup", json!({"failureThreshold": 2}))}));
+        let mut set = ProbeSet::start(&c, "cid", None, exec.clone()).unwrap();
+        let mut status = set.status();
+        wait_for(&mut status, Duration::from_secs(6), |s| s.restart.is_some()).await;
+        assert_eq!(
+            status.borrow().restart.as_deref(),
+            Some("Container app failed startup probe, will be restarted")
+        );
+        assert_eq!(exec.calls("startup"), 3, "the errored run was thrown away");
+        let first = set.next_event().await.unwrap();
+        assert_eq!(first.message, "Startup probe errored: runtime unavailable");
+    }
+
+    #[tokio::test]
+    async fn initial_delay_postpones_the_first_probe() {
+        let exec = Arc::new(ScriptedExec::default());
+        exec.script("live", &[(0, "")]);
+        let c = container(json!({"livenessProbe": exec_probe("live", json!({"initialDelaySeconds": 1}))}));
+        let _set = ProbeSet::start(&c, "cid", None, exec.clone()).unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(exec.calls("live"), 0);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(exec.calls("live"), 1);
+    }
+
+    #[test]
+    fn timings_default_as_kubernetes() {
+        let t = ProbeTiming::of(&Probe::default());
+        assert_eq!(t.period, Duration::from_secs(10));
+        assert_eq!(t.timeout, Duration::from_secs(1));
+        assert_eq!((t.success_threshold, t.failure_threshold), (1, 3));
+        assert_eq!(t.initial_delay, Duration::ZERO);
+    }
+}
