@@ -200,7 +200,7 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
         .context("test: `cargo xtask images` built no image")?;
     status(format!(
         "test: privileged tests (WEIR_IMAGES={} cargo test -p weir-agent --test datapath --test nodeport --test \
-         podnet --test runtime -- --ignored --test-threads=1)",
+         podnet --test runtime --test volumes -- --ignored --test-threads=1)",
         images_dir.display()
     ));
     tally.run(
@@ -217,6 +217,8 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
                 "podnet",
                 "--test",
                 "runtime",
+                "--test",
+                "volumes",
                 "--",
             ])
             .args(["--ignored", "--test-threads=1"])
