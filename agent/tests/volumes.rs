@@ -1,6 +1,6 @@
 //! Privileged tests of pod volumes: memory-backed emptyDirs are tmpfs mounts with the size
-//! limit, kept across a second prepare, unmounted by teardown; teardown deletes nothing while
-//! a mount it did not make sits inside the pod's volumes.
+//! limit, kept across a second prepare, unmounted by teardown; secrets can live on tmpfs too;
+//! teardown deletes nothing while a mount it did not make sits inside the pod's volumes.
 //!
 //! Root only, one at a time (`cargo xtask test` runs them with `--ignored --test-threads=1`).
 //! Everything lives in a fresh temporary directory; a Drop guard lazily unmounts whatever a
@@ -14,17 +14,23 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use weir_agent::volumes::{IssuedToken, PodVolumes, SourceFuture, TokenRequestFor, VolumeSource, mounts};
+use weir_agent::volumes::{
+    IssuedToken, PodVolumes, SourceFuture, TokenRequestFor, VolumeOptions, VolumeSource, mounts,
+};
 
-/// A source with no objects: these tests use emptyDirs only.
+/// A source with one Secret, `creds`, and nothing else.
 struct NoObjects;
 
 impl VolumeSource for NoObjects {
     fn config_map<'a>(&'a self, _: &'a str, _: &'a str) -> SourceFuture<'a, Option<ConfigMap>> {
         Box::pin(async { Ok(None) })
     }
-    fn secret<'a>(&'a self, _: &'a str, _: &'a str) -> SourceFuture<'a, Option<Secret>> {
-        Box::pin(async { Ok(None) })
+    fn secret<'a>(&'a self, _: &'a str, name: &'a str) -> SourceFuture<'a, Option<Secret>> {
+        let secret = (name == "creds").then(|| {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "creds"}, "data": {"key": "aHVzaA=="}}))
+                .unwrap()
+        });
+        Box::pin(async move { Ok(secret) })
     }
     fn persistent_volume_claim<'a>(
         &'a self,
@@ -215,4 +221,44 @@ async fn teardown_deletes_nothing_while_a_foreign_mount_sits_inside() {
     PodVolumes::teardown(pods.path(), &uid).unwrap();
     assert!(!pods.path().join(&uid).exists());
     assert_eq!(fs::read_to_string(precious.join("data")).unwrap(), "keep me");
+}
+
+#[tokio::test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+async fn secrets_can_live_in_memory() {
+    let pods = PodsDir::new();
+    let uid = format!("secret-{}", std::process::id());
+    let spec = pod(
+        &uid,
+        serde_json::json!([
+            {"name": "creds", "secret": {"secretName": "creds"}},
+            {"name": "bundle", "projected": {"sources": [{"secret": {"name": "creds"}}]}},
+        ]),
+    );
+    let options = VolumeOptions {
+        secrets_in_memory: true,
+    };
+    let volumes = PodVolumes::prepare_with(&NoObjects, &spec, pods.path(), &options)
+        .await
+        .unwrap();
+    let all = mounts().unwrap();
+    for name in ["creds", "bundle"] {
+        let dir = fs::canonicalize(volumes.path(name).unwrap()).unwrap();
+        let types: Vec<&str> = all
+            .iter()
+            .filter(|m| m.path == dir)
+            .map(|m| m.fs_type.as_str())
+            .collect();
+        assert_eq!(types, ["tmpfs"], "{name}");
+        assert_eq!(fs::read_to_string(dir.join("key")).unwrap(), "hush");
+    }
+    // Again: still one mount each, and the data is still there.
+    let again = PodVolumes::prepare_with(&NoObjects, &spec, pods.path(), &options)
+        .await
+        .unwrap();
+    assert!(!again.refresh(&NoObjects, &spec).await.unwrap());
+    assert_eq!(pods.mounts_below().len(), 2, "{:?}", pods.mounts_below());
+    PodVolumes::teardown(pods.path(), &uid).unwrap();
+    assert!(pods.mounts_below().is_empty());
+    assert!(!pods.path().join(&uid).exists());
 }

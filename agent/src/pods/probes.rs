@@ -271,13 +271,25 @@ impl Prober {
     async fn run(&self) -> Result<ProbeResult, String> {
         let timeout = self.timing.timeout;
         match &self.action {
-            Action::Exec(command) => match self.exec.exec(&self.container_id, command, timeout).await {
-                Ok((0, _)) => Ok(ProbeResult::Success(None)),
-                Ok((_, output)) => Ok(ProbeResult::Failure(
-                    String::from_utf8_lossy(&output).trim_end().to_string(),
-                )),
-                Err(e) => Err(e),
-            },
+            Action::Exec(command) => {
+                // The runtime enforces `timeout`; the grace second here only guards against an
+                // exec that never answers, which would stall this probe for good.
+                let bounded = tokio::time::timeout(
+                    timeout + Duration::from_secs(1),
+                    self.exec.exec(&self.container_id, command, timeout),
+                );
+                match bounded.await {
+                    Ok(Ok((0, _))) => Ok(ProbeResult::Success(None)),
+                    Ok(Ok((_, output))) => Ok(ProbeResult::Failure(
+                        String::from_utf8_lossy(&output).trim_end().to_string(),
+                    )),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Ok(ProbeResult::Failure(format!(
+                        "command {:?} timed out",
+                        command.join(" ")
+                    ))),
+                }
+            }
             Action::Http {
                 url,
                 host_header,
@@ -829,6 +841,27 @@ mod tests {
         assert_eq!(exec.calls("startup"), 3, "the errored run was thrown away");
         let first = set.next_event().await.unwrap();
         assert_eq!(first.message, "Startup probe errored: runtime unavailable");
+    }
+
+    /// An exec that never answers.
+    struct HangingExec;
+
+    impl ExecProbe for HangingExec {
+        fn exec<'a>(&'a self, _: &'a str, _: &'a [String], _: Duration) -> ExecFuture<'a> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_exec_that_never_answers_fails_after_the_timeout() {
+        let c = container(json!({"livenessProbe": exec_probe("sleep", json!({"failureThreshold": 1}))}));
+        let mut set = ProbeSet::start(&c, "cid", None, Arc::new(HangingExec)).unwrap();
+        let mut status = set.status();
+        wait_for(&mut status, Duration::from_secs(4), |s| s.restart.is_some()).await;
+        assert_eq!(
+            set.next_event().await.unwrap().message,
+            "Liveness probe failed: command \"sleep\" timed out"
+        );
     }
 
     #[tokio::test]

@@ -100,12 +100,13 @@ fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
-/// Mounts a tmpfs at `path` (kubelet's memory-backed emptyDir), `size` bytes at most.
-pub fn mount_tmpfs(path: &Path, size: Option<u128>) -> io::Result<()> {
+/// Mounts a tmpfs at `path` (kubelet's memory-backed emptyDir, or a secret's volume) with
+/// root directory `mode`, `size` bytes at most.
+pub fn mount_tmpfs(path: &Path, mode: u32, size: Option<u128>) -> io::Result<()> {
     let target = c_path(path)?;
     let options = match size {
-        Some(bytes) => format!("mode=0777,size={bytes}"),
-        None => "mode=0777".to_string(),
+        Some(bytes) => format!("mode={mode:o},size={bytes}"),
+        None => format!("mode={mode:o}"),
     };
     let options = CString::new(options).expect("no NUL in numbers");
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.

@@ -250,12 +250,30 @@ fn kind_name<T: serde::Serialize>(source: &T) -> String {
     }
 }
 
+/// How volumes are made beyond what the pod says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeOptions {
+    /// Secret and projected volumes on their own tmpfs, as kubelet keeps them, so secrets
+    /// never reach the node's disk (needs root; the node agent sets it).
+    pub secrets_in_memory: bool,
+}
+
 impl PodVolumes {
     /// Creates every volume of `pod` under `<pods_dir>/<pod uid>/volumes/` and resolves the
     /// others (hostPath, claims) to their host paths. Idempotent: an agent restarting calls it
     /// again for pods it already runs (a mounted tmpfs is kept, files are rewritten only if
-    /// their objects changed).
+    /// their objects changed). Secrets are written to disk; see [`PodVolumes::prepare_with`].
     pub async fn prepare(source: &dyn VolumeSource, pod: &Pod, pods_dir: &Path) -> Result<PodVolumes, VolumeError> {
+        PodVolumes::prepare_with(source, pod, pods_dir, &VolumeOptions::default()).await
+    }
+
+    /// [`PodVolumes::prepare`] with `options` (the node agent: secrets in memory).
+    pub async fn prepare_with(
+        source: &dyn VolumeSource,
+        pod: &Pod,
+        pods_dir: &Path,
+        options: &VolumeOptions,
+    ) -> Result<PodVolumes, VolumeError> {
         let (namespace, _, uid) = pod_meta(pod)?;
         let mut prepared = PodVolumes {
             pod_dir: pod_dir(pods_dir, uid),
@@ -292,7 +310,7 @@ impl PodVolumes {
                         ),
                         None => None,
                     };
-                    host::mount_tmpfs(&dir, size)
+                    host::mount_tmpfs(&dir, 0o777, size)
                         .map_err(|e| setup(format!("mounting a tmpfs at {}: {e} (needs root)", dir.display())))?;
                 }
                 let mode = empty.mode.map_or(0o777, |m| m as u32 & 0o7777);
@@ -344,6 +362,14 @@ impl PodVolumes {
                     kind: kind_name(volume),
                 });
             };
+            if options.secrets_in_memory && matches!(entry.kind, VolumeKind::Secret | VolumeKind::Projected) {
+                let dir = &entry.path;
+                fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+                if !host::is_mount_point(dir).map_err(io_error("reading /proc/self/mountinfo"))? {
+                    host::mount_tmpfs(dir, 0o755, None)
+                        .map_err(|e| setup(format!("mounting a tmpfs at {}: {e} (needs root)", dir.display())))?;
+                }
+            }
             if entry.kind.is_api_data() {
                 prepared.write_api_data(source, pod, volume, &entry.path).await?;
             } else if matches!(entry.kind, VolumeKind::EmptyDir { .. }) {
@@ -431,7 +457,8 @@ impl PodVolumes {
         }
     }
 
-    /// Unmounts the pod's memory-backed emptyDirs and removes its volume directories, then
+    /// Unmounts the pod's tmpfs volumes (memory-backed emptyDirs, in-memory secret and
+    /// projected volumes) and removes its volume directories, then
     /// the pod directory if that is left empty. Refuses (and deletes nothing) while anything
     /// else is mounted below them. hostPath and PersistentVolume contents live elsewhere and
     /// are never touched.
@@ -450,7 +477,7 @@ impl PodVolumes {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return remove_if_empty(&dir),
             Err(e) => return Err(io_error(format!("resolving {}", volumes_dir.display()))(e)),
         };
-        let empty_dirs = volumes_dir.join(EMPTY_DIR_PLUGIN);
+        let memory_backed = [EMPTY_DIR_PLUGIN, SECRET_PLUGIN, PROJECTED_PLUGIN].map(|p| volumes_dir.join(p));
         let mut below: Vec<MountPoint> = host::mounts()
             .map_err(io_error("reading /proc/self/mountinfo"))?
             .into_iter()
@@ -459,7 +486,7 @@ impl PodVolumes {
         // Deepest first; a path mounted twice is unmounted twice.
         below.sort_by_key(|m| std::cmp::Reverse(m.path.components().count()));
         for m in &below {
-            let ours = m.fs_type == "tmpfs" && m.path.parent() == Some(empty_dirs.as_path());
+            let ours = m.fs_type == "tmpfs" && memory_backed.iter().any(|p| m.path.parent() == Some(p.as_path()));
             if !ours {
                 return Err(VolumeError::Mount(format!(
                     "{} ({}) is mounted inside the volumes of pod {pod_uid}; unmount it first (the agent removes only its own tmpfs mounts, so that nothing outside the pod is deleted)",
