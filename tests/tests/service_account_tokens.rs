@@ -373,3 +373,26 @@ async fn nodes_get_tokens_for_their_own_pods_only() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_token_prints_a_token_for_the_account() -> Result<()> {
+    let server = TestServer::start(Backend::Embedded).await?;
+    let admin = server.http_client()?;
+    create_namespace(&admin, &server, "apps").await?;
+    create(
+        &admin,
+        &server,
+        "/api/v1/namespaces/apps/serviceaccounts",
+        json!({"metadata": {"name": "builder"}}),
+    )
+    .await?;
+    let token = server.kubectl_ok(&["create", "token", "builder", "-n", "apps", "--duration", "15m"]);
+    let claims = claims_of(token.trim())?;
+    ensure!(claims["sub"] == "system:serviceaccount:apps:builder", "{claims}");
+    ensure!(
+        claims["exp"].as_i64().unwrap_or(0) - claims["iat"].as_i64().unwrap_or(0) == 900,
+        "{claims}"
+    );
+    ensure!(status_of(&bearer(&server, token.trim())?, &server, "/apis").await? == 200);
+    Ok(())
+}
