@@ -103,7 +103,7 @@ fn umount(path: &Path, flags: i32) -> i32 {
 fn pod(uid: &str, volumes: serde_json::Value) -> Pod {
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": "p", "namespace": "ns", "uid": uid},
-        "spec": {"containers": [{"name": "c", "image": "x"}], "volumes": volumes},
+        "spec": {"containers": [{"name": "c", "image": "x", "resources": {"limits": {"memory": "16Mi"}}}], "volumes": volumes},
     }))
     .unwrap()
 }
@@ -143,6 +143,11 @@ async fn memory_empty_dirs_are_size_limited_tmpfs_mounts_that_teardown_removes()
     assert_eq!(at(&cache), ["tmpfs"]);
     let unbounded = fs::canonicalize(volumes.path("unbounded").unwrap()).unwrap();
     assert_eq!(at(&unbounded), ["tmpfs"]);
+    assert_eq!(
+        statvfs_bytes(&unbounded),
+        16 << 20,
+        "no sizeLimit: the pod's memory limit"
+    );
     assert!(at(&fs::canonicalize(volumes.path("disk").unwrap()).unwrap()).is_empty());
     assert_eq!(statvfs_bytes(&cache), 8 << 20);
     use std::os::unix::fs::PermissionsExt;

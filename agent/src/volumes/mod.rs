@@ -302,14 +302,19 @@ impl PodVolumes {
                 };
                 fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
                 if memory && !host::is_mount_point(&dir).map_err(io_error("reading /proc/self/mountinfo"))? {
-                    let size = match &empty.size_limit {
+                    let limit = match &empty.size_limit {
                         Some(q) => Some(
                             quantity::whole_units(&q.0)
-                                .and_then(|b| u128::try_from(b).ok())
                                 .ok_or_else(|| setup(format!("sizeLimit {:?} is not a quantity like 64Mi", q.0)))?,
                         ),
                         None => None,
                     };
+                    let allocatable = source
+                        .node_allocatable()
+                        .await
+                        .map_err(|e| setup(format!("getting the node's allocatable memory: {e}")))?;
+                    let node_memory = allocatable.get("memory").and_then(|q| quantity::whole_units(&q.0));
+                    let size = memory_volume_size(node_memory, pod_memory_limit(pod), limit);
                     host::mount_tmpfs(&dir, 0o777, size)
                         .map_err(|e| setup(format!("mounting a tmpfs at {}: {e} (needs root)", dir.display())))?;
                 }
@@ -624,6 +629,48 @@ async fn claim_path(source: &dyn VolumeSource, namespace: &str, name: &str) -> R
         return Ok((volume_name.to_string(), path));
     }
     Err(ClaimError::Unsupported(spec.map_or_else(|| "empty".into(), kind_name)))
+}
+
+/// The memory limit of the pod's cgroup (kubelet's `ResourceConfigForPod`): the containers'
+/// and sidecars' limits added up, or the largest init container's if that is more; None when
+/// a container has no memory limit.
+pub fn pod_memory_limit(pod: &Pod) -> Option<i128> {
+    let spec = pod.spec.as_ref()?;
+    let limit = |c: &Container| {
+        c.resources
+            .as_ref()?
+            .limits
+            .as_ref()?
+            .get("memory")
+            .and_then(|q| quantity::whole_units(&q.0))
+            .filter(|v| *v > 0)
+    };
+    let mut sum = 0;
+    for c in &spec.containers {
+        sum += limit(c)?;
+    }
+    let mut largest_init = 0;
+    for c in spec.init_containers.iter().flatten() {
+        if c.restart_policy.as_deref() == Some("Always") {
+            sum += limit(c)?;
+        } else {
+            largest_init = largest_init.max(limit(c)?);
+        }
+    }
+    Some(sum.max(largest_init))
+}
+
+/// The size of a memory-backed emptyDir (kubelet's `calculateEmptyDirMemorySize`): the
+/// node's allocatable memory, or the pod's memory limit if smaller, or the volume's
+/// sizeLimit if smaller still; None (the kernel's default, half the RAM) when none is known.
+pub fn memory_volume_size(node: Option<i128>, pod: Option<i128>, volume: Option<i128>) -> Option<u128> {
+    let mut size = node.filter(|v| *v > 0);
+    for candidate in [pod, volume].into_iter().flatten().filter(|v| *v > 0) {
+        if size.is_none_or(|s| candidate <= s) {
+            size = Some(candidate);
+        }
+    }
+    size.and_then(|s| u128::try_from(s).ok())
 }
 
 /// kubelet's `$(VAR)` expansion: defined names are replaced, undefined ones stay as

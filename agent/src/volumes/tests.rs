@@ -513,3 +513,43 @@ fn expansion_follows_kubelet() {
     assert_eq!(expand("cost$5", &env), "cost$5");
     assert_eq!(expand("$(A", &env), "$(A");
 }
+
+#[test]
+fn memory_volumes_are_sized_as_kubelet_sizes_them() {
+    let gi = 1i128 << 30;
+    assert_eq!(memory_volume_size(Some(8 * gi), None, None), Some(8 << 30));
+    assert_eq!(memory_volume_size(Some(8 * gi), Some(gi), None), Some(1 << 30));
+    assert_eq!(
+        memory_volume_size(Some(8 * gi), Some(gi), Some(64 << 20)),
+        Some(64 << 20)
+    );
+    assert_eq!(
+        memory_volume_size(Some(8 * gi), None, Some(16 * gi)),
+        Some(8 << 30),
+        "never above the node"
+    );
+    assert_eq!(memory_volume_size(None, None, Some(gi)), Some(1 << 30));
+    assert_eq!(memory_volume_size(None, None, None), None);
+
+    let with = |containers: serde_json::Value, init: serde_json::Value| -> Pod {
+        from(json!({"metadata": {"name": "p"}, "spec": {"containers": containers, "initContainers": init}}))
+    };
+    let limited = |name: &str, memory: &str| json!({"name": name, "resources": {"limits": {"memory": memory}}});
+    let pod = with(
+        json!([limited("a", "64Mi"), limited("b", "64Mi")]),
+        json!([limited("i", "100Mi")]),
+    );
+    assert_eq!(pod_memory_limit(&pod), Some(128 << 20));
+    let pod = with(json!([limited("a", "64Mi")]), json!([limited("i", "100Mi")]));
+    assert_eq!(pod_memory_limit(&pod), Some(100 << 20), "the larger init container");
+    let mut sidecar = limited("s", "32Mi");
+    sidecar["restartPolicy"] = json!("Always");
+    let pod = with(json!([limited("a", "64Mi")]), json!([sidecar]));
+    assert_eq!(
+        pod_memory_limit(&pod),
+        Some(96 << 20),
+        "sidecars run beside the containers"
+    );
+    let pod = with(json!([limited("a", "64Mi"), {"name": "b"}]), json!([]));
+    assert_eq!(pod_memory_limit(&pod), None, "a container without a limit");
+}
