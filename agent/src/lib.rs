@@ -2,6 +2,7 @@
 //! (`node`), the pod network (`network`), containers on containerd (`runtime`), pod status
 //! and back-off (`pods`) and the userspace side of the eBPF service datapath (`datapath`).
 
+pub mod agent;
 pub mod datapath;
 pub mod join;
 pub mod network;

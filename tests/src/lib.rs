@@ -13,6 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use weir_control_plane::store::etcd_process::EtcdProcess;
 
 pub mod bench;
+pub mod cluster;
 pub mod fake;
 
 /// How long a server gets to bind, write its kubeconfig and answer `/readyz` with 200.

@@ -23,6 +23,9 @@ pub enum Area {
     /// iptables (nft, legacy) and IPVS against direct, with 1 to 100,000 services, and the
     /// time to program them.
     Datapath,
+    /// Pod start latency (root): 100 pods created at once on one node, create → Running p50 and
+    /// p99 (image present), and the agent's memory.
+    Pods,
 }
 
 impl Area {
@@ -31,6 +34,7 @@ impl Area {
             Area::Api => "api",
             Area::Scheduler => "scheduler",
             Area::Datapath => "datapath",
+            Area::Pods => "pods",
         }
     }
 
@@ -39,6 +43,7 @@ impl Area {
             Area::Api => PLOT,
             Area::Scheduler => PLOT_SCHEDULER,
             Area::Datapath => PLOT_DATAPATH,
+            Area::Pods => PLOT_PODS,
         }
     }
 }
@@ -197,9 +202,60 @@ fig.tight_layout(rect=(0, 0.04 * len(notes), 1, 1))
 fig.savefig(dest, dpi=110)
 "##;
 
+/// Draws pods.json: the latency distribution of every run (CDF), p50/p99 against the target
+/// and Kubernetes' published SLO, and the agent's and its containerd's memory.
+const PLOT_PODS: &str = r##"
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+src, dest = sys.argv[1], sys.argv[2]
+r = json.load(open(src))
+p = r["params"]
+fig, (cdf, pct, mem) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2, 1, 1]})
+for i, run in enumerate(r["runs"]):
+    for phase, style in (("paced", "-"), ("burst", "--")):
+        xs = run[phase]["latencies_s"]
+        ys = [(k + 1) / len(xs) * 100 for k in range(len(xs))]
+        cdf.plot(xs, ys, style, label=f"run {i + 1} {phase}")
+cdf.axvline(r["target_p99_s"], color="red", linestyle=":", linewidth=1)
+cdf.annotate("target p99 1 s", xy=(r["target_p99_s"], 5), color="red", fontsize=8)
+cdf.set_xlabel("seconds from create to Running")
+cdf.set_ylabel("% of pods")
+cdf.set_title(f"{p['pods']} pods on one node: {p['rate']}/s (paced) and at once (burst)", fontsize=10)
+cdf.legend(fontsize=7)
+names = ["paced p50", "paced p99", "burst p50", "burst p99"]
+vals = [r["paced_p50_s"], r["paced_p99_s"], r["burst_p50_s"], r["burst_p99_s"]]
+bars = pct.bar(names, vals, color=["#4C72B0", "#DD8452", "#4C72B0", "#DD8452"])
+for b, v in zip(bars, vals):
+    pct.annotate(f"{v:.2f} s", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+pct.axhline(r["target_p99_s"], color="red", linestyle="--", linewidth=1)
+pct.axhline(r["kubernetes_slo_p99_s"], color="gray", linestyle=":", linewidth=1)
+pct.annotate("Kubernetes SLO p99 (published)", xy=(0.99, r["kubernetes_slo_p99_s"]),
+             xycoords=("axes fraction", "data"), ha="right", va="bottom", color="gray", fontsize=8)
+pct.tick_params(axis="x", labelsize=7)
+pct.set_ylabel("s (lower is better)", fontsize=8)
+pct.set_title("Pod start latency (median of runs)", fontsize=10)
+pct.margins(y=0.15)
+mvals = [r["agent_rss_mib"], r["containerd_rss_mib"]]
+mb = mem.bar(["agent", "containerd"], mvals, color=["#55A868", "#8172B2"])
+for b, v in zip(mb, mvals):
+    mem.annotate(f"{v:.0f} MiB", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
+mem.set_ylabel("RSS MiB (lower is better)", fontsize=8)
+mem.set_title(f"Memory with {p['pods']} pods", fontsize=10)
+mem.margins(y=0.15)
+fig.suptitle(f"Weir pod start benchmark ({r.get('cpus', '?')} CPUs, median of {p['runs']} runs)", fontsize=11)
+fig.tight_layout()
+fig.savefig(dest, dpi=110)
+"##;
+
 pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
     if matches!(area, Area::Datapath) {
         return run_datapath(ws, args);
+    }
+    if matches!(area, Area::Pods) {
+        return run_pods(ws, args);
     }
     let name = area.name();
     let bin = format!("bench_{name}");
@@ -252,6 +308,59 @@ pub fn run(ws: &Workspace, area: Area, args: &[String]) -> Result<()> {
         "see the failing phase and the server log above",
     );
     finish(ws, area, &out, bench)
+}
+
+/// The pod start benchmark runs real clusters (namespaces, containerd): root, the images of
+/// `cargo xtask images`, weir in release mode.
+fn run_pods(ws: &Workspace, args: &[String]) -> Result<()> {
+    if !setup::is_root() {
+        bail!("bench pods: needs root (network namespaces, containerd, cgroups): run it as root");
+    }
+    setup::run(ws)?;
+    let images = crate::images::run(ws)?;
+    let images_dir = images
+        .first()
+        .and_then(|i| i.parent())
+        .map(Path::to_path_buf)
+        .context("bench pods: `cargo xtask images` built no image")?;
+    status("bench pods: building weir and bench_pods in release mode");
+    command::run(
+        "bench pods: build",
+        ws.cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "weir",
+            "-p",
+            "weir-tests",
+            "--bin",
+            "weir",
+            "--bin",
+            "bench_pods",
+        ]),
+        "fix the build errors above",
+    )?;
+    let release = ws.target.join("release");
+    let out = ws.target.join("bench");
+    let _ = std::fs::remove_file(out.join("pods.json"));
+    status(format!(
+        "bench pods: {} --out {} {}",
+        release.join("bench_pods").display(),
+        out.display(),
+        args.join(" ")
+    ));
+    let bench = command::run(
+        "bench pods: run",
+        Command::new(release.join("bench_pods"))
+            .arg("--out")
+            .arg(&out)
+            .args(args)
+            .env("WEIR_BIN", release.join("weir"))
+            .env("WEIR_KUBECTL", ws.kubectl())
+            .env("WEIR_IMAGES", &images_dir),
+        "see the failing run and the node logs above",
+    );
+    finish(ws, Area::Pods, &out, bench)
 }
 
 /// Phases that failed are in the JSON as nulls; plot what was measured, then report.

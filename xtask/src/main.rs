@@ -42,9 +42,10 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Build weir in release mode and run `weir up`: a single-node server on this machine.
+    /// Install what is missing, build the images and weir (release) and run `weir up`: a
+    /// single-node cluster (server and agent) on this machine.
     Up {
-        /// Where weir keeps its store, certificates and admin kubeconfig.
+        /// Where weir keeps its store, certificates, admin kubeconfig, containerd and pods.
         #[arg(long, default_value = "/var/lib/weir")]
         data_dir: PathBuf,
         /// HTTPS port of the API server.
@@ -203,7 +204,7 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
          podnet --test runtime --test volumes -- --ignored --test-threads=1)",
         images_dir.display()
     ));
-    tally.run(
+    let agent_ok = tally.run(
         ws.cargo()
             .args([
                 "test",
@@ -223,7 +224,22 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
             ])
             .args(["--ignored", "--test-threads=1"])
             .env("WEIR_IMAGES", &images_dir),
-    )
+    )?;
+    // Real clusters (weir up, weir agent) in network namespaces of their own, with kubectl.
+    let weir = ws.target.join("debug").join("weir");
+    status(format!(
+        "test: cluster tests (WEIR_IMAGES={} cargo test -p weir-tests --test cluster -- --ignored --test-threads=1)",
+        images_dir.display()
+    ));
+    let clusters_ok = tally.run(
+        ws.cargo()
+            .args(["test", "-p", "weir-tests", "--test", "cluster", "--"])
+            .args(["--ignored", "--test-threads=1"])
+            .env("WEIR_IMAGES", &images_dir)
+            .env("WEIR_BIN", &weir)
+            .env("WEIR_KUBECTL", ws.kubectl()),
+    )?;
+    Ok(agent_ok && clusters_ok)
 }
 
 fn build_ebpf(ws: &Workspace) -> Result<()> {
@@ -252,6 +268,15 @@ fn build_ebpf(ws: &Workspace) -> Result<()> {
 }
 
 fn up(ws: &Workspace, data_dir: &std::path::Path, secure_port: u16, weir_args: &[String]) -> Result<()> {
+    setup::run(ws)?;
+    // The example images, imported by the agent from <data-dir>/images/ at start.
+    let images_dir = data_dir.join("images");
+    std::fs::create_dir_all(&images_dir).with_context(|| format!("up: creating {}", images_dir.display()))?;
+    for image in images::run(ws)? {
+        let name = image.file_name().context("up: an image archive without a file name")?;
+        std::fs::copy(&image, images_dir.join(name))
+            .with_context(|| format!("up: copying {} to {}", image.display(), images_dir.display()))?;
+    }
     status("up: building weir in release mode (cargo build --release -p weir)");
     command::run(
         "up: build weir",

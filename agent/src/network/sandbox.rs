@@ -378,6 +378,28 @@ impl PodNetwork {
         })
     }
 
+    /// The network of pod `pod_uid` if it is whole (its IP, its namespace and the host side
+    /// of its veth all exist): what a restarted agent adopts without touching the running
+    /// pod. `None`: [`create`](Self::create) it (again).
+    pub async fn existing(&self, pod_uid: &str) -> Result<Option<PodSandboxNetwork>> {
+        check_owner(pod_uid)?;
+        let Some(ip) = self.ipam().address_of(pod_uid) else {
+            return Ok(None);
+        };
+        let netns = self.netns_path(pod_uid);
+        let host_interface = host_interface_name(pod_uid);
+        if !netns.exists() || link_index(&self.host.handle, &host_interface).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(PodSandboxNetwork {
+            netns,
+            ip,
+            prefix_len: self.range.cidr().prefix_len(),
+            gateway: self.range.gateway,
+            host_interface,
+        }))
+    }
+
     /// Removes the network of pod `pod_uid`: the veth (and with it the `/32` route), the
     /// namespace mount, the IP allocation. Whatever is already gone is skipped, so this
     /// cleans a half-created sandbox too and can be repeated.

@@ -101,6 +101,19 @@ impl Runtime {
             )));
         }
         let image = self.ensure_image(&config.image).await?;
+        self.create_container_from(config, &image).await
+    }
+
+    /// [`Runtime::create_container`] with the image already made sure of (by
+    /// [`Runtime::ensure_image`] or a pull), saving the second look-up.
+    pub async fn create_container_from(&self, config: &ContainerConfig, image: &super::Image) -> Result<(), Error> {
+        if !config.log_path.is_absolute() {
+            return Err(Error::InvalidSpec(format!(
+                "container {}: the log path {} must be absolute",
+                config.id,
+                config.log_path.display()
+            )));
+        }
         let mut config = config.clone();
         // runc needs a cgroup path to put limits on and to count OOM kills in; containerd's
         // own default is /<namespace>/<id>.

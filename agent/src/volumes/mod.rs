@@ -12,7 +12,6 @@ mod atomic;
 mod host;
 mod kube_source;
 mod payload;
-mod quantity;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -26,6 +25,7 @@ use std::sync::Mutex;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Volume};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
+use crate::pods::{env, quantity};
 use crate::runtime::BindMount;
 
 pub use atomic::{DATA_DIR, FileProjection, Payload};
@@ -304,7 +304,7 @@ impl PodVolumes {
                 if memory && !host::is_mount_point(&dir).map_err(io_error("reading /proc/self/mountinfo"))? {
                     let limit = match &empty.size_limit {
                         Some(q) => Some(
-                            quantity::whole_units(&q.0)
+                            quantity::units(q)
                                 .ok_or_else(|| setup(format!("sizeLimit {:?} is not a quantity like 64Mi", q.0)))?,
                         ),
                         None => None,
@@ -313,7 +313,7 @@ impl PodVolumes {
                         .node_allocatable()
                         .await
                         .map_err(|e| setup(format!("getting the node's allocatable memory: {e}")))?;
-                    let node_memory = allocatable.get("memory").and_then(|q| quantity::whole_units(&q.0));
+                    let node_memory = allocatable.get("memory").and_then(quantity::units);
                     let size = memory_volume_size(node_memory, pod_memory_limit(pod), limit);
                     host::mount_tmpfs(&dir, 0o777, size)
                         .map_err(|e| setup(format!("mounting a tmpfs at {}: {e} (needs root)", dir.display())))?;
@@ -421,7 +421,9 @@ impl PodVolumes {
             ) {
                 (Some(_), Some(_)) => return Err(fail("subPath and subPathExpr are mutually exclusive".into())),
                 (Some(path), None) => Some(path.to_string()),
-                (None, Some(expr)) => Some(expand(expr, env)),
+                (None, Some(expr)) => Some(env::expand(expr, &|name| {
+                    env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+                })),
                 (None, None) => None,
             };
             let source = match sub_path {
@@ -642,7 +644,7 @@ pub fn pod_memory_limit(pod: &Pod) -> Option<i128> {
             .limits
             .as_ref()?
             .get("memory")
-            .and_then(|q| quantity::whole_units(&q.0))
+            .and_then(quantity::units)
             .filter(|v| *v > 0)
     };
     let mut sum = 0;
@@ -671,39 +673,6 @@ pub fn memory_volume_size(node: Option<i128>, pod: Option<i128>, volume: Option<
         }
     }
     size.and_then(|s| u128::try_from(s).ok())
-}
-
-/// kubelet's `$(VAR)` expansion: defined names are replaced, undefined ones stay as
-/// written, `$$` is a literal `$`.
-pub fn expand(input: &str, env: &[(String, String)]) -> String {
-    let mut out = String::with_capacity(input.len());
-    let mut rest = input;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
-            rest = tail;
-        } else if let Some(inner) = after.strip_prefix('(')
-            && let Some(end) = inner.find(')')
-        {
-            let name = &inner[..end];
-            match env.iter().rev().find(|(k, _)| k == name) {
-                Some((_, value)) => out.push_str(value),
-                None => {
-                    out.push_str("$(");
-                    out.push_str(name);
-                    out.push(')');
-                }
-            }
-            rest = &inner[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// `volume/sub` for a subPath mount: checked, created as a directory (with the volume's

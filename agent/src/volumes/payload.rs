@@ -1,15 +1,18 @@
 //! The files of configMap, secret, downwardAPI and projected volumes, computed as kubelet's
 //! `MakePayload`s do: keys or items with their modes, optional objects and keys, downward
-//! API fields and resources, service account tokens (renewed when due).
+//! API fields and resources (computed by `pods::env`, as for environment variables),
+//! service account tokens (renewed when due).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use k8s_openapi::api::core::v1::{Container, DownwardAPIVolumeFile, KeyToPath, Pod, Volume};
+use k8s_openapi::api::core::v1::{DownwardAPIVolumeFile, KeyToPath, Pod, Volume};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::atomic::{FileProjection, Payload};
-use super::{CachedToken, TokenRequestFor, VolumeSource, quantity};
+use super::{CachedToken, TokenRequestFor, VolumeSource};
+use crate::pods::env::{self, NodeFacts};
+use crate::pods::quantity;
 
 /// The Kubernetes default of defaultMode for every API-data volume.
 pub const DEFAULT_MODE: i32 = 0o644;
@@ -216,30 +219,15 @@ fn keys_payload(
     Ok(())
 }
 
-/// kubelet's `FormatMap`: `key="value"` lines in key order, values quoted as Go's `%q`.
-pub fn format_map(map: &BTreeMap<String, String>) -> String {
-    map.iter()
-        .map(|(k, v)| format!("{k}={}", go_quote(v)))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn go_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
+/// What the environment's `resourceFieldRef` reads of the node: its allocatable resources.
+fn node_facts(allocatable: &BTreeMap<String, Quantity>) -> NodeFacts {
+    let units = |name: &str| allocatable.get(name).and_then(quantity::units).unwrap_or(0);
+    NodeFacts {
+        allocatable_millicores: allocatable.get("cpu").and_then(quantity::milli).unwrap_or(0),
+        allocatable_memory: units("memory"),
+        allocatable_ephemeral_storage: units("ephemeral-storage"),
+        ..NodeFacts::default()
     }
-    out.push('"');
-    out
 }
 
 async fn downward_payload(
@@ -252,7 +240,13 @@ async fn downward_payload(
     let mut allocatable = None;
     for item in items {
         let value = if let Some(field) = &item.field_ref {
-            field_value(pod, &field.field_path)?
+            let path = field.field_path.as_str();
+            if !path.starts_with("metadata.") {
+                return Err(format!(
+                    "unsupported fieldPath {path:?} in a downwardAPI volume: use metadata.name, metadata.namespace, metadata.uid, metadata.labels, metadata.annotations or metadata.labels['key'] (other fields are for env only)"
+                ));
+            }
+            env::field_value(pod, &NodeFacts::default(), path)?
         } else if let Some(resource) = &item.resource_field_ref {
             let container_name = resource.container_name.as_deref().unwrap_or_default();
             let container = pod
@@ -276,7 +270,7 @@ async fn downward_payload(
                     .as_ref()
                     .and_then(|r| r.limits.as_ref())
                     .and_then(|l| l.get(&resource.resource["limits.".len()..]))
-                    .is_none_or(|q| quantity::nano_units(&q.0) == Some(0));
+                    .is_none();
             if needs_node && allocatable.is_none() {
                 allocatable = Some(
                     source
@@ -285,11 +279,12 @@ async fn downward_payload(
                         .map_err(|e| format!("getting the node's allocatable resources: {e}"))?,
                 );
             }
-            resource_value(
-                container,
+            let facts = allocatable.as_ref().map(node_facts).unwrap_or_default();
+            env::resource_value(
+                container.resources.as_ref(),
+                &facts,
                 &resource.resource,
-                resource.divisor.as_ref(),
-                allocatable.as_ref(),
+                resource.divisor.as_ref().map(|d| d.0.as_str()),
             )?
         } else {
             return Err(format!(
@@ -306,86 +301,6 @@ async fn downward_payload(
         );
     }
     Ok(())
-}
-
-/// A downward API field a volume may carry (metadata only, as Kubernetes validates).
-pub fn field_value(pod: &Pod, path: &str) -> Result<String, String> {
-    let meta = &pod.metadata;
-    let subscript = |prefix: &str| -> Option<String> {
-        let rest = path.strip_prefix(prefix)?.strip_prefix("['")?.strip_suffix("']")?;
-        Some(rest.to_string())
-    };
-    Ok(match path {
-        "metadata.name" => meta.name.clone().unwrap_or_default(),
-        "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
-        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
-        "metadata.labels" => format_map(&meta.labels.clone().unwrap_or_default()),
-        "metadata.annotations" => format_map(&meta.annotations.clone().unwrap_or_default()),
-        _ => {
-            if let Some(key) = subscript("metadata.labels") {
-                meta.labels
-                    .as_ref()
-                    .and_then(|l| l.get(&key))
-                    .cloned()
-                    .unwrap_or_default()
-            } else if let Some(key) = subscript("metadata.annotations") {
-                meta.annotations
-                    .as_ref()
-                    .and_then(|a| a.get(&key))
-                    .cloned()
-                    .unwrap_or_default()
-            } else {
-                return Err(format!(
-                    "unsupported fieldPath {path:?} in a downwardAPI volume: use metadata.name, metadata.namespace, metadata.uid, metadata.labels, metadata.annotations or metadata.labels['key'] (other fields are for env only)"
-                ));
-            }
-        }
-    })
-}
-
-/// `limits.cpu`, `requests.memory`... of `container` divided by `divisor`, rounded up, as
-/// kubelet's `ExtractContainerResourceValue`; a limit the container lacks is the node's
-/// allocatable amount.
-pub fn resource_value(
-    container: &Container,
-    resource: &str,
-    divisor: Option<&Quantity>,
-    allocatable: Option<&BTreeMap<String, Quantity>>,
-) -> Result<String, String> {
-    let (kind, name) = resource
-        .split_once('.')
-        .filter(|(k, _)| matches!(*k, "limits" | "requests"))
-        .ok_or_else(|| {
-            format!("unsupported resource {resource:?}: use limits.cpu, limits.memory, limits.ephemeral-storage, requests.* of those, or hugepages-*")
-        })?;
-    let resources = container.resources.as_ref();
-    let set = |map: Option<&BTreeMap<String, Quantity>>| {
-        map.and_then(|m| m.get(name))
-            .and_then(|q| quantity::nano_units(&q.0))
-            .filter(|v| *v != 0)
-    };
-    let value = if kind == "limits" {
-        set(resources.and_then(|r| r.limits.as_ref()))
-            .or_else(|| {
-                allocatable
-                    .and_then(|a| a.get(name))
-                    .and_then(|q| quantity::nano_units(&q.0))
-            })
-            .ok_or_else(|| {
-                format!(
-                    "container {:?} has no {resource} and the node reports no allocatable {name}",
-                    container.name
-                )
-            })?
-    } else {
-        set(resources.and_then(|r| r.requests.as_ref())).unwrap_or(0)
-    };
-    let divisor = divisor
-        .and_then(|d| quantity::nano_units(&d.0))
-        .filter(|d| *d > 0)
-        .unwrap_or(1_000_000_000);
-    let result = value.div_euclid(divisor) + i128::from(value.rem_euclid(divisor) != 0);
-    Ok(result.to_string())
 }
 
 async fn service_account_token(
@@ -443,54 +358,4 @@ fn needs_renewal(token: &CachedToken, now: jiff::Timestamp) -> bool {
     let age = now.as_second() - token.issued.as_second();
     let left = token.expiration.as_second() - now.as_second();
     age > MAX_TOKEN_AGE_SECONDS || left < token.ttl_seconds * 20 / 100
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn maps_format_as_kubelet_writes_labels() {
-        let map = BTreeMap::from([
-            ("b".to_string(), "two \"quoted\"".to_string()),
-            ("a".to_string(), "one\nline".to_string()),
-        ]);
-        assert_eq!(format_map(&map), "a=\"one\\nline\"\nb=\"two \\\"quoted\\\"\"");
-    }
-
-    #[test]
-    fn resource_values_divide_and_round_up() {
-        let container: Container = serde_json::from_value(serde_json::json!({
-            "name": "app",
-            "resources": {"limits": {"cpu": "250m", "memory": "64Mi"}, "requests": {"cpu": "100m"}}
-        }))
-        .unwrap();
-        let q = |s: &str| Quantity(s.into());
-        assert_eq!(resource_value(&container, "limits.cpu", None, None).unwrap(), "1");
-        assert_eq!(
-            resource_value(&container, "limits.cpu", Some(&q("1m")), None).unwrap(),
-            "250"
-        );
-        assert_eq!(
-            resource_value(&container, "requests.cpu", Some(&q("1m")), None).unwrap(),
-            "100"
-        );
-        assert_eq!(
-            resource_value(&container, "limits.memory", Some(&q("1Mi")), None).unwrap(),
-            "64"
-        );
-        assert_eq!(
-            resource_value(&container, "limits.memory", None, None).unwrap(),
-            (64 << 20).to_string()
-        );
-        assert_eq!(resource_value(&container, "requests.memory", None, None).unwrap(), "0");
-        let node = BTreeMap::from([("ephemeral-storage".to_string(), q("10Gi"))]);
-        assert_eq!(
-            resource_value(&container, "limits.ephemeral-storage", Some(&q("1Gi")), Some(&node)).unwrap(),
-            "10"
-        );
-        let err = resource_value(&container, "limits.ephemeral-storage", None, None).unwrap_err();
-        assert!(err.contains("no limits.ephemeral-storage"), "{err}");
-        assert!(resource_value(&container, "cpu", None, None).is_err());
-    }
 }

@@ -505,16 +505,6 @@ fn teardown_refuses_uids_that_are_paths() {
 }
 
 #[test]
-fn expansion_follows_kubelet() {
-    let env = vec![("A".to_string(), "x".to_string()), ("B".to_string(), "y".to_string())];
-    assert_eq!(expand("$(A)/$(B)", &env), "x/y");
-    assert_eq!(expand("$(C)", &env), "$(C)");
-    assert_eq!(expand("$$(A)", &env), "$(A)");
-    assert_eq!(expand("cost$5", &env), "cost$5");
-    assert_eq!(expand("$(A", &env), "$(A");
-}
-
-#[test]
 fn memory_volumes_are_sized_as_kubelet_sizes_them() {
     let gi = 1i128 << 30;
     assert_eq!(memory_volume_size(Some(8 * gi), None, None), Some(8 << 30));

@@ -86,6 +86,11 @@ pub struct ServerConfig {
     /// Prefix length of each node's IPv6 block of --cluster-cidr.
     #[arg(long, default_value_t = 64)]
     pub node_cidr_mask_size_ipv6: u8,
+    /// More names or addresses for the server certificate (beside localhost, 127.0.0.1, the
+    /// host name and the default-route address), e.g. the address other nodes reach the
+    /// server at; repeat or comma-separate.
+    #[arg(long, value_delimiter = ',')]
+    pub tls_san: Vec<String>,
 }
 
 /// A duration flag: `40s`, `1m30s`, `500ms` (jiff's friendly format) or plain seconds.
@@ -173,7 +178,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
             config.data_dir.display()
         )
     })?;
-    let pki = pki::Pki::load_or_create(&config.data_dir)?;
+    let pki = pki::Pki::load_or_create(&config.data_dir, &config.tls_san)?;
     let store = open_store(&config).await?;
     let cache = cache::WatchCache::start(store.clone())
         .await

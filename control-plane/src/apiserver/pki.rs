@@ -32,7 +32,7 @@ const VALIDITY_DAYS: i64 = 3650;
 
 impl Pki {
     /// Load the PKI from `data_dir/pki`, creating whatever is missing.
-    pub fn load_or_create(data_dir: &Path) -> Result<Pki> {
+    pub fn load_or_create(data_dir: &Path, tls_sans: &[String]) -> Result<Pki> {
         let dir = data_dir.join("pki");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         restrict(&dir, 0o700)?;
@@ -59,29 +59,50 @@ impl Pki {
         let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing pki/ca.key")?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("parsing pki/ca.crt")?;
 
+        // The server certificate names every address clients may use: the defaults, the
+        // machine's default-route address and the --tls-san values. When that list changes
+        // (a new flag, a new address) the certificate is issued again.
+        let mut names = vec![
+            "localhost".to_string(),
+            "kubernetes".into(),
+            "kubernetes.default".into(),
+            "kubernetes.default.svc".into(),
+            "kubernetes.default.svc.cluster.local".into(),
+        ];
+        if let Ok(host) = fs::read_to_string("/proc/sys/kernel/hostname") {
+            names.push(host.trim().to_string());
+        }
+        let mut ips: Vec<std::net::IpAddr> = ["127.0.0.1", "::1", "10.96.0.1"]
+            .iter()
+            .map(|ip| ip.parse().expect("a literal address"))
+            .collect();
+        ips.extend(default_route_address());
+        for san in tls_sans {
+            match san.parse::<std::net::IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => names.push(san.clone()),
+            }
+        }
+        names.sort();
+        names.dedup();
+        ips.sort();
+        ips.dedup();
+        let fingerprint = format!("{names:?} {ips:?}");
+        let sans_path = dir.join("apiserver.sans");
+        if read(&sans_path).as_deref() != Some(fingerprint.as_str()) {
+            let _ = fs::remove_file(dir.join("apiserver.crt"));
+            let _ = fs::remove_file(dir.join("apiserver.key"));
+        }
         let (server_cert_pem, server_key_pem) = leaf(&dir, "apiserver", &issuer, |params| {
             params.distinguished_name.push(DnType::CommonName, "weir-apiserver");
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            let mut names = vec![
-                "localhost".to_string(),
-                "kubernetes".into(),
-                "kubernetes.default".into(),
-                "kubernetes.default.svc".into(),
-                "kubernetes.default.svc.cluster.local".into(),
-            ];
-            if let Ok(host) = fs::read_to_string("/proc/sys/kernel/hostname") {
-                names.push(host.trim().to_string());
-            }
             params.subject_alt_names = names
                 .into_iter()
                 .filter_map(|n| n.try_into().ok().map(SanType::DnsName))
-                .chain(
-                    ["127.0.0.1", "::1", "10.96.0.1"]
-                        .iter()
-                        .map(|ip| SanType::IpAddress(ip.parse().unwrap())),
-                )
+                .chain(ips.into_iter().map(SanType::IpAddress))
                 .collect();
         })?;
+        write(&sans_path, &fingerprint, 0o644)?;
         let (admin_cert_pem, admin_key_pem) = leaf(&dir, "admin", &issuer, |params| {
             params.distinguished_name.push(DnType::CommonName, "admin");
             params
@@ -240,4 +261,12 @@ fn write(path: &Path, contents: &str, mode: u32) -> Result<()> {
 fn restrict(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
+}
+
+/// The source address of the IPv4 default route (a UDP socket "connected" to a TEST-NET
+/// address: no packet is sent); `None` without one.
+fn default_route_address() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+    socket.connect(("192.0.2.1", 9)).ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }

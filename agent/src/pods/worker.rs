@@ -1,0 +1,1192 @@
+//! The pod worker: one task per pod bound to this node, kubelet's `syncPod` loop. It makes
+//! the pod's sandbox (network namespace, /etc files, volumes), runs the init containers in
+//! order and then the app containers, restarts them by the restart policy with the
+//! CrashLoopBackOff back-off, reports the status after every change, and on deletion stops
+//! the containers gracefully (SIGTERM, the grace period, SIGKILL) and removes what the pod
+//! had on the node.
+//!
+//! Everything the worker knows is rebuilt after an agent restart from containerd (the
+//! containers' labels say pod, name and run) and from the pod's status in the API (restart
+//! counts, finished init containers, last terminations): a restarted agent adopts running
+//! containers without touching them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::{Client, ResourceExt as _};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::backoff::Backoff;
+use super::config::{self, ATTEMPT_LABEL, PodSetting};
+use super::directory::{ContainerEntry, Directory, PodEntry};
+use super::env::{self, EnvSources, NodeFacts};
+use super::status::{self, ContainerObservation, ContainerState, PodObservation, Termination};
+use crate::network::files::DnsSettings;
+use crate::network::{self, PodNetwork};
+use crate::runtime::{self, BindMount, CONTAINER_NAME_LABEL, ExitStatus, NetworkNamespace, Runtime, TaskStatus};
+
+/// How long to wait before trying a failed sandbox or container config again.
+const RETRY: Duration = Duration::from_secs(2);
+/// How often a running pod's volumes are refreshed from their sources.
+pub const VOLUME_REFRESH: Duration = Duration::from_secs(2);
+
+/// What every pod worker of the node shares.
+pub struct Context {
+    pub client: Client,
+    pub runtime: Runtime,
+    /// `None`: pods get no network of their own (only hostNetwork pods can run).
+    pub network: Option<Arc<PodNetwork>>,
+    pub node_name: String,
+    pub host_ips: Vec<String>,
+    /// `<data-dir>/pods`: one directory per pod uid.
+    pub pods_dir: PathBuf,
+    pub dns: DnsSettings,
+    /// The node's allocatable, for `resourceFieldRef` defaults.
+    pub facts: NodeFacts,
+    /// The CrashLoopBackOff delays (kubelet: 10 s doubling to 5 min).
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// What the streaming server looks pods up in.
+    pub directory: Arc<Directory>,
+    /// The cgroup pods go under (`/weir`).
+    pub cgroup_parent: String,
+}
+
+/// What a worker is told.
+#[derive(Debug)]
+pub enum Message {
+    /// The pod as the API has it now.
+    Update(Arc<Pod>),
+    /// The pod is gone from the API.
+    Gone,
+    /// A container's process exited.
+    Exited {
+        id: String,
+        status: Result<ExitStatus, String>,
+    },
+    /// The agent is stopping: leave the containers running.
+    Shutdown,
+}
+
+/// A running worker.
+pub struct Handle {
+    pub tx: mpsc::UnboundedSender<Message>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the worker of `pod`.
+pub fn spawn(ctx: Arc<Context>, pod: Arc<Pod>) -> Handle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let worker = Worker::new(ctx, pod, tx.clone(), rx);
+    Handle {
+        tx,
+        task: tokio::spawn(worker.run()),
+    }
+}
+
+/// One run of one container.
+#[derive(Clone, Debug)]
+struct Run {
+    attempt: u32,
+    id: String,
+    state: ContainerState,
+    started: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    init: bool,
+    sidecar: bool,
+    image: String,
+    image_id: String,
+    /// The current (or last) run.
+    run: Option<Run>,
+    /// Why it is not running yet (image missing, config error, back-off...).
+    waiting: Option<(String, Option<String>)>,
+    restart_count: i32,
+    last_termination: Option<Termination>,
+    /// When the next start may happen (back-off or retry).
+    not_before: Option<Instant>,
+    /// The previous run's log, for `kubectl logs --previous`.
+    previous_log: Option<PathBuf>,
+}
+
+struct Worker {
+    ctx: Arc<Context>,
+    pod: Arc<Pod>,
+    uid: String,
+    dir: PathBuf,
+    tx: mpsc::UnboundedSender<Message>,
+    rx: mpsc::UnboundedReceiver<Message>,
+    sandbox: Option<Sandbox>,
+    sandbox_error: Option<String>,
+    sandbox_retry: Option<Instant>,
+    containers: BTreeMap<String, Tracked>,
+    backoff: Backoff<String>,
+    last_status: Option<Value>,
+    start_time: Option<Timestamp>,
+    failed: Option<(String, String)>,
+    gone: bool,
+    adopted: bool,
+    /// The sandbox of a finished pod was released.
+    released: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Sandbox {
+    ip: Option<IpAddr>,
+    netns: Option<PathBuf>,
+    mounts: Vec<BindMount>,
+    hostname: Option<String>,
+}
+
+fn restart_policy(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        .unwrap_or("Always")
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+/// Parses a status timestamp.
+fn ts(t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> Option<Timestamp> {
+    t.as_ref().map(|t| t.0)
+}
+
+impl Worker {
+    fn new(
+        ctx: Arc<Context>,
+        pod: Arc<Pod>,
+        tx: mpsc::UnboundedSender<Message>,
+        rx: mpsc::UnboundedReceiver<Message>,
+    ) -> Worker {
+        let uid = pod.uid().unwrap_or_default();
+        let dir = ctx.pods_dir.join(&uid);
+        let backoff = Backoff::new(ctx.backoff_initial, ctx.backoff_max);
+        Worker {
+            ctx,
+            pod,
+            uid,
+            dir,
+            tx,
+            rx,
+            sandbox: None,
+            sandbox_error: None,
+            sandbox_retry: None,
+            containers: BTreeMap::new(),
+            backoff,
+            last_status: None,
+            start_time: None,
+            failed: None,
+            gone: false,
+            adopted: false,
+            released: false,
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("{}/{}", self.pod.namespace().unwrap_or_default(), self.pod.name_any())
+    }
+
+    fn spec_containers(&self) -> Vec<(Container, bool)> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        spec.init_containers
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| (c, true))
+            .chain(spec.containers.into_iter().map(|c| (c, false)))
+            .collect()
+    }
+
+    fn terminating(&self) -> bool {
+        self.gone || self.pod.metadata.deletion_timestamp.is_some()
+    }
+
+    async fn run(mut self) {
+        if let Err(e) = self.adopt().await {
+            warn!(pod = %self.name(), error = %e, "adopting the pod's containers");
+        }
+        loop {
+            if self.terminating() {
+                self.terminate().await;
+                return;
+            }
+            self.sync().await;
+            self.write_status().await;
+            let wake = self.next_wake();
+            let message = tokio::select! {
+                m = self.rx.recv() => match m {
+                    Some(m) => Some(m),
+                    // Every sender is gone: the manager stopped.
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => None,
+            };
+            if let Some(message) = message
+                && !self.handle(message).await
+            {
+                return;
+            }
+            // Take everything queued before syncing again.
+            while let Ok(message) = self.rx.try_recv() {
+                if !self.handle(message).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies a message; `false`: stop the worker now (agent shutdown).
+    async fn handle(&mut self, message: Message) -> bool {
+        match message {
+            Message::Update(pod) => self.pod = pod,
+            Message::Gone => self.gone = true,
+            Message::Shutdown => return false,
+            Message::Exited { id, status } => self.exited(&id, status).await,
+        }
+        true
+    }
+
+    /// When the loop must run again without a message.
+    fn next_wake(&self) -> Instant {
+        let mut wake = Instant::now() + VOLUME_REFRESH;
+        for t in self.containers.values() {
+            if let Some(at) = t.not_before {
+                wake = wake.min(at.max(Instant::now()));
+            }
+        }
+        if let Some(at) = self.sandbox_retry {
+            wake = wake.min(at);
+        }
+        wake
+    }
+
+    /// Rebuilds what the worker knows from containerd and from the pod's status.
+    async fn adopt(&mut self) -> Result<(), runtime::Error> {
+        let status = self.pod.status.clone().unwrap_or_default();
+        self.start_time = ts(&status.start_time);
+        let statuses: HashMap<String, _> = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
+        for (c, init) in self.spec_containers() {
+            let mut tracked = Tracked {
+                init,
+                sidecar: init && c.restart_policy.as_deref() == Some("Always"),
+                image: c.image.clone().unwrap_or_default(),
+                image_id: String::new(),
+                run: None,
+                waiting: None,
+                restart_count: 0,
+                last_termination: None,
+                not_before: None,
+                previous_log: None,
+            };
+            if let Some(s) = statuses.get(&c.name) {
+                tracked.restart_count = s.restart_count;
+                tracked.image_id = s.image_id.clone();
+                tracked.last_termination = s
+                    .last_state
+                    .as_ref()
+                    .and_then(|l| l.terminated.as_ref())
+                    .map(termination_from_api);
+                // A finished run stays finished (its container was deleted when it ended).
+                if let Some(t) = s.state.as_ref().and_then(|st| st.terminated.as_ref()) {
+                    let attempt = tracked.restart_count.max(0) as u32;
+                    tracked.run = Some(Run {
+                        attempt,
+                        id: config::container_id(&self.uid, &c.name, attempt),
+                        state: ContainerState::Terminated(termination_from_api(t)),
+                        started: None,
+                    });
+                }
+            }
+            self.containers.insert(c.name.clone(), tracked);
+        }
+        let found = self.ctx.runtime.list_pod_containers(&self.uid).await?;
+        let mut newest: HashMap<String, (u32, runtime::ContainerState)> = HashMap::new();
+        for c in found {
+            let name = c.labels.get(CONTAINER_NAME_LABEL).cloned().unwrap_or_default();
+            let attempt = c.labels.get(ATTEMPT_LABEL).and_then(|a| a.parse().ok()).unwrap_or(0);
+            match newest.get(&name) {
+                Some((a, _)) if *a >= attempt => self.delete_container(&c.id).await,
+                _ => {
+                    if let Some((_, older)) = newest.insert(name, (attempt, c)) {
+                        self.delete_container(&older.id).await;
+                    }
+                }
+            }
+        }
+        let pod_name = self.name();
+        for (name, (attempt, c)) in newest {
+            let Some(tracked) = self.containers.get_mut(&name) else {
+                self.delete_container(&c.id).await;
+                continue;
+            };
+            let started_at = statuses
+                .get(&name)
+                .and_then(|s| s.state.as_ref())
+                .and_then(|s| s.running.as_ref())
+                .and_then(|r| ts(&r.started_at))
+                .unwrap_or_else(now);
+            match c.task {
+                TaskStatus::Running { .. } | TaskStatus::Paused { .. } | TaskStatus::Stopped { .. } => {
+                    debug!(pod = %pod_name, container = %name, attempt, "adopted a running container");
+                    tracked.restart_count = tracked.restart_count.max(attempt as i32);
+                    tracked.run = Some(Run {
+                        attempt,
+                        id: c.id.clone(),
+                        state: ContainerState::Running { started_at },
+                        started: Some(Instant::now()),
+                    });
+                    tracked.previous_log = attempt
+                        .checked_sub(1)
+                        .map(|a| config::log_path(&self.dir, &name, a))
+                        .filter(|p| p.exists());
+                    self.watch_exit(c.id.clone());
+                }
+                // Never started, or containerd does not know: start afresh.
+                _ => self.delete_container(&c.id).await,
+            }
+        }
+        // The sandbox of a pod that is already running here is adopted, not rebuilt.
+        if self.containers.values().any(|t| t.run.is_some())
+            && let Some(network) = &self.ctx.network
+            && !host_network(&self.pod)
+            && let Ok(Some(existing)) = network.existing(&self.uid).await
+        {
+            match self.finish_sandbox(Some(existing.ip), Some(existing.netns)).await {
+                Ok(sandbox) => {
+                    self.sandbox = Some(sandbox);
+                    self.adopted = true;
+                }
+                Err(e) => warn!(pod = %self.name(), error = %e, "re-reading the sandbox of an adopted pod"),
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn watch_exit(&self, id: String) {
+        let runtime = self.ctx.runtime.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let status = runtime.wait_container(&id).await.map_err(|e| e.to_string());
+            let _ = tx.send(Message::Exited { id, status });
+        });
+    }
+
+    async fn delete_container(&self, id: &str) {
+        match self.ctx.runtime.delete_container(id).await {
+            Ok(()) | Err(runtime::Error::NotFound(_)) => {}
+            Err(e) => warn!(pod = %self.name(), container = id, error = %e, "deleting a container"),
+        }
+    }
+
+    async fn exited(&mut self, id: &str, status: Result<ExitStatus, String>) {
+        let pod_name = self.name();
+        let Some((name, tracked)) = self
+            .containers
+            .iter_mut()
+            .find(|(_, t)| t.run.as_ref().is_some_and(|r| r.id == id))
+        else {
+            return;
+        };
+        let name = name.clone();
+        let run = tracked.run.as_mut().expect("found by its run");
+        let started_at = match run.state {
+            ContainerState::Running { started_at } => Some(started_at),
+            _ => None,
+        };
+        let termination = match status {
+            Ok(s) => {
+                let code = s.code as i32;
+                Termination {
+                    exit_code: code,
+                    signal: None,
+                    reason: Termination::reason_for(code, s.oom_killed).to_owned(),
+                    message: None,
+                    started_at,
+                    finished_at: s
+                        .exited_at
+                        .and_then(|t| Timestamp::try_from(t).ok())
+                        .unwrap_or_else(now),
+                    container_id: Some(format!("containerd://{id}")),
+                }
+            }
+            Err(e) => Termination {
+                exit_code: 137,
+                signal: None,
+                reason: "Error".into(),
+                message: Some(format!("waiting for the container failed: {e}")),
+                started_at,
+                finished_at: now(),
+                container_id: Some(format!("containerd://{id}")),
+            },
+        };
+        info!(pod = %pod_name, container = %name, exit_code = termination.exit_code, reason = %termination.reason, "container exited");
+        run.state = ContainerState::Terminated(termination);
+        let started = run.started;
+        let id = id.to_owned();
+        // Deleting flushes the log; the run's record lives on in the status.
+        self.delete_container(&id).await;
+        let policy = restart_policy(&self.pod).to_owned();
+        let tracked = self.containers.get_mut(&name).expect("present");
+        let ContainerState::Terminated(t) = &tracked.run.as_ref().expect("present").state else {
+            unreachable!()
+        };
+        let restart = if tracked.sidecar {
+            true
+        } else if tracked.init {
+            t.exit_code != 0 && policy != "Never"
+        } else {
+            match policy.as_str() {
+                "Always" => true,
+                "OnFailure" => t.exit_code != 0,
+                _ => false,
+            }
+        };
+        if tracked.init && !tracked.sidecar && t.exit_code != 0 && policy == "Never" {
+            self.failed = None; // phase() derives Failed from the init container's exit
+        }
+        if restart {
+            let delay = self
+                .backoff
+                .crashed(&name, started.unwrap_or_else(Instant::now), Instant::now());
+            tracked.not_before = Some(Instant::now() + delay);
+            let message = format!(
+                "back-off {}s restarting failed container={name} pod={}_{}({})",
+                delay.as_secs(),
+                self.pod.name_any(),
+                self.pod.namespace().unwrap_or_default(),
+                self.uid
+            );
+            tracked.waiting = Some(("CrashLoopBackOff".into(), Some(message)));
+        }
+    }
+
+    /// The sandbox: the network namespace and address, the /etc files, the volumes.
+    async fn ensure_sandbox(&mut self) -> bool {
+        if self.sandbox.is_some() {
+            return true;
+        }
+        if self.sandbox_retry.is_some_and(|t| t > Instant::now()) {
+            return false;
+        }
+        let t0 = Instant::now();
+        let result = self.create_sandbox().await;
+        match result {
+            Ok(sandbox) => {
+                info!(pod = %self.name(), ip = ?sandbox.ip, took = ?t0.elapsed(), "pod sandbox ready");
+                self.sandbox = Some(sandbox);
+                self.sandbox_error = None;
+                self.sandbox_retry = None;
+                self.publish();
+                true
+            }
+            Err(e) => {
+                warn!(pod = %self.name(), error = %e, "creating the pod sandbox; retrying");
+                self.sandbox_error = Some(e);
+                self.sandbox_retry = Some(Instant::now() + RETRY);
+                false
+            }
+        }
+    }
+
+    async fn create_sandbox(&mut self) -> Result<Sandbox, String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        let (ip, netns) = if host_network(&self.pod) {
+            (None, None)
+        } else {
+            let network = self.ctx.network.as_ref().ok_or_else(|| {
+                "this node has no pod network (no podCIDR yet, or the agent runs without one): only hostNetwork \
+                 pods can run"
+                    .to_owned()
+            })?;
+            let created = network
+                .create(&self.uid)
+                .await
+                .map_err(|e| format!("setting up the pod network: {e}"))?;
+            (Some(created.ip), Some(created.netns))
+        };
+        self.finish_sandbox(ip, netns).await
+    }
+
+    /// The /etc files and volumes of a sandbox whose network exists.
+    async fn finish_sandbox(&mut self, ip: Option<IpAddr>, netns: Option<PathBuf>) -> Result<Sandbox, String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        let domain = &self.ctx.dns.cluster_domain;
+        let pod = &*self.pod;
+        let hosts = if host_network(pod) {
+            let node_hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+            network::files::host_network_hosts_file(&node_hosts, pod)
+        } else {
+            network::files::hosts_file(pod, &ip.into_iter().collect::<Vec<_>>(), domain).map_err(|e| e.to_string())?
+        };
+        let resolv = network::files::resolv_conf(pod, &self.ctx.dns)
+            .map_err(|e| e.to_string())?
+            .render();
+        let hostname = if host_network(pod) {
+            None
+        } else {
+            Some(network::files::kernel_hostname(pod, domain).map_err(|e| e.to_string())?)
+        };
+        let mut mounts = Vec::new();
+        for (file, content, target) in [
+            ("etc-hosts", hosts, "/etc/hosts"),
+            ("resolv.conf", resolv, "/etc/resolv.conf"),
+        ] {
+            let path = self.dir.join(file);
+            write_file(&path, &content)?;
+            mounts.push(BindMount {
+                source: path,
+                destination: target.into(),
+                readonly: false,
+            });
+        }
+        if !host_network(pod) {
+            let path = self.dir.join("hostname");
+            write_file(
+                &path,
+                &network::files::hostname_file(pod, domain).map_err(|e| e.to_string())?,
+            )?;
+            mounts.push(BindMount {
+                source: path,
+                destination: "/etc/hostname".into(),
+                readonly: false,
+            });
+        }
+        Ok(Sandbox {
+            ip,
+            netns,
+            mounts,
+            hostname,
+        })
+    }
+
+    /// kubelet's syncPod: the next step for every container.
+    async fn sync(&mut self) {
+        let observation = self.observation();
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let phase = status::phase(&spec, &observation);
+        if phase == "Succeeded" || phase == "Failed" {
+            self.release_sandbox().await;
+            return;
+        }
+        if self.start_time.is_none() {
+            self.start_time = Some(now());
+        }
+        if !self.ensure_sandbox().await {
+            return;
+        }
+        // Init containers, in order: each must succeed (a sidecar: start) before the next.
+        let mut inits_done = true;
+        for (c, init) in self.spec_containers() {
+            if !init {
+                continue;
+            }
+            let state = self
+                .containers
+                .get(&c.name)
+                .and_then(|t| t.run.as_ref())
+                .map(|r| r.state.clone());
+            let sidecar = c.restart_policy.as_deref() == Some("Always");
+            match state {
+                Some(ContainerState::Terminated(t)) if t.exit_code == 0 && !sidecar => continue,
+                Some(ContainerState::Running { .. }) if sidecar => continue,
+                Some(ContainerState::Running { .. }) => {
+                    inits_done = false;
+                    break;
+                }
+                _ => {
+                    self.maybe_start(&c, true).await;
+                    let running = matches!(
+                        self.containers
+                            .get(&c.name)
+                            .and_then(|t| t.run.as_ref())
+                            .map(|r| &r.state),
+                        Some(ContainerState::Running { .. })
+                    );
+                    if !(sidecar && running) {
+                        inits_done = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if !inits_done {
+            return;
+        }
+        for (c, init) in self.spec_containers() {
+            if init {
+                continue;
+            }
+            let state = self
+                .containers
+                .get(&c.name)
+                .and_then(|t| t.run.as_ref())
+                .map(|r| r.state.clone());
+            match state {
+                Some(ContainerState::Running { .. }) => {}
+                Some(ContainerState::Terminated(_)) => {
+                    // Restarted only when exited() asked for it (waiting is set).
+                    if self.containers.get(&c.name).is_some_and(|t| t.waiting.is_some()) {
+                        self.maybe_start(&c, false).await;
+                    }
+                }
+                _ => self.maybe_start(&c, false).await,
+            }
+        }
+    }
+
+    /// Starts a new run of `c` unless it must wait.
+    async fn maybe_start(&mut self, c: &Container, init: bool) {
+        let tracked = self.containers.entry(c.name.clone()).or_insert_with(|| Tracked {
+            init,
+            sidecar: init && c.restart_policy.as_deref() == Some("Always"),
+            image: c.image.clone().unwrap_or_default(),
+            image_id: String::new(),
+            run: None,
+            waiting: None,
+            restart_count: 0,
+            last_termination: None,
+            not_before: None,
+            previous_log: None,
+        });
+        if let Some(run) = &tracked.run
+            && let ContainerState::Terminated(_) = run.state
+            && tracked.waiting.is_none()
+        {
+            // Finished for good (restart policy).
+            return;
+        }
+        if tracked.not_before.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
+        let attempt = match &tracked.run {
+            Some(run) => run.attempt + 1,
+            None => tracked.restart_count.max(0) as u32,
+        };
+        match self.start(c, init, attempt).await {
+            Ok((id, image_id)) => {
+                let tracked = self.containers.get_mut(&c.name).expect("inserted above");
+                if let Some(run) = tracked.run.take()
+                    && let ContainerState::Terminated(t) = run.state
+                {
+                    tracked.last_termination = Some(t);
+                    tracked.restart_count = attempt as i32;
+                    tracked.previous_log = Some(config::log_path(&self.dir, &c.name, run.attempt));
+                    // Only the previous run's log is kept, as kubelet keeps one dead container.
+                    if let Some(older) = run.attempt.checked_sub(1) {
+                        let _ = std::fs::remove_file(config::log_path(&self.dir, &c.name, older));
+                    }
+                }
+                tracked.run = Some(Run {
+                    attempt,
+                    id: id.clone(),
+                    state: ContainerState::Running { started_at: now() },
+                    started: Some(Instant::now()),
+                });
+                tracked.image_id = image_id;
+                tracked.waiting = None;
+                tracked.not_before = None;
+                info!(pod = %self.name(), container = %c.name, attempt, "container started");
+                self.watch_exit(id);
+                self.publish();
+                // Report Running at once (the status SLO is about this moment).
+                self.write_status().await;
+            }
+            Err((reason, message)) => {
+                warn!(pod = %self.name(), container = %c.name, %reason, %message, "container not started");
+                let tracked = self.containers.get_mut(&c.name).expect("inserted above");
+                let pull = reason == "ErrImagePull" || reason == "ImagePullBackOff" || reason == "ErrImageNeverPull";
+                let delay = if pull {
+                    self.backoff
+                        .crashed(&format!("pull:{}", c.name), Instant::now(), Instant::now())
+                } else {
+                    RETRY
+                };
+                // After the first failed pull, kubelet says ImagePullBackOff while it waits.
+                let reason =
+                    if reason == "ErrImagePull" && tracked.waiting.as_ref().is_some_and(|w| w.0.contains("Image")) {
+                        "ImagePullBackOff".to_owned()
+                    } else {
+                        reason
+                    };
+                tracked.waiting = Some((reason, Some(message)));
+                tracked.not_before = Some(Instant::now() + delay);
+                // A config error keeps the finished run's record; a restart waits as before.
+            }
+        }
+    }
+
+    /// Creates and starts run `attempt` of `c`. Err: (kubelet's waiting reason, message).
+    async fn start(&mut self, c: &Container, init: bool, attempt: u32) -> Result<(String, String), (String, String)> {
+        let image = c.image.clone().unwrap_or_default();
+        let t0 = Instant::now();
+        let present = self
+            .ctx
+            .runtime
+            .ensure_image(&image)
+            .await
+            .map_err(|e| ("ErrImagePull".to_owned(), e.to_string()))?;
+        let t_image = t0.elapsed();
+        let sources = self
+            .env_sources()
+            .await
+            .map_err(|e| ("CreateContainerConfigError".to_owned(), e))?;
+        let services = self.service_env().await;
+        let mut facts = self.ctx.facts.clone();
+        facts.host_ips = self.ctx.host_ips.clone();
+        facts.pod_ips = self
+            .sandbox
+            .as_ref()
+            .and_then(|s| s.ip)
+            .map(|ip| vec![ip.to_string()])
+            .unwrap_or_else(|| self.ctx.host_ips.clone());
+        let env = env::container_env(&self.pod, c, &sources, &facts, &services)
+            .map_err(|e| ("CreateContainerConfigError".to_owned(), e))?;
+        let sandbox = self.sandbox.clone().expect("sync makes the sandbox first");
+        let setting = PodSetting {
+            pod: &self.pod,
+            pod_dir: &self.dir,
+            network: match &sandbox.netns {
+                Some(path) => NetworkNamespace::Path(path.clone()),
+                None => NetworkNamespace::Host,
+            },
+            hostname: sandbox.hostname.clone(),
+            mounts: sandbox.mounts.clone(),
+            cgroup_parent: &self.ctx.cgroup_parent,
+        };
+        let config = config::container_config(&setting, c, init, attempt, env)
+            .map_err(|e| ("CreateContainerConfigError".to_owned(), e))?;
+        if let Some(dir) = config.log_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                (
+                    "CreateContainerError".to_owned(),
+                    format!("creating {}: {e}", dir.display()),
+                )
+            })?;
+        }
+        let t_config = t0.elapsed();
+        // A leftover of the same id (a start interrupted by an agent restart) goes first.
+        self.delete_container(&config.id).await;
+        self.ctx
+            .runtime
+            .create_container_from(&config, &present)
+            .await
+            .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
+        if let Err(e) = self.ctx.runtime.start_container(&config.id).await {
+            self.delete_container(&config.id).await;
+            return Err(("RunContainerError".to_owned(), e.to_string()));
+        }
+        debug!(pod = %self.name(), container = %c.name, ?t_image, ?t_config, total = ?t0.elapsed(), "container start timings");
+        Ok((config.id, format!("{}@{}", present.name, present.digest)))
+    }
+
+    async fn env_sources(&self) -> Result<EnvSources, String> {
+        let (config_maps, secrets) = env::referenced_objects(&self.pod);
+        let ns = self.pod.namespace().unwrap_or_else(|| "default".into());
+        let mut sources = EnvSources::default();
+        let cms: Api<ConfigMap> = Api::namespaced(self.ctx.client.clone(), &ns);
+        for name in config_maps {
+            let got = cms
+                .get_opt(&name)
+                .await
+                .map_err(|e| format!("reading configmap {name}: {e}"))?;
+            sources.config_maps.insert(name, got);
+        }
+        let secret_api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
+        for name in secrets {
+            let got = secret_api
+                .get_opt(&name)
+                .await
+                .map_err(|e| format!("reading secret {name}: {e}"))?;
+            sources.secrets.insert(name, got);
+        }
+        Ok(sources)
+    }
+
+    /// The service variables: the `kubernetes` Service always, the namespace's when
+    /// `enableServiceLinks` is not false. A failed list leaves them out (logged).
+    async fn service_env(&self) -> Vec<(String, String)> {
+        let ns = self.pod.namespace().unwrap_or_else(|| "default".into());
+        let links = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.enable_service_links)
+            .unwrap_or(true);
+        let mut services = Vec::new();
+        if links {
+            match Api::<Service>::namespaced(self.ctx.client.clone(), &ns)
+                .list(&ListParams::default())
+                .await
+            {
+                Ok(list) => services.extend(list.items),
+                Err(e) => warn!(pod = %self.name(), error = %e, "listing services for the service variables"),
+            }
+        }
+        if (!links || ns != "default")
+            && let Ok(Some(k)) = Api::<Service>::namespaced(self.ctx.client.clone(), "default")
+                .get_opt("kubernetes")
+                .await
+        {
+            services.push(k);
+        }
+        env::service_env(&services)
+    }
+
+    /// What the status is computed from.
+    fn observation(&self) -> PodObservation {
+        let sandbox_ready = self.sandbox.is_some();
+        let mut observation = PodObservation {
+            sandbox_ready,
+            pod_ips: self
+                .sandbox
+                .as_ref()
+                .and_then(|s| s.ip)
+                .map(|ip| vec![ip.to_string()])
+                .unwrap_or_else(|| {
+                    if host_network(&self.pod) && sandbox_ready {
+                        self.ctx.host_ips.clone()
+                    } else {
+                        // A finished pod keeps the IP it had.
+                        self.pod
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.pod_ip.clone())
+                            .filter(|_| self.released)
+                            .into_iter()
+                            .collect()
+                    }
+                }),
+            host_ip: self.ctx.host_ips.first().cloned(),
+            start_time: self.start_time,
+            failed: self.failed.clone(),
+            ..PodObservation::default()
+        };
+        let mut inits_pending = false;
+        for (c, init) in self.spec_containers() {
+            let o = self.container_observation(&c, init, inits_pending);
+            if init {
+                let done = matches!(&o.state, ContainerState::Terminated(t) if t.exit_code == 0)
+                    || (c.restart_policy.as_deref() == Some("Always")
+                        && matches!(o.state, ContainerState::Running { .. }));
+                inits_pending |= !done;
+                observation.init_containers.push(o);
+            } else {
+                observation.containers.push(o);
+            }
+        }
+        observation
+    }
+
+    fn container_observation(&self, c: &Container, init: bool, inits_pending: bool) -> ContainerObservation {
+        let tracked = self.containers.get(&c.name);
+        let default_waiting = if self.sandbox.is_none() {
+            match &self.sandbox_error {
+                Some(e) => ContainerState::Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: Some(e.clone()),
+                },
+                None => ContainerState::Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: None,
+                },
+            }
+        } else if !init && inits_pending {
+            ContainerState::Waiting {
+                reason: "PodInitializing".into(),
+                message: None,
+            }
+        } else {
+            ContainerState::Waiting {
+                reason: "ContainerCreating".into(),
+                message: None,
+            }
+        };
+        let Some(t) = tracked else {
+            return ContainerObservation {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                image_id: String::new(),
+                container_id: None,
+                state: default_waiting,
+                last_termination: None,
+                restart_count: 0,
+                ready: false,
+                started: false,
+            };
+        };
+        let (state, last_termination) = match (&t.run, &t.waiting) {
+            (Some(run), Some((reason, message))) if matches!(run.state, ContainerState::Terminated(_)) => {
+                let ContainerState::Terminated(term) = &run.state else {
+                    unreachable!()
+                };
+                (
+                    ContainerState::Waiting {
+                        reason: reason.clone(),
+                        message: message.clone(),
+                    },
+                    Some(term.clone()),
+                )
+            }
+            (Some(run), _) => (run.state.clone(), t.last_termination.clone()),
+            (None, Some((reason, message))) => (
+                ContainerState::Waiting {
+                    reason: reason.clone(),
+                    message: message.clone(),
+                },
+                t.last_termination.clone(),
+            ),
+            (None, None) => (default_waiting, t.last_termination.clone()),
+        };
+        let running = matches!(state, ContainerState::Running { .. });
+        ContainerObservation {
+            name: c.name.clone(),
+            image: t.image.clone(),
+            image_id: t.image_id.clone(),
+            container_id: t.run.as_ref().map(|r| format!("containerd://{}", r.id)),
+            state,
+            last_termination,
+            restart_count: t.restart_count,
+            ready: running,
+            started: running,
+        }
+    }
+
+    async fn write_status(&mut self) {
+        let observation = self.observation();
+        let status = status::pod_status(&self.pod, &observation, now());
+        if self.last_status.as_ref() == Some(&status) || self.gone {
+            return;
+        }
+        // Unchanged but for transition times computed now: nothing to write.
+        if let Some(current) = self.pod.status.as_ref().and_then(|s| serde_json::to_value(s).ok())
+            && same_status(&current, &status)
+        {
+            self.last_status = Some(status);
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(
+            self.ctx.client.clone(),
+            &self.pod.namespace().unwrap_or_else(|| "default".into()),
+        );
+        match api
+            .patch_status(
+                &self.pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            Ok(pod) => {
+                if pod.uid().as_deref() == Some(self.uid.as_str()) {
+                    self.pod = Arc::new(pod);
+                }
+                self.last_status = Some(status);
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => self.gone = true,
+            Err(e) => warn!(pod = %self.name(), error = %e, "writing the pod status; retrying"),
+        }
+    }
+
+    /// Hands the pod's containers to the streaming server's directory.
+    fn publish(&self) {
+        let containers = self
+            .spec_containers()
+            .into_iter()
+            .map(|(c, _)| {
+                let t = self.containers.get(&c.name);
+                ContainerEntry {
+                    name: c.name.clone(),
+                    container_id: t
+                        .and_then(|t| t.run.as_ref())
+                        .filter(|r| matches!(r.state, ContainerState::Running { .. }))
+                        .map(|r| r.id.clone()),
+                    log_path: t
+                        .and_then(|t| t.run.as_ref())
+                        .map(|r| config::log_path(&self.dir, &c.name, r.attempt)),
+                    previous_log_path: t.and_then(|t| t.previous_log.clone()),
+                }
+            })
+            .collect();
+        self.ctx.directory.insert(PodEntry {
+            namespace: self.pod.namespace().unwrap_or_else(|| "default".into()),
+            name: self.pod.name_any(),
+            uid: self.uid.clone(),
+            netns: self.sandbox.as_ref().and_then(|s| s.netns.clone()),
+            containers,
+            default_container: self
+                .pod
+                .annotations()
+                .get("kubectl.kubernetes.io/default-container")
+                .cloned(),
+        });
+    }
+
+    /// A finished pod's network goes (its IP may serve another pod); its logs stay.
+    async fn release_sandbox(&mut self) {
+        if self.released {
+            return;
+        }
+        for t in self.containers.values() {
+            if let Some(run) = &t.run
+                && matches!(run.state, ContainerState::Running { .. })
+            {
+                return;
+            }
+        }
+        if let Some(network) = &self.ctx.network
+            && let Err(e) = network.delete(&self.uid).await
+        {
+            warn!(pod = %self.name(), error = %e, "removing the network of a finished pod");
+            return;
+        }
+        self.released = true;
+        self.sandbox = None;
+    }
+
+    /// Graceful termination: every container gets SIGTERM, the grace period, then SIGKILL;
+    /// then the sandbox and the pod's files go, and the API object (if it is still there,
+    /// marked for deletion) is removed.
+    async fn terminate(&mut self) {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let grace = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or(spec.termination_grace_period_seconds)
+            .unwrap_or(30)
+            .max(0) as u64;
+        let grace = Duration::from_secs(grace);
+        info!(pod = %self.name(), ?grace, "stopping the pod");
+        // App containers first, then sidecars and init containers, as kubelet orders it.
+        for init in [false, true] {
+            let mut stops = Vec::new();
+            for t in self.containers.values().filter(|t| t.init == init) {
+                if let Some(run) = &t.run
+                    && matches!(run.state, ContainerState::Running { .. })
+                {
+                    let runtime = self.ctx.runtime.clone();
+                    let id = run.id.clone();
+                    stops.push(async move {
+                        let stopped = runtime.stop_container(&id, grace).await;
+                        (id, stopped)
+                    });
+                }
+            }
+            for (id, stopped) in futures::future::join_all(stops).await {
+                if let Err(e) = stopped {
+                    warn!(pod = %self.name(), container = %id, error = %e, "stopping a container");
+                }
+                self.delete_container(&id).await;
+            }
+        }
+        // Whatever else containerd holds for the pod (leftovers) goes too.
+        if let Ok(left) = self.ctx.runtime.list_pod_containers(&self.uid).await {
+            for c in left {
+                self.delete_container(&c.id).await;
+            }
+        }
+        cleanup_pod(&self.ctx, &self.uid).await;
+        self.ctx.directory.remove(&self.uid);
+        if !self.gone {
+            let api: Api<Pod> = Api::namespaced(
+                self.ctx.client.clone(),
+                &self.pod.namespace().unwrap_or_else(|| "default".into()),
+            );
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(self.uid.clone()),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&self.pod.name_any(), &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => warn!(pod = %self.name(), error = %e, "deleting the terminated pod"),
+            }
+        }
+        info!(pod = %self.name(), "pod stopped and removed from the node");
+    }
+}
+
+/// Removes what a pod had on the node besides containers: its network, its directory.
+pub async fn cleanup_pod(ctx: &Context, uid: &str) {
+    if let Some(network) = &ctx.network
+        && let Err(e) = network.delete(uid).await
+    {
+        warn!(pod_uid = uid, error = %e, "removing the pod network");
+    }
+    let dir = ctx.pods_dir.join(uid);
+    if let Err(e) = std::fs::remove_dir_all(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(pod_uid = uid, error = %e, "removing {}", dir.display());
+    }
+}
+
+fn host_network(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+}
+
+fn write_file(path: &std::path::Path, content: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn termination_from_api(t: &k8s_openapi::api::core::v1::ContainerStateTerminated) -> Termination {
+    Termination {
+        exit_code: t.exit_code,
+        signal: t.signal,
+        reason: t.reason.clone().unwrap_or_default(),
+        message: t.message.clone(),
+        started_at: ts(&t.started_at),
+        finished_at: ts(&t.finished_at).unwrap_or_else(now),
+        container_id: t.container_id.clone(),
+    }
+}
+
+/// Whether two statuses differ only in the condition transition times a rewrite would
+/// refresh (they are kept while a condition holds, so equal otherwise).
+fn same_status(current: &Value, new: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(conditions) = v.get_mut("conditions").and_then(Value::as_array_mut) {
+            for c in conditions {
+                if let Some(c) = c.as_object_mut() {
+                    c.remove("lastTransitionTime");
+                    c.remove("lastProbeTime");
+                }
+            }
+        }
+        v
+    };
+    let mut current = strip(current);
+    let new = strip(new);
+    // Fields the agent does not write (e.g. nominatedNodeName) do not count.
+    if let (Some(c), Some(n)) = (current.as_object_mut(), new.as_object()) {
+        c.retain(|k, _| n.contains_key(k));
+    }
+    current == new
+}

@@ -1,0 +1,412 @@
+//! The node agent end to end, as root: real clusters of `weir up` (and `weir agent`) nodes,
+//! each in a network namespace of its own, running real containers from the project's
+//! images, driven by the real kubectl. `cargo xtask test` runs these in its privileged pass
+//! (`--ignored --test-threads=1`, WEIR_IMAGES set); without root they fail saying so.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::Value;
+use weir_tests::cluster::Lab;
+use weir_tests::describe;
+
+/// Pods get this long to turn Running (image present).
+const START: Duration = Duration::from_secs(60);
+
+fn pods(lab: &Lab, selector: &str) -> Result<Vec<Value>> {
+    let out = lab.kubectl_ok(&["get", "pods", "-l", selector, "-o", "json"])?;
+    let list: Value = serde_json::from_str(&out)?;
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
+}
+
+fn pod(lab: &Lab, name: &str) -> Result<Value> {
+    Ok(serde_json::from_str(
+        &lab.kubectl_ok(&["get", "pod", name, "-o", "json"])?,
+    )?)
+}
+
+/// Polls `check` every 200 ms until it returns Some, or fails after `timeout` with the last
+/// state and the nodes' logs.
+async fn until<T>(lab: &Lab, what: &str, timeout: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?} ({last})\n{}", lab.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn running_with_ip(p: &Value) -> Option<String> {
+    (p["status"]["phase"] == "Running" && p["status"]["containerStatuses"][0]["ready"] == true)
+        .then(|| p["status"]["podIP"].as_str().map(str::to_owned))
+        .flatten()
+}
+
+/// `busybox wget` from node `i`'s namespace (its `-T` option crashes Debian's static
+/// busybox 1.35, hence `timeout`).
+fn fetch(lab: &Lab, node: usize, url: &str) -> Result<String> {
+    let out = lab.in_node(
+        node,
+        &["timeout", "5", "busybox", "wget", "-q", "-O", "-", url],
+        Duration::from_secs(10),
+    );
+    ensure!(out.status.success(), "wget {url} from node {node}: {}", describe(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const ECHO: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {greeting: hello, mode: fast}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData: {password: s3cret}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: weir.local/echo:latest
+        env:
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+        envFrom:
+        - configMapRef: {name: settings}
+          prefix: CFG_
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root only: runs real clusters; `cargo xtask test` runs it"]
+async fn weir_up_runs_deployments_restarts_crashes_and_survives_an_agent_restart() -> Result<()> {
+    let mut lab = Lab::start(1, &[]).await?;
+    let created = Instant::now();
+    lab.apply(ECHO)?;
+    let ips = until(&lab, "3 echo pods Running with IPs", START, || {
+        let ips: Vec<(String, String)> = pods(&lab, "app=echo")?
+            .iter()
+            .filter_map(|p| running_with_ip(p).map(|ip| (p["metadata"]["name"].as_str().unwrap_or("").to_owned(), ip)))
+            .collect();
+        Ok((ips.len() == 3).then_some(ips))
+    })
+    .await?;
+    eprintln!(
+        "3 pods Running {:?} after the Deployment was created",
+        created.elapsed()
+    );
+    for (name, ip) in &ips {
+        ensure!(ip.starts_with("10.244."), "pod IP {ip} is not from the podCIDR");
+        let answer = fetch(&lab, 0, &format!("http://{ip}:8080/"))?;
+        ensure!(
+            answer.starts_with(&format!("{name} {ip}:8080")),
+            "pod {name} at {ip} answered {answer:?}"
+        );
+    }
+
+    // A ClusterIP Service reaches every replica through the node's eBPF socket-LB.
+    lab.apply(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080}]
+"#,
+    )?;
+    let cluster_ip = lab.kubectl_ok(&["get", "service", "echo", "-o", "jsonpath={.spec.clusterIP}"])?;
+    lab.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: svc-client}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: wget
+    image: weir.local/busybox:latest
+    command: [sh, -c, 'for i in $(seq 1 30); do timeout 5 wget -q -O - http://{cluster_ip}/; done | cut -d" " -f1 | sort -u | wc -l | grep -qx 3']
+"#
+    ))?;
+    let svc = until(&lab, "svc-client finished", START, || {
+        let p = pod(&lab, "svc-client")?;
+        let phase = p["status"]["phase"].as_str().unwrap_or("").to_owned();
+        Ok((phase == "Succeeded" || phase == "Failed").then_some(phase))
+    })
+    .await?;
+    ensure!(
+        svc == "Succeeded",
+        "30 requests to the ClusterIP {cluster_ip} did not reach all 3 replicas"
+    );
+
+    // The environment from the ConfigMap, the Secret and the downward API, seen by the process.
+    let env_pod = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: env-check}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: check
+    image: weir.local/busybox:latest
+    command: [sh, -c, 'test "$CFG_greeting" = hello && test "$PASSWORD" = s3cret && test "$ME" = env-check && test "$(hostname)" = env-check && grep -q "search default.svc.cluster.local" /etc/resolv.conf && grep -q env-check /etc/hosts']
+    env:
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    - {name: ME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    envFrom: [{configMapRef: {name: settings}, prefix: CFG_}]
+"#;
+    lab.apply(env_pod)?;
+    let phase = until(&lab, "env-check finished", START, || {
+        let p = pod(&lab, "env-check")?;
+        let phase = p["status"]["phase"].as_str().unwrap_or("").to_owned();
+        Ok((phase == "Succeeded" || phase == "Failed").then_some((phase, p)))
+    })
+    .await?;
+    ensure!(phase.0 == "Succeeded", "env-check: {}", phase.1["status"]);
+
+    // A crashing container backs off: CrashLoopBackOff with the exit code in lastState.
+    lab.kubectl_ok(&[
+        "run",
+        "crasher",
+        "--image=weir.local/busybox:latest",
+        "--restart=Always",
+        "--",
+        "sh",
+        "-c",
+        "echo dying; exit 3",
+    ])?;
+    let crashed = until(&lab, "crasher in CrashLoopBackOff", START, || {
+        let p = pod(&lab, "crasher")?;
+        let s = &p["status"]["containerStatuses"][0];
+        Ok((s["state"]["waiting"]["reason"] == "CrashLoopBackOff").then(|| s.clone()))
+    })
+    .await?;
+    ensure!(
+        crashed["lastState"]["terminated"]["exitCode"] == 3,
+        "lastState: {}",
+        crashed["lastState"]
+    );
+    ensure!(
+        crashed["lastState"]["terminated"]["reason"] == "Error",
+        "{}",
+        crashed["lastState"]
+    );
+    until(&lab, "crasher restarted at least once", Duration::from_secs(40), || {
+        let p = pod(&lab, "crasher")?;
+        Ok((p["status"]["containerStatuses"][0]["restartCount"].as_i64() >= Some(1)).then_some(()))
+    })
+    .await?;
+
+    // A run-to-completion pod: Succeeded, not restarted.
+    lab.kubectl_ok(&[
+        "run",
+        "once",
+        "--image=weir.local/busybox:latest",
+        "--restart=Never",
+        "--",
+        "sh",
+        "-c",
+        "echo done",
+    ])?;
+    until(&lab, "once Succeeded", START, || {
+        let p = pod(&lab, "once")?;
+        Ok((p["status"]["phase"] == "Succeeded"
+            && p["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed")
+            .then_some(()))
+    })
+    .await?;
+
+    // Killing the agent leaves the pods running; the restarted agent adopts them.
+    let before: Vec<(String, String)> = pods(&lab, "app=echo")?
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                p["status"]["containerStatuses"][0]["containerID"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    lab.kill9(0);
+    for (name, ip) in &ips {
+        let answer = fetch(&lab, 0, &format!("http://{ip}:8080/"))
+            .with_context(|| format!("pod {name} while the agent is down"))?;
+        ensure!(answer.starts_with(name.as_str()), "{answer}");
+    }
+    lab.restart(0)?;
+    lab.wait_ready(Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<(String, String)> = pods(&lab, "app=echo")?
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                p["status"]["containerStatuses"][0]["containerID"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    ensure!(
+        before.iter().all(|b| after.contains(b)),
+        "containers changed across the agent restart: {before:?} -> {after:?}"
+    );
+    for p in pods(&lab, "app=echo")? {
+        ensure!(
+            p["status"]["containerStatuses"][0]["restartCount"] == 0,
+            "{}",
+            p["status"]
+        );
+    }
+
+    // Scaling down stops the containers (SIGTERM, then SIGKILL after the grace period) and
+    // removes their networks.
+    lab.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "echo",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"terminationGracePeriodSeconds":2}}}}"#,
+    ])?;
+    until(&lab, "the rollout with a 2 s grace period", START, || {
+        let ready = pods(&lab, "app=echo")?
+            .iter()
+            .filter(|p| running_with_ip(p).is_some() && p["spec"]["terminationGracePeriodSeconds"] == 2)
+            .count();
+        Ok((ready == 3).then_some(()))
+    })
+    .await?;
+    let before_scale: Vec<String> = pods(&lab, "app=echo")?.iter().filter_map(running_with_ip).collect();
+    lab.kubectl_ok(&["scale", "deployment", "echo", "--replicas=1"])?;
+    until(&lab, "scaled to 1", START, || {
+        Ok((pods(&lab, "app=echo")?.len() == 1).then_some(()))
+    })
+    .await?;
+    let gone_ips = before_scale;
+    let remaining = running_with_ip(&pods(&lab, "app=echo")?[0]).unwrap_or_default();
+    until(
+        &lab,
+        "the removed pods' addresses stop answering",
+        Duration::from_secs(20),
+        || {
+            let answering = gone_ips
+                .iter()
+                .filter(|ip| **ip != remaining)
+                .filter(|ip| fetch(&lab, 0, &format!("http://{ip}:8080/")).is_ok())
+                .count();
+            Ok((answering == 0).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root only: runs real clusters; `cargo xtask test` runs it"]
+async fn two_nodes_join_with_a_token_and_pods_talk_across_them() -> Result<()> {
+    let lab = Lab::start(2, &["--no-service-proxy"]).await?;
+    let nodes = lab.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.podCIDR}"])?;
+    ensure!(nodes.split(' ').count() == 2, "podCIDRs: {nodes}");
+    for (i, node) in ["node-0", "node-1"].iter().enumerate() {
+        lab.apply(&format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-{i}, labels: {{app: web}}}}
+spec:
+  nodeName: {node}
+  containers: [{{name: echo, image: "weir.local/echo:latest"}}]
+"#
+        ))?;
+    }
+    let ips = until(&lab, "web-0 and web-1 Running", START, || {
+        let a = running_with_ip(&pod(&lab, "web-0")?);
+        let b = running_with_ip(&pod(&lab, "web-1")?);
+        Ok(a.zip(b))
+    })
+    .await?;
+    ensure!(ips.0 != ips.1, "both pods got {}", ips.0);
+    // From the other node's namespace (routes via the node IPs), and pod to pod across nodes.
+    ensure!(fetch(&lab, 0, &format!("http://{}:8080/", ips.1))?.starts_with("web-1"));
+    ensure!(fetch(&lab, 1, &format!("http://{}:8080/", ips.0))?.starts_with("web-0"));
+    for (from, to, ip) in [("node-0", "web-1", &ips.1), ("node-1", "web-0", &ips.0)] {
+        let name = format!("client-on-{from}");
+        lab.apply(&format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  nodeName: {from}
+  restartPolicy: Never
+  containers:
+  - name: wget
+    image: weir.local/busybox:latest
+    command: [sh, -c, 'timeout 5 wget -q -O - http://{ip}:8080/ | grep -q "^{to} "']
+"#
+        ))?;
+        let phase = until(&lab, &format!("{name} finished"), START, || {
+            let p = pod(&lab, &name)?;
+            let phase = p["status"]["phase"].as_str().unwrap_or("").to_owned();
+            Ok((phase == "Succeeded" || phase == "Failed").then_some(phase))
+        })
+        .await?;
+        ensure!(phase == "Succeeded", "{name} could not reach {to} at {ip}");
+    }
+
+    // A wrong token is refused, and the node never appears.
+    let bin = weir_tests::required_binary(
+        "WEIR_BIN",
+        weir_tests::workspace_dir().join("target/debug/weir"),
+        "weir",
+    )?;
+    let wrong_dir = tempfile::tempdir()?;
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", lab.nodes[1].netns))
+        .arg(&bin)
+        .args([
+            "agent",
+            "--server",
+            &lab.server_url(),
+            "--node-name",
+            "intruder",
+            "--data-dir",
+        ])
+        .arg(wrong_dir.path())
+        .arg("--token")
+        .arg(format!(
+            "{}::node:not-the-secret",
+            lab.token().split("::").next().unwrap_or_default()
+        ));
+    let out = weir_tests::run_bounded(cmd, None, Duration::from_secs(30));
+    ensure!(!out.status.success(), "a wrong token joined: {}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("token"),
+        "the refusal does not mention the token: {stderr}"
+    );
+    ensure!(
+        !lab.kubectl_ok(&["get", "nodes", "-o", "name"])?.contains("intruder"),
+        "the intruder node was registered"
+    );
+    Ok(())
+}
