@@ -144,8 +144,9 @@ pub async fn node(
 }
 
 /// Plays the kubelet for every node: marks each bound, live pod in `pods` Running and Ready
-/// with a pod IP of its own (10.244.0.0/16, in order), every 100 ms, until the handle is
-/// aborted.
+/// with a pod IP of its own (10.244.0.0/16, in order), and finishes the graceful deletion of
+/// terminating ones (delete with grace 0, as a kubelet does once the containers stopped),
+/// every 100 ms, until the handle is aborted.
 pub fn mark_bound_pods_ready(pods: Api<Pod>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut next_ip: u32 = 2;
@@ -154,7 +155,19 @@ pub fn mark_bound_pods_ready(pods: Api<Pod>) -> tokio::task::JoinHandle<()> {
                 for p in list.items {
                     let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
                     let ready = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                    if bound && !ready && p.metadata.deletion_timestamp.is_none() {
+                    if bound && p.metadata.deletion_timestamp.is_some() {
+                        let params = kube::api::DeleteParams {
+                            grace_period_seconds: Some(0),
+                            preconditions: p.metadata.uid.clone().map(|uid| kube::api::Preconditions {
+                                uid: Some(uid),
+                                resource_version: None,
+                            }),
+                            ..Default::default()
+                        };
+                        let _ = pods.delete(&p.name_any(), &params).await;
+                        continue;
+                    }
+                    if bound && !ready {
                         let ip = std::net::Ipv4Addr::from(0x0af4_0000 + next_ip).to_string();
                         next_ip += 1;
                         let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],

@@ -245,17 +245,19 @@ async fn no_execute_taint_evicts_untolerating_pods(backend: Backend) -> Result<(
     .await?;
     let tainted = Instant::now();
     server.kubectl_ok(&["taint", "nodes", "n1", "maintenance=now:NoExecute"]);
+    // Evicted: marked for deletion (the pod terminates gracefully on its node, as in Kubernetes).
+    let evicted = |p: Option<Pod>| p.is_none_or(|p| p.metadata.deletion_timestamp.is_some());
     eventually("plain evicted", SETTLE, || async {
-        Ok(pods.get_opt("plain").await?.is_none().then_some(()))
+        Ok(evicted(pods.get_opt("plain").await?).then_some(()))
     })
     .await?;
     let at_once = tainted.elapsed();
     ensure!(
-        pods.get_opt("patient").await?.is_some(),
+        !evicted(pods.get_opt("patient").await?),
         "patient evicted before its 2 s"
     );
     eventually("patient evicted", SETTLE, || async {
-        Ok(pods.get_opt("patient").await?.is_none().then_some(()))
+        Ok(evicted(pods.get_opt("patient").await?).then_some(()))
     })
     .await?;
     let patient = tainted.elapsed();
@@ -263,7 +265,7 @@ async fn no_execute_taint_evicts_untolerating_pods(backend: Backend) -> Result<(
     eprintln!("NoExecute taint: untolerating pod evicted after {at_once:?}, 2 s toleration after {patient:?}");
     // Tolerated forever: still there well after.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    ensure!(pods.get_opt("stubborn").await?.is_some(), "stubborn evicted");
+    ensure!(!evicted(pods.get_opt("stubborn").await?), "stubborn evicted");
     let described = server.kubectl_ok(&["describe", "pod", "stubborn"]);
     ensure!(described.contains("maintenance:NoExecute op=Exists"), "{described}");
 

@@ -87,6 +87,8 @@ async fn local_path_claims_follow_their_first_pod(backend: Backend) -> Result<()
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // Deleted pods terminate on their node: the stand-in kubelet finishes them.
+    let _kubelet = fake::mark_bound_pods_ready(pods.clone());
 
     let classes = server.kubectl_ok(&["get", "storageclass"]);
     ensure!(

@@ -1194,6 +1194,13 @@ impl ApiServer {
                     None => continue,
                 }
             }
+            if r.kind == "Pod" && r.group.is_empty() {
+                match self.delete_pod_gracefully(t, name, &current, &kv, req, &opts).await? {
+                    GracefulDelete::Marked(resp) => return Ok(resp),
+                    GracefulDelete::Conflict => continue,
+                    GracefulDelete::Now => {}
+                }
+            }
             let deleting = current
                 .pointer("/metadata/deletionTimestamp")
                 .is_some_and(|v| !v.is_null());
@@ -1240,6 +1247,82 @@ impl ApiServer {
             }
         }
         Err(ApiError::conflict(r.group, r.plural, name))
+    }
+
+    /// Graceful pod deletion, as Kubernetes' pod strategy (`CheckGracefulDelete`): a pod bound
+    /// to a node that has not finished gets `deletionTimestamp` = now + the grace period
+    /// (`gracePeriodSeconds` of the request, else `spec.terminationGracePeriodSeconds`, 30)
+    /// and `deletionGracePeriodSeconds`, and stays (Terminating) until its node's agent has
+    /// stopped it and deletes it with grace 0. A shorter grace period shortens a pending one.
+    /// Unbound and finished pods, and grace 0, go at once.
+    async fn delete_pod_gracefully(
+        &self,
+        t: &Target,
+        name: &str,
+        current: &Value,
+        kv: &KeyValue,
+        req: &Request,
+        opts: &Value,
+    ) -> Result<GracefulDelete> {
+        let requested = opts
+            .get("gracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .or_else(|| req.query.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+        let grace = requested
+            .or_else(|| {
+                current
+                    .pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
+            .unwrap_or(30)
+            .max(0);
+        let bound = current
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        let finished = matches!(
+            current.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+        if grace == 0 || !bound || finished {
+            return Ok(GracefulDelete::Now);
+        }
+        let pending = current
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64);
+        let deleting = current
+            .pointer("/metadata/deletionTimestamp")
+            .is_some_and(|v| !v.is_null());
+        if deleting && pending.is_some_and(|p| p <= grace) {
+            return Ok(GracefulDelete::Marked(json_response(
+                StatusCode::OK,
+                &convert::from_storage(t.resource, current.clone()),
+            )));
+        }
+        let mut marked = current.clone();
+        strip_rv(&mut marked);
+        let at = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_secs(grace))
+            .unwrap_or_else(|_| jiff::Timestamp::now());
+        marked["metadata"]["deletionTimestamp"] = json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+        marked["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+        let key = t.resource.key(t.namespace.as_deref(), name);
+        match self
+            .store
+            .update(&key, serde_json::to_vec(&marked).unwrap_or_default(), kv.mod_revision)
+            .await
+        {
+            Ok(rev) => {
+                set_resource_version(&mut marked, rev);
+                Ok(GracefulDelete::Marked(json_response(
+                    StatusCode::OK,
+                    &convert::from_storage(t.resource, marked),
+                )))
+            }
+            Err(StoreError::Conflict { .. }) => Ok(GracefulDelete::Conflict),
+            Err(StoreError::NotFound(_)) => Err(ApiError::not_found("", "pods", name)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Namespace deletion, the Kubernetes way: mark it Terminating and leave the emptying to the
@@ -1485,6 +1568,16 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
         .unwrap_or_default()
+}
+
+/// What [`ApiServer::delete_pod_gracefully`] decided.
+enum GracefulDelete {
+    /// Marked Terminating (or already was): this is the response.
+    Marked(Response),
+    /// The store moved on: try again.
+    Conflict,
+    /// Delete it now (the usual path, finalizers included).
+    Now,
 }
 
 fn strip_rv(obj: &mut Value) {

@@ -27,6 +27,8 @@ use crate::apiserver::strategy::{TAINT_NOT_READY, TAINT_UNREACHABLE};
 
 pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 const COMPONENT: &str = "node-controller";
+/// How long a pod must be seen bound to a missing node before PodGC checks and deletes it.
+const ORPHAN_QUARANTINE: Duration = Duration::from_secs(3);
 /// The conditions a kubelet posts; all turn Unknown when it goes silent.
 const KUBELET_CONDITIONS: [&str; 4] = ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure"];
 
@@ -183,6 +185,9 @@ struct NodeLifecycle {
     evicted: HashSet<String>,
     /// The earliest tolerationSeconds deadline still ahead, to wake up for.
     next_eviction: Option<jiff::Timestamp>,
+    /// Pods bound to a node the cache does not have, by uid, and since when (PodGC's
+    /// quarantine: the node cache may lag behind the pod cache).
+    orphans: HashMap<String, Instant>,
 }
 
 impl NodeLifecycle {
@@ -221,7 +226,51 @@ impl NodeLifecycle {
                 tracing::warn!(node = %name, error = %e, "node lifecycle pass failed");
             }
         }
+        self.collect_orphans(pods_by_node, clock).await;
         Ok(())
+    }
+
+    /// Kubernetes' PodGC for orphaned pods: a pod bound to a node that no longer exists
+    /// (checked against the API, not only the cache, after a quarantine) is force-deleted,
+    /// since no agent will ever finish it.
+    async fn collect_orphans(&mut self, orphaned: HashMap<String, Vec<Arc<Pod>>>, clock: Instant) {
+        let mut seen = HashMap::new();
+        for (node, pods) in orphaned {
+            for pod in pods {
+                let Some(uid) = pod.uid() else { continue };
+                let since = self.orphans.get(&uid).copied().unwrap_or(clock);
+                seen.insert(uid.clone(), since);
+                if clock.duration_since(since) < ORPHAN_QUARANTINE {
+                    continue;
+                }
+                match Api::<Node>::all(self.client.clone()).get_opt(&node).await {
+                    Ok(None) => {}
+                    Ok(Some(_)) => continue,
+                    Err(e) => {
+                        tracing::warn!(node = %node, error = %e, "PodGC: checking a node");
+                        continue;
+                    }
+                }
+                let ns = pod.namespace().unwrap_or_default();
+                let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+                let dp = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(kube::api::Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                match api.delete(&pod.name_any(), &dp).await {
+                    Ok(_) => {
+                        tracing::info!(namespace = %ns, pod = %pod.name_any(), %node, "PodGC: force-deleted a pod of a node that no longer exists")
+                    }
+                    Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
+                    Err(e) => tracing::warn!(pod = %pod.name_any(), error = %e, "PodGC: deleting an orphaned pod"),
+                }
+            }
+        }
+        self.orphans = seen;
     }
 
     async fn node(&mut self, node: &Node, silent: bool, pods: &[Arc<Pod>], now: jiff::Timestamp) -> Result<()> {
@@ -419,6 +468,7 @@ pub async fn run(client: Client, grace: Duration) -> Result<()> {
         taint_seen: HashMap::new(),
         evicted: HashSet::new(),
         next_eviction: None,
+        orphans: HashMap::new(),
     };
     // Silence is only noticed by the clock: check a few times per grace period (at most every 5 s,
     // Kubernetes' node monitor period), at once on any change (a new taint, a new pod), and
