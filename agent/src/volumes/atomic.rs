@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Component, Path};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,6 +21,9 @@ pub struct FileProjection {
     pub data: Vec<u8>,
     /// Permission bits, e.g. 0o644.
     pub mode: u32,
+    /// The owner to give the file (kubelet's FsUser, for service account tokens); None:
+    /// the agent's.
+    pub owner: Option<u32>,
 }
 
 /// A volume's files by path relative to the volume (`key`, `dir/key`).
@@ -82,6 +85,9 @@ pub fn write(target: &Path, payload: &Payload) -> io::Result<bool> {
                 fs::create_dir_all(parent)?;
             }
             fs::write(&full, &file.data)?;
+            if let Some(uid) = file.owner {
+                std::os::unix::fs::chown(&full, Some(uid), None)?;
+            }
             fs::set_permissions(&full, fs::Permissions::from_mode(file.mode & 0o7777))?;
         }
         let tmp = target.join(DATA_DIR_TMP);
@@ -152,7 +158,10 @@ fn same_contents(dir: &Path, payload: &Payload) -> io::Result<bool> {
         let Ok(meta) = full.symlink_metadata() else {
             return Ok(false);
         };
-        if !meta.is_file() || meta.permissions().mode() & 0o7777 != file.mode & 0o7777 || fs::read(&full)? != file.data
+        if !meta.is_file()
+            || meta.permissions().mode() & 0o7777 != file.mode & 0o7777
+            || file.owner.is_some_and(|uid| meta.uid() != uid)
+            || fs::read(&full)? != file.data
         {
             return Ok(false);
         }
@@ -191,6 +200,7 @@ mod tests {
         FileProjection {
             data: data.as_bytes().to_vec(),
             mode,
+            owner: None,
         }
     }
 

@@ -96,11 +96,24 @@ pub(super) async fn volume_payload(
                 .await?;
             } else if let Some(token) = &projection.service_account_token {
                 let jwt = service_account_token(source, pod, &volume.name, index, token, tokens).await?;
+                // kubelet: a token readable by the pod's one user (or fsGroup) only.
+                let owner = fs_user(pod);
+                let fs_group = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.security_context.as_ref())
+                    .and_then(|c| c.fs_group);
+                let mode = if owner.is_some() || fs_group.is_some() {
+                    0o600
+                } else {
+                    mode_of(None, default)
+                };
                 part.insert(
                     token.path.clone(),
                     FileProjection {
                         data: jwt.into_bytes(),
-                        mode: mode_of(None, default),
+                        mode,
+                        owner,
                     },
                 );
             } else if projection.cluster_trust_bundle.is_some() {
@@ -194,6 +207,7 @@ fn keys_payload(
                     FileProjection {
                         data: value,
                         mode: mode_of(None, default_mode),
+                        owner: None,
                     },
                 );
             }
@@ -207,6 +221,7 @@ fn keys_payload(
                             FileProjection {
                                 data: value.clone(),
                                 mode: mode_of(item.mode, default_mode),
+                                owner: None,
                             },
                         );
                     }
@@ -217,6 +232,24 @@ fn keys_payload(
         }
     }
     Ok(())
+}
+
+/// kubelet's `FsUserFrom`: the runAsUser every container of the pod runs as (its own or the
+/// pod's), None when they differ or one has none.
+pub fn fs_user(pod: &Pod) -> Option<u32> {
+    let spec = pod.spec.as_ref()?;
+    let pod_user = spec.security_context.as_ref().and_then(|c| c.run_as_user);
+    let mut users = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .map(|c| c.security_context.as_ref().and_then(|s| s.run_as_user).or(pod_user));
+    let first = users.next()??;
+    users
+        .all(|u| u == Some(first))
+        .then(|| u32::try_from(first).ok())
+        .flatten()
 }
 
 /// What the environment's `resourceFieldRef` reads of the node: its allocatable resources.
@@ -297,6 +330,7 @@ async fn downward_payload(
             FileProjection {
                 data: value.into_bytes(),
                 mode: mode_of(item.mode, default_mode),
+                owner: None,
             },
         );
     }

@@ -543,3 +543,32 @@ fn memory_volumes_are_sized_as_kubelet_sizes_them() {
     let pod = with(json!([limited("a", "64Mi"), {"name": "b"}]), json!([]));
     assert_eq!(pod_memory_limit(&pod), None, "a container without a limit");
 }
+
+#[tokio::test]
+async fn token_files_belong_to_the_pods_one_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = FakeSource::new();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mut pod = pod(json!([{"name": "t", "projected": {"defaultMode": 0o644, "sources": [
+        {"serviceAccountToken": {"path": "token"}}, {"downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}}
+    ]}}]));
+    pod.spec.as_mut().unwrap().security_context = Some(from(json!({"runAsUser": me})));
+    let volumes = PodVolumes::prepare(&source, &pod, tmp.path()).await.unwrap();
+    let dir = volumes.path("t").unwrap();
+    assert_eq!(mode(&dir.join("token")), 0o600, "only the pod's user reads its token");
+    assert_eq!(fs::metadata(dir.join("token")).unwrap().uid(), me);
+    assert_eq!(mode(&dir.join("name")), 0o644, "other files keep the default mode");
+
+    // Containers running as different users: the token keeps defaultMode.
+    pod.spec.as_mut().unwrap().containers[0].security_context = Some(from(json!({"runAsUser": me + 1})));
+    pod.spec
+        .as_mut()
+        .unwrap()
+        .containers
+        .push(from(json!({"name": "other", "image": "x"})));
+    assert_eq!(payload::fs_user(&pod), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let volumes = PodVolumes::prepare(&source, &pod, tmp.path()).await.unwrap();
+    assert_eq!(mode(&volumes.path("t").unwrap().join("token")), 0o644);
+}
