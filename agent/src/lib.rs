@@ -9,3 +9,4 @@ pub mod network;
 pub mod node;
 pub mod pods;
 pub mod runtime;
+pub mod volumes;

@@ -202,7 +202,7 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
         .context("test: `cargo xtask images` built no image")?;
     status(format!(
         "test: privileged tests (WEIR_IMAGES={} cargo test -p weir-agent --test datapath --test nodeport --test \
-         podnet --test runtime --test registry -- --ignored --test-threads=1)",
+         podnet --test runtime --test registry --test volumes -- --ignored --test-threads=1)",
         images_dir.display()
     ));
     let agent_ok = tally.run(
@@ -221,6 +221,8 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
                 "runtime",
                 "--test",
                 "registry",
+                "--test",
+                "volumes",
                 "--",
             ])
             .args(["--ignored", "--test-threads=1"])

@@ -48,6 +48,7 @@ const SERVED_KINDS: &[(&str, &[&str])] = &[
         ],
     ),
     ("io.k8s.api.autoscaling.v1", &["Scale"]),
+    ("io.k8s.api.authentication.v1", &["TokenRequest"]),
     ("io.k8s.api.discovery.v1", &["EndpointSlice"]),
     ("io.k8s.api.networking.v1", &["Ingress", "IngressClass"]),
     ("io.k8s.api.storage.v1", &["StorageClass"]),

@@ -125,8 +125,8 @@ fn is_env_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_graphic() && c != '=')
 }
 
-/// `metadata.labels['key']` and friends.
-fn field_value(pod: &Pod, facts: &NodeFacts, path: &str) -> Result<String, String> {
+/// `metadata.labels['key']` and friends (also the downward API volumes' files).
+pub fn field_value(pod: &Pod, facts: &NodeFacts, path: &str) -> Result<String, String> {
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
     let subscript = |prefix: &str| {

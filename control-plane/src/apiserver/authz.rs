@@ -3,7 +3,10 @@
 //! certificate; the admin bearer token) may do anything. Members of `system:nodes` (the
 //! certificates `weir agent` gets when it joins) get what a kubelet needs, in the spirit of
 //! Kubernetes' Node authorizer and NodeRestriction admission: read everything; write only
-//! their own Node (and its status) and Lease, pod status, pod deletion, and Events.
+//! their own Node (and its status) and Lease, pod status, pod deletion, Events, and service
+//! account tokens for their pods (`tokens` checks the pod is theirs). Service accounts
+//! (bearer tokens from `tokens`) may read only the discovery documents: there is no RBAC
+//! yet, and denying is the safe default (Kubernetes' default service account has no more).
 //!
 //! Not yet as strict as Kubernetes: reads are not limited to the objects of the node's own
 //! pods (the Node authorizer's graph), and pod status and deletion are allowed for pods of
@@ -17,6 +20,23 @@ const MASTERS: &str = "system:masters";
 const NODES: &str = "system:nodes";
 const NODE_USER_PREFIX: &str = "system:node:";
 const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+const SERVICE_ACCOUNTS: &str = super::tokens::SERVICE_ACCOUNTS_GROUP;
+
+/// What `system:discovery` lets anyone authenticated read: the API's shape, not its objects.
+fn is_discovery(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(
+        segments.as_slice(),
+        ["version"]
+            | ["api"]
+            | ["api", _]
+            | ["apis"]
+            | ["apis", _]
+            | ["apis", _, _]
+            | ["openapi", "v2"]
+            | ["openapi", "v3", ..]
+    )
+}
 
 /// The holder of a request's credentials.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,7 +66,8 @@ impl Identity {
         Some(Identity { user, groups })
     }
 
-    fn node_name(&self) -> Option<&str> {
+    /// The node name of a node's identity (`system:node:<name>` in `system:nodes`).
+    pub fn node_name(&self) -> Option<&str> {
         if self.groups.iter().any(|g| g == NODES) {
             self.user.strip_prefix(NODE_USER_PREFIX)
         } else {
@@ -108,6 +129,19 @@ pub fn authorize(identity: &Identity, method: &Method, path: &str) -> Result<(),
     if identity.groups.iter().any(|g| g == MASTERS) {
         return Ok(());
     }
+    if identity.groups.iter().any(|g| g == SERVICE_ACCOUNTS) {
+        // No RBAC yet: service accounts may read what system:discovery grants, nothing else.
+        return if matches!(*method, Method::GET | Method::HEAD) && is_discovery(path) {
+            Ok(())
+        } else {
+            Err(forbidden(
+                identity,
+                method,
+                path,
+                "service accounts may only read the discovery documents (/api, /apis, /version, /openapi) until Weir has RBAC",
+            ))
+        };
+    }
     let Some(node) = identity.node_name() else {
         return Err(forbidden(
             identity,
@@ -132,6 +166,8 @@ pub fn authorize(identity: &Identity, method: &Method, path: &str) -> Result<(),
             *method == Method::POST || (writes_object && own)
         }
         ("", "pods", Some("status")) => matches!(*method, Method::PUT | Method::PATCH),
+        // Tokens for the pods' projected volumes; `tokens` checks the pod is on this node.
+        ("", "serviceaccounts", Some("token")) => *method == Method::POST,
         ("", "pods", None) => *method == Method::DELETE && t.name.is_some(),
         ("", "events", None) | ("events.k8s.io", "events", None) => {
             matches!(*method, Method::POST | Method::PUT | Method::PATCH)
@@ -252,6 +288,56 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn service_accounts_read_discovery_only_and_nodes_request_their_tokens() {
+        let sa = crate::apiserver::tokens::service_account_identity("ns", "builder");
+        assert_eq!(sa.user, "system:serviceaccount:ns:builder");
+        for path in [
+            "/api",
+            "/api/v1",
+            "/apis",
+            "/apis/apps",
+            "/apis/apps/v1",
+            "/version",
+            "/openapi/v2",
+            "/openapi/v3/apis/apps/v1",
+        ] {
+            assert!(ok(&sa, Method::GET, path), "{path}");
+        }
+        for path in [
+            "/api/v1/namespaces/ns/pods",
+            "/api/v1/namespaces/ns/secrets/s",
+            "/apis/apps/v1/deployments",
+            "/metrics",
+        ] {
+            assert!(!ok(&sa, Method::GET, path), "{path}");
+        }
+        assert!(!ok(
+            &sa,
+            Method::POST,
+            "/api/v1/namespaces/ns/serviceaccounts/builder/token"
+        ));
+        let err = authorize(&sa, &Method::GET, "/api/v1/namespaces/ns/pods").unwrap_err();
+        assert!(
+            err.message
+                .contains("User \"system:serviceaccount:ns:builder\" cannot get"),
+            "{}",
+            err.message
+        );
+        let n1 = node("n1");
+        assert!(ok(
+            &n1,
+            Method::POST,
+            "/api/v1/namespaces/ns/serviceaccounts/builder/token"
+        ));
+        assert!(!ok(
+            &n1,
+            Method::PUT,
+            "/api/v1/namespaces/ns/serviceaccounts/builder/token"
+        ));
+        assert!(!ok(&n1, Method::POST, "/api/v1/namespaces/ns/serviceaccounts"));
     }
 
     #[test]

@@ -27,13 +27,14 @@ fn subresource_kind(r: &Resource, sub: Subresource) -> (&'static str, &'static s
     match sub {
         Subresource::Scale => ("autoscaling", "v1", "Scale"),
         Subresource::Binding => ("", "v1", "Binding"),
+        Subresource::Token => ("authentication.k8s.io", "v1", "TokenRequest"),
         Subresource::Status | Subresource::Finalize => (r.group, r.version, r.kind),
     }
 }
 
 fn subresource_verbs(sub: Subresource) -> Vec<&'static str> {
     match sub {
-        Subresource::Binding => vec!["create"],
+        Subresource::Binding | Subresource::Token => vec!["create"],
         Subresource::Finalize => vec!["update"],
         _ => vec!["get", "patch", "update"],
     }
@@ -257,6 +258,7 @@ fn resource_paths(r: &Resource, definition: &str, ref_prefix: &str, v3: bool) ->
         let path = format!("{item}/{}", sub.name());
         let ops = match sub {
             Subresource::Binding => json!({"post": op("post", "createBinding", &write_params)}),
+            Subresource::Token => json!({"post": op("post", "createToken", &write_params)}),
             Subresource::Finalize => json!({"put": op("put", "replace", &write_params)}),
             _ => {
                 json!({"get": op("get", "read", &[]), "put": op("put", "replace", &write_params), "patch": op("patch", "patch", &patch_params)})

@@ -250,8 +250,15 @@ impl ApiServer {
                 let obj = self.get(&t, name).await?;
                 Ok(json_response(StatusCode::OK, &obj))
             }
-            (&Method::PUT, Some(_), sub) if sub != Some(Subresource::Binding) => self.update(&t, &req).await,
-            (&Method::PATCH, Some(_), sub) if !matches!(sub, Some(Subresource::Binding | Subresource::Finalize)) => {
+            (&Method::PUT, Some(_), sub) if !matches!(sub, Some(Subresource::Binding | Subresource::Token)) => {
+                self.update(&t, &req).await
+            }
+            (&Method::PATCH, Some(_), sub)
+                if !matches!(
+                    sub,
+                    Some(Subresource::Binding | Subresource::Finalize | Subresource::Token)
+                ) =>
+            {
                 self.patch(&t, &req).await
             }
             (&Method::DELETE, Some(name), None) => self.delete(&t, name, &req).await,

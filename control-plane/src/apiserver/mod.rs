@@ -19,6 +19,7 @@ pub mod status;
 pub mod strategy;
 pub mod table;
 pub mod time;
+pub mod tokens;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -164,6 +165,7 @@ struct Shared {
     metrics: metrics::Metrics,
     admin_token: String,
     pki: Arc<pki::Pki>,
+    tokens: tokens::ServiceAccountTokens,
 }
 
 /// Run the API server until Ctrl-C or SIGTERM.
@@ -247,6 +249,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         api,
         metrics: metrics::Metrics::new(),
         admin_token: pki.admin_token.clone(),
+        tokens: tokens::ServiceAccountTokens::from_pem(&pki.service_account_key_pem)?,
         pki: Arc::new(pki),
     });
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -325,8 +328,9 @@ fn is_public(path: &str) -> bool {
         || path.starts_with("/readyz/")
 }
 
-/// The client certificate's holder, else the admin token's; None: unauthenticated.
-fn identify(
+/// The client certificate's holder, else the admin token's, else a service account token's;
+/// None: unauthenticated.
+async fn identify(
     shared: &Shared,
     certificate: Option<&Arc<authz::Identity>>,
     headers: &http::HeaderMap,
@@ -338,10 +342,11 @@ fn identify(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    token
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), shared.admin_token.as_bytes()))
-        .then(|| Arc::new(authz::Identity::admin()))
+        .map(str::trim)?;
+    if constant_time_eq(token.as_bytes(), shared.admin_token.as_bytes()) {
+        return Some(Arc::new(authz::Identity::admin()));
+    }
+    shared.tokens.authenticate(&shared.api, token).await.map(Arc::new)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -357,16 +362,41 @@ async fn serve(
     let (parts, body) = req.into_parts();
     let (path, query) = handler::split_path_and_query(&parts.uri);
     let (verb, resource) = metrics::classify(&parts.method, &path, &query);
+    let identity = if is_public(&path) || path == join::CA_CERTS_PATH || path == join::JOIN_PATH {
+        None
+    } else {
+        identify(&shared, certificate.as_ref(), &parts.headers).await
+    };
     let response = if path == join::CA_CERTS_PATH || path == join::JOIN_PATH {
         join::serve(&shared.pki, &parts, body).await
     } else if let Some(denied) = (!is_public(&path))
-        .then(|| match identify(&shared, certificate.as_ref(), &parts.headers) {
+        .then(|| match &identity {
             None => Some(ApiError::unauthorized()),
-            Some(identity) => authz::authorize(&identity, &parts.method, &path).err(),
+            Some(identity) => authz::authorize(identity, &parts.method, &path).err(),
         })
         .flatten()
     {
         denied.into_response()
+    } else if let Some(target) = tokens::token_path(&path) {
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return ApiError::bad_request(format!("reading the request body: {e}"))
+                    .into_response()
+                    .map(Body::new);
+            }
+        };
+        let identity = identity.as_deref();
+        tokens::serve(
+            &shared.api,
+            &shared.tokens,
+            identity,
+            &parts.method,
+            &parts.headers,
+            target,
+            body,
+        )
+        .await
     } else {
         match path.as_str() {
             "/healthz" | "/livez" => (StatusCode::OK, "ok").into_response(),

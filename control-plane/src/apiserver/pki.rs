@@ -1,5 +1,6 @@
 //! The cluster's certificates and credentials: a CA made on first start, the serving
-//! certificate, the admin client certificate and bearer token, and the admin kubeconfig.
+//! certificate, the admin client certificate and bearer token, the service account signing
+//! key (`sa.key`, ECDSA P-256), and the admin kubeconfig.
 //! Everything lives under `<data-dir>/pki` and is reused on restart.
 
 use std::fs;
@@ -21,6 +22,8 @@ pub struct Pki {
     pub admin_token: String,
     /// The secret part of the node join token (`<data-dir>/node-token` holds the whole token).
     pub node_secret: String,
+    /// PKCS#8 PEM of the key that signs service account tokens (`pki/sa.key`).
+    pub service_account_key_pem: String,
     ca_key_pem: String,
     pub dir: PathBuf,
 }
@@ -108,6 +111,16 @@ impl Pki {
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         })?;
 
+        let sa_path = dir.join("sa.key");
+        let service_account_key_pem = match read(&sa_path) {
+            Some(k) => k,
+            None => {
+                let key = KeyPair::generate()?.serialize_pem();
+                write(&sa_path, &key, 0o600)?;
+                key
+            }
+        };
+
         let token_path = data_dir.join("admin.token");
         let admin_token = match read(&token_path) {
             Some(t) if !t.trim().is_empty() => t.trim().to_string(),
@@ -126,6 +139,7 @@ impl Pki {
             admin_key_pem,
             admin_token,
             node_secret: String::new(),
+            service_account_key_pem,
             ca_key_pem,
             dir,
         };

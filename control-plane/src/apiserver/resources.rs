@@ -9,6 +9,8 @@ pub enum Subresource {
     Binding,
     /// `namespaces/{name}/finalize`: writes only `spec.finalizers` of a Namespace.
     Finalize,
+    /// `serviceaccounts/{name}/token`: TokenRequest, served by `tokens` (it needs the caller).
+    Token,
 }
 
 impl Subresource {
@@ -18,6 +20,7 @@ impl Subresource {
             Subresource::Scale => "scale",
             Subresource::Binding => "binding",
             Subresource::Finalize => "finalize",
+            Subresource::Token => "token",
         }
     }
 }
@@ -154,7 +157,7 @@ pub static RESOURCES: &[Resource] = &[
         true,
         ["sa"],
         [],
-        []
+        [Token]
     ),
     resource!("", "v1", "Event", "events", "event", true, ["ev"], [], []),
     resource!(
