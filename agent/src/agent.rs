@@ -303,6 +303,7 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
         backoff_max: crate::pods::backoff::MAX,
         directory: Arc::new(Directory::default()),
         cgroup_parent: config.cgroup_parent.clone(),
+        volume_source: Arc::new(crate::volumes::KubeVolumeSource::new(client.clone(), node_name.clone())),
         recorder: kube::runtime::events::Recorder::new(
             client.clone(),
             kube::runtime::events::Reporter {

@@ -32,6 +32,7 @@ use super::status::{self, ContainerObservation, ContainerState, PodObservation, 
 use crate::network::files::DnsSettings;
 use crate::network::{self, PodNetwork};
 use crate::runtime::{self, BindMount, CONTAINER_NAME_LABEL, ExitStatus, NetworkNamespace, Runtime, TaskStatus};
+use crate::volumes::{PodVolumes, VolumeOptions, VolumeSource};
 
 /// How long to wait before trying a failed sandbox or container config again.
 const RETRY: Duration = Duration::from_secs(2);
@@ -60,6 +61,8 @@ pub struct Context {
     pub cgroup_parent: String,
     /// Events about pods (`kubectl describe pod`), as kubelet records them.
     pub recorder: kube::runtime::events::Recorder,
+    /// Where volumes get ConfigMaps, Secrets, claims and service account tokens.
+    pub volume_source: Arc<dyn VolumeSource>,
 }
 
 /// What a worker is told.
@@ -131,6 +134,8 @@ struct Worker {
     sandbox: Option<Sandbox>,
     sandbox_error: Option<String>,
     sandbox_retry: Option<Instant>,
+    /// When the volumes were last refreshed from their sources.
+    last_refresh: Instant,
     containers: BTreeMap<String, Tracked>,
     backoff: Backoff<String>,
     last_status: Option<Value>,
@@ -148,6 +153,7 @@ struct Sandbox {
     netns: Option<PathBuf>,
     mounts: Vec<BindMount>,
     hostname: Option<String>,
+    volumes: Arc<PodVolumes>,
 }
 
 fn restart_policy(pod: &Pod) -> &str {
@@ -186,6 +192,7 @@ impl Worker {
             sandbox: None,
             sandbox_error: None,
             sandbox_retry: None,
+            last_refresh: Instant::now(),
             containers: BTreeMap::new(),
             backoff,
             last_status: None,
@@ -607,12 +614,42 @@ impl Worker {
                 readonly: false,
             });
         }
+        let volumes = PodVolumes::prepare_with(
+            self.ctx.volume_source.as_ref(),
+            pod,
+            &self.ctx.pods_dir,
+            &VolumeOptions {
+                secrets_in_memory: true,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        self.last_refresh = Instant::now();
         Ok(Sandbox {
             ip,
             netns,
             mounts,
             hostname,
+            volumes: Arc::new(volumes),
         })
+    }
+
+    /// ConfigMap, Secret, downward API and token volumes follow their sources while the pod
+    /// runs (every [`VOLUME_REFRESH`]).
+    async fn refresh_volumes(&mut self) {
+        let Some(sandbox) = &self.sandbox else { return };
+        if self.last_refresh.elapsed() < VOLUME_REFRESH
+            || !sandbox.volumes.volumes().values().any(|v| v.kind.is_api_data())
+        {
+            return;
+        }
+        self.last_refresh = Instant::now();
+        let volumes = sandbox.volumes.clone();
+        match volumes.refresh(self.ctx.volume_source.as_ref(), &self.pod).await {
+            Ok(true) => debug!(pod = %self.name(), "volumes updated from their sources"),
+            Ok(false) => {}
+            Err(e) => warn!(pod = %self.name(), error = %e, "refreshing volumes"),
+        }
     }
 
     /// kubelet's syncPod: the next step for every container.
@@ -630,6 +667,7 @@ impl Worker {
         if !self.ensure_sandbox().await {
             return;
         }
+        self.refresh_volumes().await;
         // Init containers, in order: each must succeed (a sidecar: start) before the next.
         let mut inits_done = true;
         for (c, init) in self.spec_containers() {
@@ -803,6 +841,13 @@ impl Worker {
         let env = env::container_env(&self.pod, c, &sources, &facts, &services)
             .map_err(|e| ("CreateContainerConfigError".to_owned(), e))?;
         let sandbox = self.sandbox.clone().expect("sync makes the sandbox first");
+        let mut mounts = sandbox.mounts.clone();
+        mounts.extend(
+            sandbox
+                .volumes
+                .mounts_for(c, &env)
+                .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?,
+        );
         let setting = PodSetting {
             pod: &self.pod,
             pod_dir: &self.dir,
@@ -811,7 +856,7 @@ impl Worker {
                 None => NetworkNamespace::Host,
             },
             hostname: sandbox.hostname.clone(),
-            mounts: sandbox.mounts.clone(),
+            mounts,
             cgroup_parent: &self.ctx.cgroup_parent,
         };
         let config = config::container_config(&setting, c, init, attempt, env)
@@ -1216,6 +1261,11 @@ pub async fn cleanup_pod(ctx: &Context, uid: &str) {
         && let Err(e) = network.delete(uid).await
     {
         warn!(pod_uid = uid, error = %e, "removing the pod network");
+    }
+    // Volumes first: tmpfs mounts come off, and nothing is deleted under a mount.
+    if let Err(e) = PodVolumes::teardown(&ctx.pods_dir, uid) {
+        warn!(pod_uid = uid, error = %e, "tearing down the pod's volumes; its directory stays");
+        return;
     }
     let dir = ctx.pods_dir.join(uid);
     if let Err(e) = std::fs::remove_dir_all(&dir)

@@ -185,6 +185,16 @@ pub struct PreparedVolume {
     pub read_only: bool,
 }
 
+/// Without the tokens: they are secrets.
+impl std::fmt::Debug for PodVolumes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodVolumes")
+            .field("pod_dir", &self.pod_dir)
+            .field("volumes", &self.volumes)
+            .finish_non_exhaustive()
+    }
+}
+
 struct CachedToken {
     token: String,
     issued: jiff::Timestamp,
