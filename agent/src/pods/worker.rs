@@ -28,6 +28,7 @@ use super::backoff::Backoff;
 use super::config::{self, ATTEMPT_LABEL, PodSetting};
 use super::directory::{ContainerEntry, Directory, PodEntry};
 use super::env::{self, EnvSources, NodeFacts};
+use super::probes::{ExecFuture, ExecProbe, ProbeSet, ProbeStatus};
 use super::status::{self, ContainerObservation, ContainerState, PodObservation, Termination};
 use crate::network::files::DnsSettings;
 use crate::network::{self, PodNetwork};
@@ -77,8 +78,36 @@ pub enum Message {
         id: String,
         status: Result<ExitStatus, String>,
     },
+    /// The probes of a container report a new status.
+    Probed { id: String, status: ProbeStatus },
+    /// A probe wants a Warning `Unhealthy` event recorded.
+    Unhealthy { message: String },
     /// The agent is stopping: leave the containers running.
     Shutdown,
+}
+
+/// The task forwarding a container's probe results; dropping it stops the probes.
+#[derive(Debug)]
+struct ProbeTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ProbeTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Exec probes (and hooks) run in the container through containerd.
+struct ContainerExec(Runtime);
+
+impl ExecProbe for ContainerExec {
+    fn exec<'a>(&'a self, container_id: &'a str, command: &'a [String], timeout: Duration) -> ExecFuture<'a> {
+        Box::pin(async move {
+            self.0
+                .exec_sync(container_id, command, timeout)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// A running worker.
@@ -122,6 +151,10 @@ struct Tracked {
     not_before: Option<Instant>,
     /// The previous run's log, for `kubectl logs --previous`.
     previous_log: Option<PathBuf>,
+    /// The probes of the running container.
+    probes: Option<ProbeTask>,
+    /// What they say; `None`: no probes run (ready and started follow running).
+    probe_status: Option<ProbeStatus>,
 }
 
 struct Worker {
@@ -289,6 +322,8 @@ impl Worker {
             Message::Gone => self.gone = true,
             Message::Shutdown => return false,
             Message::Exited { id, status } => self.exited(&id, status).await,
+            Message::Probed { id, status } => self.probed(&id, status),
+            Message::Unhealthy { message } => self.event(true, "Unhealthy", message),
         }
         true
     }
@@ -330,6 +365,8 @@ impl Worker {
                 last_termination: None,
                 not_before: None,
                 previous_log: None,
+                probes: None,
+                probe_status: None,
             };
             if let Some(s) = statuses.get(&c.name) {
                 tracked.restart_count = s.restart_count;
@@ -412,8 +449,117 @@ impl Worker {
                 Err(e) => warn!(pod = %self.name(), error = %e, "re-reading the sandbox of an adopted pod"),
             }
         }
+        // Adopted running containers get their probes again (initial delays from now).
+        for (c, _) in self.spec_containers() {
+            let id = self
+                .containers
+                .get(&c.name)
+                .and_then(|t| t.run.as_ref())
+                .filter(|r| matches!(r.state, ContainerState::Running { .. }))
+                .map(|r| r.id.clone());
+            if let Some(id) = id {
+                self.start_probes(&c, &id);
+            }
+        }
         self.publish();
         Ok(())
+    }
+
+    /// Starts the probes of container `c`, running as `id`; their results come back as
+    /// [`Message::Probed`] and [`Message::Unhealthy`].
+    fn start_probes(&mut self, c: &Container, id: &str) {
+        if c.startup_probe.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none() {
+            return;
+        }
+        let pod_ip = self
+            .sandbox
+            .as_ref()
+            .and_then(|s| s.ip)
+            .or_else(|| self.ctx.host_ips.first().and_then(|ip| ip.parse().ok()));
+        let exec: Arc<dyn ExecProbe> = Arc::new(ContainerExec(self.ctx.runtime.clone()));
+        let set = match ProbeSet::start(c, id, pod_ip, exec) {
+            Ok(set) => set,
+            Err(e) => {
+                warn!(pod = %self.name(), container = %c.name, error = %e, "the container's probes cannot run");
+                self.event(true, "Unhealthy", e.to_string());
+                if let Some(t) = self.containers.get_mut(&c.name) {
+                    t.probe_status = Some(ProbeStatus::default());
+                }
+                return;
+            }
+        };
+        let mut status = set.status();
+        let initial = status.borrow().clone();
+        let tx = self.tx.clone();
+        let id = id.to_owned();
+        let task = tokio::spawn(async move {
+            let mut set = set;
+            let mut events_open = true;
+            loop {
+                tokio::select! {
+                    changed = status.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let status = status.borrow_and_update().clone();
+                        if tx.send(Message::Probed { id: id.clone(), status }).is_err() {
+                            return;
+                        }
+                    }
+                    event = set.next_event(), if events_open => match event {
+                        Some(event) => {
+                            if tx.send(Message::Unhealthy { message: event.message }).is_err() {
+                                return;
+                            }
+                        }
+                        None => events_open = false,
+                    },
+                }
+            }
+        });
+        if let Some(t) = self.containers.get_mut(&c.name) {
+            t.probe_status = Some(initial);
+            t.probes = Some(ProbeTask(task));
+        }
+    }
+
+    /// A container's probes changed their verdict: readiness and started go to the status;
+    /// a failed liveness (or startup) probe stops the container, which the restart policy
+    /// then restarts.
+    fn probed(&mut self, id: &str, status: ProbeStatus) {
+        let grace = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30)
+            .max(0) as u64;
+        let Some((name, tracked)) = self
+            .containers
+            .iter_mut()
+            .find(|(_, t)| t.run.as_ref().is_some_and(|r| r.id == id))
+        else {
+            return;
+        };
+        let running = tracked
+            .run
+            .as_ref()
+            .is_some_and(|r| matches!(r.state, ContainerState::Running { .. }));
+        let restart = status.restart.clone();
+        tracked.probe_status = Some(status);
+        if let (Some(message), true) = (restart, running) {
+            let name = name.clone();
+            tracked.probes = None;
+            self.event(false, "Killing", message);
+            info!(pod = %self.name(), container = %name, "probe failed: restarting the container");
+            let runtime = self.ctx.runtime.clone();
+            let id = id.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = runtime.stop_container(&id, Duration::from_secs(grace)).await {
+                    warn!(container = %id, error = %e, "stopping a container that failed its probe");
+                }
+            });
+        }
     }
 
     fn watch_exit(&self, id: String) {
@@ -473,6 +619,8 @@ impl Worker {
                 container_id: Some(format!("containerd://{id}")),
             },
         };
+        tracked.probes = None;
+        tracked.probe_status = None;
         info!(pod = %pod_name, container = %name, exit_code = termination.exit_code, reason = %termination.reason, "container exited");
         run.state = ContainerState::Terminated(termination);
         let started = run.started;
@@ -741,6 +889,8 @@ impl Worker {
             last_termination: None,
             not_before: None,
             previous_log: None,
+            probes: None,
+            probe_status: None,
         });
         if let Some(run) = &tracked.run
             && let ContainerState::Terminated(_) = run.state
@@ -780,6 +930,7 @@ impl Worker {
                 tracked.waiting = None;
                 tracked.not_before = None;
                 info!(pod = %self.name(), container = %c.name, attempt, "container started");
+                self.start_probes(c, &id);
                 self.event(false, "Started", format!("Started container {}", c.name));
                 self.watch_exit(id);
                 self.publish();
@@ -1078,6 +1229,10 @@ impl Worker {
             (None, None) => (default_waiting, t.last_termination.clone()),
         };
         let running = matches!(state, ContainerState::Running { .. });
+        let (ready, started) = match &t.probe_status {
+            Some(p) => (running && p.ready, running && p.started),
+            None => (running, running),
+        };
         ContainerObservation {
             name: c.name.clone(),
             image: t.image.clone(),
@@ -1086,8 +1241,8 @@ impl Worker {
             state,
             last_termination,
             restart_count: t.restart_count,
-            ready: running,
-            started: running,
+            ready,
+            started,
         }
     }
 
