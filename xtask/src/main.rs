@@ -198,10 +198,14 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
         .and_then(|image| image.parent())
         .map(std::path::Path::to_path_buf)
         .context("test: `cargo xtask images` built no image")?;
+    // The streaming tests run containers whose output goes through `weir log-driver` (the
+    // binary `cargo xtask test` built first).
+    let weir_binary = ws.target.join("debug").join("weir");
     status(format!(
-        "test: privileged tests (WEIR_IMAGES={} cargo test -p weir-agent --test datapath --test nodeport --test \
-         podnet --test runtime -- --ignored --test-threads=1)",
-        images_dir.display()
+        "test: privileged tests (WEIR_IMAGES={} WEIR_BIN={} cargo test -p weir-agent --test datapath --test \
+         nodeport --test podnet --test runtime --test stream -- --ignored --test-threads=1)",
+        images_dir.display(),
+        weir_binary.display()
     ));
     tally.run(
         ws.cargo()
@@ -217,10 +221,13 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
                 "podnet",
                 "--test",
                 "runtime",
+                "--test",
+                "stream",
                 "--",
             ])
             .args(["--ignored", "--test-threads=1"])
-            .env("WEIR_IMAGES", &images_dir),
+            .env("WEIR_IMAGES", &images_dir)
+            .env("WEIR_BIN", &weir_binary),
     )
 }
 

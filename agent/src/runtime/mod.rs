@@ -17,6 +17,7 @@
 
 mod container;
 mod daemon;
+mod exec;
 mod image;
 mod spec;
 
@@ -26,6 +27,7 @@ use containerd_client::tonic::{Code, Request, Status};
 
 pub use container::{ContainerState, ExitStatus, TaskStatus};
 pub use daemon::{Containerd, ContainerdConfig, DEFAULT_BINARY};
+pub use exec::{ExecControl, ExecProcess, ExecRequest};
 pub use image::{Image, ImageDefaults, chain_ids, normalize_reference};
 pub use spec::{
     BindMount, ContainerConfig, DEFAULT_CAPABILITIES, NetworkNamespace, ResolvedProcess, Resources, Security,
@@ -137,6 +139,9 @@ pub struct Runtime {
     channel: Channel,
     namespace: String,
     namespace_header: AsciiMetadataValue,
+    /// The binary logging driver containers' output goes through (`weir log-driver`), or
+    /// `None`: the shim appends the raw output to the log file itself.
+    logger: Option<std::sync::Arc<std::path::PathBuf>>,
 }
 
 impl Runtime {
@@ -167,7 +172,35 @@ impl Runtime {
             channel,
             namespace: namespace.to_string(),
             namespace_header,
+            logger: None,
         })
+    }
+
+    /// Containers started from now on log through the binary logging driver `weir_binary`
+    /// (the `weir` executable; the shim runs `weir log-driver <log path>`), which writes the
+    /// CRI log format with a time on every line (`kubectl logs --timestamps`, `--since`).
+    /// Without it the shim writes the raw output.
+    pub fn with_logger(mut self, weir_binary: impl Into<std::path::PathBuf>) -> Runtime {
+        self.logger = Some(std::sync::Arc::new(weir_binary.into()));
+        self
+    }
+
+    /// The stdio URI of a container logging to `log_path`.
+    pub(crate) fn log_uri(&self, log_path: &std::path::Path) -> String {
+        match &self.logger {
+            // containerd passes each query parameter as two arguments (key, value); one
+            // parameter keeps their order fixed (Go maps have none).
+            Some(binary) => format!(
+                "binary://{}?{}",
+                binary.display(),
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("log-driver", &log_path.display().to_string())
+                    .finish()
+            ),
+            // The runc shim opens file:// URIs itself (O_APPEND) and copies the process's
+            // pipes into the file, so logging goes on while containerd is down.
+            None => format!("file://{}", log_path.display()),
+        }
     }
 
     /// The containerd namespace this runtime works in.

@@ -9,6 +9,12 @@ pub enum Subresource {
     Binding,
     /// `namespaces/{name}/finalize`: writes only `spec.finalizers` of a Namespace.
     Finalize,
+    /// `pods/{name}/log`, served by the pod's node (see `proxy`).
+    Log,
+    /// `pods/{name}/exec`, served by the pod's node.
+    Exec,
+    /// `pods/{name}/portforward`, served by the pod's node.
+    PortForward,
 }
 
 impl Subresource {
@@ -18,6 +24,9 @@ impl Subresource {
             Subresource::Scale => "scale",
             Subresource::Binding => "binding",
             Subresource::Finalize => "finalize",
+            Subresource::Log => "log",
+            Subresource::Exec => "exec",
+            Subresource::PortForward => "portforward",
         }
     }
 }
@@ -129,7 +138,17 @@ pub static RESOURCES: &[Resource] = &[
         [],
         [Status, Finalize]
     ),
-    resource!("", "v1", "Pod", "pods", "pod", true, ["po"], ["all"], [Status, Binding]),
+    resource!(
+        "",
+        "v1",
+        "Pod",
+        "pods",
+        "pod",
+        true,
+        ["po"],
+        ["all"],
+        [Status, Binding, Log, Exec, PortForward]
+    ),
     resource!(
         "",
         "v1",
