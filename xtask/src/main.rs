@@ -207,7 +207,7 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
         images_dir.display(),
         weir_binary.display()
     ));
-    tally.run(
+    let agent_passed = tally.run(
         ws.cargo()
             .args([
                 "test",
@@ -228,7 +228,19 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
             .args(["--ignored", "--test-threads=1"])
             .env("WEIR_IMAGES", &images_dir)
             .env("WEIR_BIN", &weir_binary),
-    )
+    )?;
+    // kubectl logs/exec/cp/port-forward through a real server to a container: root like the
+    // runtime tests, in the end-to-end crate (it needs the server and kubectl harness).
+    status("test: privileged end-to-end streaming test (cargo test -p weir-tests --test streaming -- --ignored)");
+    let streaming_passed = tally.run(
+        ws.cargo()
+            .args(["test", "-p", "weir-tests", "--test", "streaming", "--"])
+            .args(["--ignored", "--test-threads=1"])
+            .env("WEIR_IMAGES", &images_dir)
+            .env("WEIR_BIN", &weir_binary)
+            .env("WEIR_KUBECTL", ws.kubectl()),
+    )?;
+    Ok(agent_passed && streaming_passed)
 }
 
 fn build_ebpf(ws: &Workspace) -> Result<()> {
