@@ -2,7 +2,8 @@
 //! (the server's `<data-dir>/node-token`). The agent fetches the CA over an unverified
 //! connection, refuses it unless its hash is the token's (so the secret never goes to a
 //! server that is not the cluster's), then, trusting that CA, trades the secret for a
-//! client certificate of its own. The result is a kubeconfig the agent keeps and reuses.
+//! client certificate of its own, and a serving certificate for its streaming server. The
+//! result is a kubeconfig and `serving.crt`/`serving.key` the agent keeps and reuses.
 
 use std::path::Path;
 
@@ -94,6 +95,11 @@ pub struct Credentials {
     pub ca_cert: String,
     pub client_cert: String,
     pub client_key: String,
+    /// The serving certificate of the node's streaming server (kubelet's port), its name and
+    /// the addresses it joined with as SANs.
+    pub serving_cert: String,
+    /// Its key.
+    pub serving_key: String,
 }
 
 impl Credentials {
@@ -113,25 +119,49 @@ impl Credentials {
 
     /// Writes [`Credentials::kubeconfig`] to `path` (mode 0600, atomically).
     pub fn write_kubeconfig(&self, path: &Path, server: &str, node_name: &str) -> Result<(), JoinError> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let write_err = |source| JoinError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(write_err)?;
-        }
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(write_err)?;
-        std::io::Write::write_all(&mut file, self.kubeconfig(server, node_name).as_bytes()).map_err(write_err)?;
-        std::fs::rename(&tmp, path).map_err(write_err)
+        write_private(path, &self.kubeconfig(server, node_name))
     }
+
+    /// Writes the serving certificate and key next to the kubeconfig: `<dir>/serving.crt` and
+    /// `<dir>/serving.key` (mode 0600). Returns their paths.
+    pub fn write_serving_certificate(&self, dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf), JoinError> {
+        let cert = dir.join("serving.crt");
+        let key = dir.join("serving.key");
+        write_private(&cert, &self.serving_cert)?;
+        write_private(&key, &self.serving_key)?;
+        Ok((cert, key))
+    }
+
+    /// The TLS material of the node's streaming server.
+    pub fn server_tls(&self) -> crate::stream::ServerTls {
+        crate::stream::ServerTls {
+            ca_pem: self.ca_cert.clone(),
+            cert_pem: self.serving_cert.clone(),
+            key_pem: self.serving_key.clone(),
+        }
+    }
+}
+
+/// Writes `contents` to `path` with mode 0600, atomically (write then rename).
+fn write_private(path: &Path, contents: &str) -> Result<(), JoinError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let write_err = |source| JoinError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(write_err)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(write_err)?;
+    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(write_err)?;
+    std::fs::rename(&tmp, path).map_err(write_err)
 }
 
 /// The lowercase hex SHA-256 of the first certificate in `pem` (DER).
@@ -140,8 +170,20 @@ pub fn ca_hash(pem: &str) -> Option<String> {
     Some(sha2::Sha256::digest(&der).iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Joins the cluster at `server` as `node_name` with `token`.
+/// Joins the cluster at `server` as `node_name` with `token`; the serving certificate names
+/// only the node name (see [`join_with_addresses`]).
 pub async fn join(server: &str, token: &Token, node_name: &str) -> Result<Credentials, JoinError> {
+    join_with_addresses(server, token, node_name, &[]).await
+}
+
+/// Joins the cluster at `server` as `node_name` with `token`; the node's serving certificate
+/// has `addresses` (the IPs the API server reaches it at) as SANs.
+pub async fn join_with_addresses(
+    server: &str,
+    token: &Token,
+    node_name: &str,
+    addresses: &[std::net::IpAddr],
+) -> Result<Credentials, JoinError> {
     let url: http::Uri = server
         .parse()
         .ok()
@@ -184,7 +226,8 @@ pub async fn join(server: &str, token: &Token, node_name: &str) -> Result<Creden
     trusted.root_cert = Some(vec![der.clone()]);
     trusted.auth_info.token = Some(token.secret.clone().into());
     let client = kube::Client::try_from(trusted).map_err(|e| JoinError::Client(e.to_string()))?;
-    let body = serde_json::to_vec(&serde_json::json!({"nodeName": node_name})).expect("JSON");
+    let addresses: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+    let body = serde_json::to_vec(&serde_json::json!({"nodeName": node_name, "addresses": addresses})).expect("JSON");
     let request = http::Request::post(JOIN_PATH)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(body)
@@ -210,6 +253,8 @@ pub async fn join(server: &str, token: &Token, node_name: &str) -> Result<Creden
         ca_cert: field("caCert")?,
         client_cert: field("clientCert")?,
         client_key: field("clientKey")?,
+        serving_cert: field("servingCertificate")?,
+        serving_key: field("servingKey")?,
     })
 }
 
@@ -243,6 +288,8 @@ mod tests {
             ca_cert: "CA".into(),
             client_cert: "CERT".into(),
             client_key: "KEY".into(),
+            serving_cert: "SERVING".into(),
+            serving_key: "SERVING KEY".into(),
         };
         let config = credentials.kubeconfig("https://10.0.0.1:6443", "node-a");
         assert!(config.contains("server: https://10.0.0.1:6443"));

@@ -37,6 +37,24 @@ enum Command {
     /// The node's container images: import tarballs (air-gapped nodes), list them.
     #[command(subcommand)]
     Image(weir_agent::runtime::ImageCommand),
+    /// containerd's binary logging driver for the agent's containers: the runc shim starts it
+    /// with the container's stdout on fd 3, stderr on fd 4 and a ready pipe on fd 5, and it
+    /// writes CRI-format lines to LOG_PATH. Not for use by hand.
+    #[command(hide = true)]
+    LogDriver {
+        /// The container's log file.
+        log_path: std::path::PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Command::LogDriver { log_path } = &cli.command {
+        // No runtime and no tracing: the driver is a small process per container, and its
+        // stderr goes nowhere anyone reads.
+        return weir_agent::stream::cri::run_log_driver(log_path).map_err(anyhow::Error::msg);
+    }
+    run(cli)
 }
 
 /// `weir up`: the server's flags and the agent's that make sense on the same machine.
@@ -74,16 +92,17 @@ struct UpConfig {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Server(config) => apiserver::run(config).await,
         Command::Agent(config) => agent::run(config, stop_on_signal()).await,
         Command::Up(config) => up(config).await,
         Command::Image(command) => command.run().await,
+        Command::LogDriver { .. } => unreachable!("handled before the runtime starts"),
     }
 }
 

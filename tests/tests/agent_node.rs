@@ -132,9 +132,17 @@ async fn a_node_joins_with_the_token_and_a_wrong_token_is_refused() -> Result<()
     let token: Token = token_text.parse()?;
     let url = server.base_url();
 
-    let credentials = join::join(&url, &token, "joined-a").await?;
+    let credentials = join::join_with_addresses(&url, &token, "joined-a", &["127.0.0.1".parse()?]).await?;
     ensure!(credentials.client_cert.contains("BEGIN CERTIFICATE"));
+    // The streaming server's certificate and key come with it, and are kept next to the
+    // kubeconfig (the streaming tests check that the API server accepts it for the address).
+    ensure!(credentials.serving_cert.contains("BEGIN CERTIFICATE") && credentials.serving_key.contains("PRIVATE KEY"));
+    ensure!(credentials.serving_cert != credentials.client_cert);
     let dir = tempfile::tempdir()?;
+    let (cert, key) = credentials.write_serving_certificate(dir.path())?;
+    ensure!(std::fs::read_to_string(&cert)? == credentials.serving_cert);
+    use std::os::unix::fs::PermissionsExt as _;
+    ensure!(std::fs::metadata(&key)?.permissions().mode() & 0o777 == 0o600);
     let kubeconfig = dir.path().join("kubeconfig");
     credentials.write_kubeconfig(&kubeconfig, &url, "joined-a")?;
     let config =

@@ -200,10 +200,15 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
         .and_then(|image| image.parent())
         .map(std::path::Path::to_path_buf)
         .context("test: `cargo xtask images` built no image")?;
+    // The streaming tests run containers whose output goes through `weir log-driver` (the
+    // binary `cargo xtask test` built first).
+    let weir_binary = ws.target.join("debug").join("weir");
     status(format!(
-        "test: privileged tests (WEIR_IMAGES={} cargo test -p weir-agent --test datapath --test nodeport --test \
-         podnet --test runtime --test registry --test volumes -- --ignored --test-threads=1)",
-        images_dir.display()
+        "test: privileged tests (WEIR_IMAGES={} WEIR_BIN={} cargo test -p weir-agent --test datapath --test \
+         nodeport --test podnet --test runtime --test registry --test volumes --test stream -- --ignored \
+         --test-threads=1)",
+        images_dir.display(),
+        weir_binary.display()
     ));
     let agent_ok = tally.run(
         ws.cargo()
@@ -223,23 +228,27 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
                 "registry",
                 "--test",
                 "volumes",
+                "--test",
+                "stream",
                 "--",
             ])
             .args(["--ignored", "--test-threads=1"])
-            .env("WEIR_IMAGES", &images_dir),
+            .env("WEIR_IMAGES", &images_dir)
+            .env("WEIR_BIN", &weir_binary),
     )?;
-    // Real clusters (weir up, weir agent) in network namespaces of their own, with kubectl.
-    let weir = ws.target.join("debug").join("weir");
+    // Real clusters (weir up, weir agent) in network namespaces of their own, and kubectl
+    // logs/exec/cp/port-forward through a real server to a container, with kubectl.
     status(format!(
-        "test: cluster tests (WEIR_IMAGES={} cargo test -p weir-tests --test cluster -- --ignored --test-threads=1)",
+        "test: cluster tests (WEIR_IMAGES={} cargo test -p weir-tests --test cluster --test streaming -- --ignored \
+         --test-threads=1)",
         images_dir.display()
     ));
     let clusters_ok = tally.run(
         ws.cargo()
-            .args(["test", "-p", "weir-tests", "--test", "cluster", "--"])
+            .args(["test", "-p", "weir-tests", "--test", "cluster", "--test", "streaming", "--"])
             .args(["--ignored", "--test-threads=1"])
             .env("WEIR_IMAGES", &images_dir)
-            .env("WEIR_BIN", &weir)
+            .env("WEIR_BIN", &weir_binary)
             .env("WEIR_KUBECTL", ws.kubectl()),
     )?;
     Ok(agent_ok && clusters_ok)

@@ -202,9 +202,8 @@ impl Runtime {
             .map_err(Error::rpc("getting the mounts of the container's snapshot"))?
             .into_inner()
             .mounts;
-        // The runc shim opens file:// URIs itself (O_APPEND) and copies the process's pipes
-        // into the file, so logging goes on while containerd is down.
-        let log_uri = format!("file://{}", log_path.display());
+        // Both streams to one URI: a file the shim appends to, or the logging driver.
+        let log_uri = self.log_uri(&log_path);
         let mut tasks = TasksClient::new(self.channel());
         tasks
             .create(self.request(CreateTaskRequest {

@@ -19,6 +19,7 @@ mod airgap;
 mod container;
 mod credentials;
 mod daemon;
+mod exec;
 mod image;
 mod pull;
 mod spec;
@@ -31,6 +32,7 @@ pub use airgap::{DirectoryImport, ImageCommand, images_dir, import_directory};
 pub use container::{ContainerState, ExitStatus, TaskStatus};
 pub use credentials::{Credentials, matching_credentials, registry_credentials};
 pub use daemon::{Containerd, ContainerdConfig, DEFAULT_BINARY};
+pub use exec::{ExecControl, ExecProcess, ExecRequest};
 pub use image::{Image, ImageDefaults, chain_ids, normalize_reference};
 pub use pull::{LOCAL_REGISTRY, PullPolicy, RegistryConfig, is_loopback_registry, registry_of};
 pub use spec::{
@@ -230,6 +232,9 @@ pub struct Runtime {
     registries: std::sync::Arc<RegistryConfig>,
     /// One pull at a time per image: pods starting together share the first one's pull.
     pulls: pull::PullLocks,
+    /// The binary logging driver containers' output goes through (`weir log-driver`), or
+    /// `None`: the shim appends the raw output to the log file itself.
+    logger: Option<std::sync::Arc<std::path::PathBuf>>,
 }
 
 impl Runtime {
@@ -262,6 +267,7 @@ impl Runtime {
             namespace_header,
             registries: Default::default(),
             pulls: Default::default(),
+            logger: None,
         })
     }
 
@@ -277,6 +283,33 @@ impl Runtime {
 
     pub(crate) fn pull_locks(&self) -> &pull::PullLocks {
         &self.pulls
+    }
+
+    /// Containers started from now on log through the binary logging driver `weir_binary`
+    /// (the `weir` executable; the shim runs `weir log-driver <log path>`), which writes the
+    /// CRI log format with a time on every line (`kubectl logs --timestamps`, `--since`).
+    /// Without it the shim writes the raw output.
+    pub fn with_logger(mut self, weir_binary: impl Into<std::path::PathBuf>) -> Runtime {
+        self.logger = Some(std::sync::Arc::new(weir_binary.into()));
+        self
+    }
+
+    /// The stdio URI of a container logging to `log_path`.
+    pub(crate) fn log_uri(&self, log_path: &std::path::Path) -> String {
+        match &self.logger {
+            // containerd passes each query parameter as two arguments (key, value); one
+            // parameter keeps their order fixed (Go maps have none).
+            Some(binary) => format!(
+                "binary://{}?{}",
+                binary.display(),
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("log-driver", &log_path.display().to_string())
+                    .finish()
+            ),
+            // The runc shim opens file:// URIs itself (O_APPEND) and copies the process's
+            // pipes into the file, so logging goes on while containerd is down.
+            None => format!("file://{}", log_path.display()),
+        }
     }
 
     /// The containerd namespace this runtime works in.

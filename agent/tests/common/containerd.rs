@@ -1,15 +1,13 @@
-//! A containerd for one privileged test, and its cleanup: the fixture of
-//! `agent/tests/runtime.rs`, shared by the tests that need containerd and not its network
-//! helpers (`registry.rs` includes it with `#[path]`). Each fixture starts containerd in a
-//! fresh directory under /tmp with its own containerd namespace and cgroup parent; `finish`
-//! (or, as a last resort, Drop) deletes its containers, stops containerd, unmounts what is
-//! left and removes the directory, also when an assertion fails.
+//! A containerd for one privileged test, a network namespace for its pod, and their cleanup:
+//! the fixture of `runtime.rs`, shared with `stream.rs` (included with `#[path]`, so the
+//! other test files do not carry it). See `runtime.rs` for the rules they follow.
 
-// Each including test uses only some of the helpers.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -17,9 +15,10 @@ use weir_agent::runtime::{
     CONTAINER_NAME_LABEL, ContainerConfig, Containerd, ContainerdConfig, POD_UID_LABEL, Runtime,
 };
 
-static NEXT: AtomicUsize = AtomicUsize::new(0);
+pub const BUSYBOX: &str = "weir.local/busybox:latest";
 
-/// `prefix-<pid>-<counter>`: unique among concurrent tests and processes.
+pub static NEXT: AtomicUsize = AtomicUsize::new(0);
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
@@ -248,4 +247,60 @@ fn unmount_under(dir: &Path) {
         // SAFETY: c is a valid NUL-terminated path; MNT_DETACH only detaches the mount.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
+}
+
+/// A network namespace with a veth to the host: host side `.1`, namespace side `.2` (/30).
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    pub ns_ip: Ipv4Addr,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let name = format!("weir-rt-{pid}-{n}");
+        let host_if = format!("wrt{}h{n}", pid % 100_000);
+        let peer_if = format!("wrt{}p{n}", pid % 100_000);
+        let third = (pid % 250) as u8;
+        let fourth = ((n % 60) * 4) as u8;
+        let host_ip = Ipv4Addr::new(10, 251, third, fourth + 1);
+        let ns_ip = Ipv4Addr::new(10, 251, third, fourth + 2);
+        let netns = Netns {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            ns_ip,
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
+        ip(&["link", "set", &peer_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&["-n", &name, "addr", "add", &format!("{ns_ip}/30"), "dev", &peer_if]);
+        ip(&["-n", &name, "link", "set", &peer_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -150,6 +150,18 @@ pub fn authorize(identity: &Identity, method: &Method, path: &str) -> Result<(),
             "only cluster admins and nodes have access",
         ));
     };
+    // Logs, exec and port-forward reach into containers: cluster admins only, as with
+    // Kubernetes' Node authorizer (a node must not exec into other nodes' pods).
+    if let Some(t) = target(path)
+        && matches!(t.subresource, Some("log" | "exec" | "portforward" | "attach" | "proxy"))
+    {
+        return Err(forbidden(
+            identity,
+            method,
+            path,
+            "only cluster admins may read logs, exec or port-forward",
+        ));
+    }
     if matches!(*method, Method::GET | Method::HEAD) {
         return Ok(());
     }

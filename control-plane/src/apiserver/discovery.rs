@@ -28,7 +28,9 @@ fn subresource_kind(r: &Resource, sub: Subresource) -> (&'static str, &'static s
         Subresource::Scale => ("autoscaling", "v1", "Scale"),
         Subresource::Binding => ("", "v1", "Binding"),
         Subresource::Token => ("authentication.k8s.io", "v1", "TokenRequest"),
-        Subresource::Status | Subresource::Finalize => (r.group, r.version, r.kind),
+        Subresource::Status | Subresource::Finalize | Subresource::Log => (r.group, r.version, r.kind),
+        Subresource::Exec => ("", "v1", "PodExecOptions"),
+        Subresource::PortForward => ("", "v1", "PodPortForwardOptions"),
     }
 }
 
@@ -36,6 +38,8 @@ fn subresource_verbs(sub: Subresource) -> Vec<&'static str> {
     match sub {
         Subresource::Binding | Subresource::Token => vec!["create"],
         Subresource::Finalize => vec!["update"],
+        Subresource::Log => vec!["get"],
+        Subresource::Exec | Subresource::PortForward => vec!["create", "get"],
         _ => vec!["get", "patch", "update"],
     }
 }
@@ -260,6 +264,15 @@ fn resource_paths(r: &Resource, definition: &str, ref_prefix: &str, v3: bool) ->
             Subresource::Binding => json!({"post": op("post", "createBinding", &write_params)}),
             Subresource::Token => json!({"post": op("post", "createToken", &write_params)}),
             Subresource::Finalize => json!({"put": op("put", "replace", &write_params)}),
+            Subresource::Log => json!({"get": op("get", "read", &[
+                "container", "follow", "previous", "sinceSeconds", "sinceTime", "timestamps", "tailLines", "limitBytes"])}),
+            Subresource::Exec => {
+                let params = ["command", "container", "stdin", "stdout", "stderr", "tty"];
+                json!({"get": op("connect", "connectGet", &params), "post": op("connect", "connectPost", &params)})
+            }
+            Subresource::PortForward => {
+                json!({"get": op("connect", "connectGet", &["ports"]), "post": op("connect", "connectPost", &["ports"])})
+            }
             _ => {
                 json!({"get": op("get", "read", &[]), "put": op("put", "replace", &write_params), "patch": op("patch", "patch", &patch_params)})
             }

@@ -285,6 +285,16 @@ impl ApiServer {
         json_response(code, obj)
     }
 
+    /// One object as clients see it (from the watch cache, else the store), or its 404: for
+    /// handlers outside the registry (the node proxy).
+    pub(crate) async fn object(&self, r: &'static Resource, namespace: Option<&str>, name: &str) -> Result<Value> {
+        let (obj, _) = self
+            .read(&r.key(namespace, name), true)
+            .await?
+            .ok_or_else(|| ApiError::not_found(r.group, r.plural, name))?;
+        Ok(convert::from_storage(r, obj))
+    }
+
     async fn get(&self, t: &Target, name: &str) -> Result<Value> {
         let key = t.resource.key(t.namespace.as_deref(), name);
         // A consistent read, as a GET from etcd is in Kubernetes: the store, not the cache.

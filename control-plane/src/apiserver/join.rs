@@ -2,7 +2,9 @@
 //! (`<data-dir>/node-token`) first lets the agent fetch the CA from [`CA_CERTS_PATH`] over
 //! an unverified connection and check it against the hash, then, over a connection that
 //! trusts that CA, trade the secret at [`JOIN_PATH`] for a client certificate of its own
-//! (CN `system:node:<name>`, O `system:nodes`). A wrong secret gets 401 and nothing else.
+//! (CN `system:node:<name>`, O `system:nodes`), and a serving certificate for its streaming
+//! server (the node name and the `addresses` it sends as SANs). A wrong secret gets 401 and
+//! nothing else.
 
 use axum::response::{IntoResponse, Response};
 use http::{Method, StatusCode, header};
@@ -15,7 +17,7 @@ use super::status::ApiError;
 
 /// The cluster CA certificate (PEM), for anyone: the token's hash is what makes it trusted.
 pub const CA_CERTS_PATH: &str = "/cacerts";
-/// `POST {"nodeName": NAME}` with `Authorization: Bearer <secret>` (or the whole token).
+/// `POST {"nodeName": NAME, "addresses": [IP...]}` with `Authorization: Bearer <secret>` (or the whole token).
 pub const JOIN_PATH: &str = "/weir/v1/join";
 
 /// Join requests are a node name; anything larger is refused.
@@ -63,13 +65,18 @@ pub async fn serve(pki: &Pki, parts: &http::request::Parts, body: hyper::body::I
         Ok(body) => body.to_bytes(),
         Err(_) => return ApiError::too_large().into_response(),
     };
-    let name = match serde_json::from_slice::<serde_json::Value>(&body) {
-        Ok(value) => value
-            .get("nodeName")
-            .and_then(|n| n.as_str())
-            .unwrap_or_default()
-            .to_owned(),
+    let request = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(value) => value,
         Err(e) => return ApiError::bad_request(format!("the join request is not JSON: {e}")).into_response(),
+    };
+    let name = request
+        .get("nodeName")
+        .and_then(|n| n.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let addresses = match addresses(&request) {
+        Ok(a) => a,
+        Err(e) => return ApiError::bad_request(e).into_response(),
     };
     if !valid_node_name(&name) {
         return ApiError::bad_request(format!(
@@ -77,10 +84,15 @@ pub async fn serve(pki: &Pki, parts: &http::request::Parts, body: hyper::body::I
         ))
         .into_response();
     }
-    match pki.issue_node_credentials(&name) {
-        Ok((cert, key)) => {
-            tracing::info!(node = %name, "join: issued node credentials");
-            let body = json!({"caCert": pki.ca_pem, "clientCert": cert, "clientKey": key});
+    let issued = pki.issue_node_credentials(&name).and_then(|client| {
+        let serving = pki.issue_node_serving_certificate(&name, &addresses)?;
+        Ok((client, serving))
+    });
+    match issued {
+        Ok(((cert, key), (serving_cert, serving_key))) => {
+            tracing::info!(node = %name, ?addresses, "join: issued node credentials");
+            let body = json!({"caCert": pki.ca_pem, "clientCert": cert, "clientKey": key,
+                              "servingCertificate": serving_cert, "servingKey": serving_key});
             ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
         }
         Err(e) => ApiError::new(
@@ -90,6 +102,26 @@ pub async fn serve(pki: &Pki, parts: &http::request::Parts, body: hyper::body::I
         )
         .into_response(),
     }
+}
+
+/// The request's `addresses`: the node's IPs, for its serving certificate's SANs.
+fn addresses(request: &serde_json::Value) -> Result<Vec<std::net::IpAddr>, String> {
+    let Some(list) = request.get("addresses") else {
+        return Ok(Vec::new());
+    };
+    let list = list
+        .as_array()
+        .ok_or("addresses must be a list of IP addresses, like [\"192.0.2.10\"]")?;
+    if list.len() > 16 {
+        return Err(format!("{} addresses: at most 16", list.len()));
+    }
+    list.iter()
+        .map(|a| {
+            a.as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("address {a} is not an IP address"))
+        })
+        .collect()
 }
 
 fn valid_node_name(name: &str) -> bool {
@@ -109,6 +141,23 @@ fn valid_node_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_ips() {
+        assert_eq!(addresses(&json!({})).unwrap(), Vec::<std::net::IpAddr>::new());
+        let ips = addresses(&json!({"addresses": ["192.0.2.1", "2001:db8::1"]})).unwrap();
+        assert_eq!(ips.len(), 2);
+        assert!(
+            addresses(&json!({"addresses": ["node-a"]}))
+                .unwrap_err()
+                .contains("not an IP")
+        );
+        assert!(
+            addresses(&json!({"addresses": "192.0.2.1"}))
+                .unwrap_err()
+                .contains("list")
+        );
+    }
 
     #[test]
     fn node_names_are_dns_subdomains() {

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;
+pub mod proxy;
 pub mod resources;
 pub mod schema;
 pub mod selectors;
@@ -166,6 +167,8 @@ struct Shared {
     admin_token: String,
     pki: Arc<pki::Pki>,
     tokens: tokens::ServiceAccountTokens,
+    /// The client for nodes' streaming servers (pods/log, exec, portforward).
+    kubelet: proxy::KubeletClient,
 }
 
 /// Run the API server until Ctrl-C or SIGTERM.
@@ -250,6 +253,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         metrics: metrics::Metrics::new(),
         admin_token: pki.admin_token.clone(),
         tokens: tokens::ServiceAccountTokens::from_pem(&pki.service_account_key_pem)?,
+        kubelet: proxy::KubeletClient::new(&pki).context("the API server's kubelet client credentials")?,
         pki: Arc::new(pki),
     });
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -397,6 +401,13 @@ async fn serve(
             body,
         )
         .await
+    } else if let Some((namespace, pod, sub)) = proxy::route(&path) {
+        let (namespace, pod) = (namespace.to_string(), pod.to_string());
+        let req = http::Request::from_parts(parts, body);
+        let response = proxy::serve(&shared.api, &shared.kubelet, req, &namespace, &pod, sub).await;
+        let code = response.status().as_u16();
+        shared.metrics.observe(&verb, &resource, code, started.elapsed());
+        return response;
     } else {
         match path.as_str() {
             "/healthz" | "/livez" => (StatusCode::OK, "ok").into_response(),

@@ -20,6 +20,11 @@ pub struct Pki {
     pub admin_cert_pem: String,
     pub admin_key_pem: String,
     pub admin_token: String,
+    /// The API server's client certificate for the nodes' streaming servers (logs, exec,
+    /// port-forward): CN `kube-apiserver-kubelet-client`, O `system:masters`, as kubeadm's.
+    pub kubelet_client_cert_pem: String,
+    /// Its key.
+    pub kubelet_client_key_pem: String,
     /// The secret part of the node join token (`<data-dir>/node-token` holds the whole token).
     pub node_secret: String,
     /// PKCS#8 PEM of the key that signs service account tokens (`pki/sa.key`).
@@ -29,6 +34,8 @@ pub struct Pki {
 }
 
 const VALIDITY_DAYS: i64 = 3650;
+/// The user the API server's kubelet client certificate names.
+pub const KUBELET_CLIENT_USER: &str = "kube-apiserver-kubelet-client";
 
 impl Pki {
     /// Load the PKI from `data_dir/pki`, creating whatever is missing.
@@ -120,6 +127,14 @@ impl Pki {
                 key
             }
         };
+        let (kubelet_client_cert_pem, kubelet_client_key_pem) =
+            leaf(&dir, "apiserver-kubelet-client", &issuer, |params| {
+                params.distinguished_name.push(DnType::CommonName, KUBELET_CLIENT_USER);
+                params
+                    .distinguished_name
+                    .push(DnType::OrganizationName, "system:masters");
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            })?;
 
         let token_path = data_dir.join("admin.token");
         let admin_token = match read(&token_path) {
@@ -138,6 +153,8 @@ impl Pki {
             admin_cert_pem,
             admin_key_pem,
             admin_token,
+            kubelet_client_cert_pem,
+            kubelet_client_key_pem,
             node_secret: String::new(),
             service_account_key_pem,
             ca_key_pem,
@@ -201,6 +218,34 @@ impl Pki {
             .push(DnType::CommonName, format!("system:node:{name}"));
         params.distinguished_name.push(DnType::OrganizationName, "system:nodes");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key_pair, &issuer)?;
+        Ok((cert.pem(), key_pair.serialize_pem()))
+    }
+
+    /// A serving certificate and key for the node `name`'s streaming server (kubelet's port):
+    /// CN `system:node:<name>`, O `system:nodes`, the name and `addresses` as SANs, signed by
+    /// the cluster CA; the API server checks it when it proxies logs, exec and port-forward.
+    pub fn issue_node_serving_certificate(
+        &self,
+        name: &str,
+        addresses: &[std::net::IpAddr],
+    ) -> Result<(String, String)> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem).context("parsing pki/ca.key")?;
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_pem, ca_key).context("parsing pki/ca.crt")?;
+        let key_pair = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        validity(&mut params);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("system:node:{name}"));
+        params.distinguished_name.push(DnType::OrganizationName, "system:nodes");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.subject_alt_names = std::iter::once(SanType::DnsName(
+            name.try_into().with_context(|| format!("{name:?} as a DNS name"))?,
+        ))
+        .chain(addresses.iter().map(|ip| SanType::IpAddress(*ip)))
+        .collect();
         let cert = params.signed_by(&key_pair, &issuer)?;
         Ok((cert.pem(), key_pair.serialize_pem()))
     }

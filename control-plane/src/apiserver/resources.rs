@@ -11,6 +11,12 @@ pub enum Subresource {
     Finalize,
     /// `serviceaccounts/{name}/token`: TokenRequest, served by `tokens` (it needs the caller).
     Token,
+    /// `pods/{name}/log`, served by the pod's node (see `proxy`).
+    Log,
+    /// `pods/{name}/exec`, served by the pod's node.
+    Exec,
+    /// `pods/{name}/portforward`, served by the pod's node.
+    PortForward,
 }
 
 impl Subresource {
@@ -21,6 +27,9 @@ impl Subresource {
             Subresource::Binding => "binding",
             Subresource::Finalize => "finalize",
             Subresource::Token => "token",
+            Subresource::Log => "log",
+            Subresource::Exec => "exec",
+            Subresource::PortForward => "portforward",
         }
     }
 }
@@ -132,7 +141,17 @@ pub static RESOURCES: &[Resource] = &[
         [],
         [Status, Finalize]
     ),
-    resource!("", "v1", "Pod", "pods", "pod", true, ["po"], ["all"], [Status, Binding]),
+    resource!(
+        "",
+        "v1",
+        "Pod",
+        "pods",
+        "pod",
+        true,
+        ["po"],
+        ["all"],
+        [Status, Binding, Log, Exec, PortForward]
+    ),
     resource!(
         "",
         "v1",
