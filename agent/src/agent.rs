@@ -126,13 +126,21 @@ impl AgentConfig {
     }
 
     fn kubeconfig_path(&self) -> PathBuf {
-        self.data_dir.join("agent.kubeconfig")
+        self.data_dir.join("agent").join("kubeconfig")
     }
 }
 
-/// The agent's credentials: those of an earlier join with this server, else a new join.
-async fn client(config: &AgentConfig, node_name: &str) -> Result<kube::Client> {
+/// The agent's credentials, kept in `<data-dir>/agent/` (kubeconfig, the cluster CA and the
+/// streaming server's serving certificate): those of an earlier join with this server, else a
+/// new join with the token (whose serving certificate names `addresses`).
+async fn credentials(
+    config: &AgentConfig,
+    node_name: &str,
+    addresses: &[IpAddr],
+) -> Result<(kube::Client, crate::stream::ServerTls)> {
+    let dir = config.data_dir.join("agent");
     let path = config.kubeconfig_path();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
     let existing = Kubeconfig::read_from(&path).ok().filter(|k| {
         k.clusters
             .iter()
@@ -141,24 +149,37 @@ async fn client(config: &AgentConfig, node_name: &str) -> Result<kube::Client> {
                 .iter()
                 .any(|a| a.name == format!("system:node:{node_name}"))
     });
-    let kubeconfig = match existing {
-        Some(k) => k,
+    let stored = existing.zip(read("ca.crt").zip(read("serving.crt")).zip(read("serving.key")));
+    let (kubeconfig, tls) = match stored {
+        Some((k, ((ca_pem, cert_pem), key_pem))) => (
+            k,
+            crate::stream::ServerTls {
+                ca_pem,
+                cert_pem,
+                key_pem,
+            },
+        ),
         None => {
             let token: Token = config
                 .token
                 .as_deref()
                 .context("this node has not joined the cluster yet: give --token (the server's <data-dir>/node-token)")?
                 .parse()?;
-            let credentials = join::join(&config.server, &token, node_name).await?;
+            let credentials = join::join_with_addresses(&config.server, &token, node_name, addresses).await?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             credentials.write_kubeconfig(&path, &config.server, node_name)?;
+            credentials.write_serving_certificate(&dir)?;
+            std::fs::write(dir.join("ca.crt"), &credentials.ca_cert)
+                .with_context(|| format!("writing {}", dir.join("ca.crt").display()))?;
             info!(node = node_name, kubeconfig = %path.display(), "joined the cluster");
-            Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?
+            let kubeconfig = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+            (kubeconfig, credentials.server_tls())
         }
     };
     let kube_config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .with_context(|| format!("loading {}", path.display()))?;
-    Ok(kube::Client::try_from(kube_config)?)
+    Ok((kube::Client::try_from(kube_config)?, tls))
 }
 
 /// Waits for the node's podCIDR (the control plane's node IPAM assigns it).
@@ -199,16 +220,27 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
     let node_name = config.node_name()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
-    let client = client(&config, &node_name).await?;
+    let addresses: Vec<IpAddr> = match config.node_ip {
+        Some(ip) => vec![ip],
+        None => node::detect_node_ip().into_iter().collect(),
+    };
+    let (client, serving) = credentials(&config, &node_name, &addresses).await?;
 
     let containerd_config = ContainerdConfig {
         existing_socket: config.containerd_socket.clone(),
         ..ContainerdConfig::managed(config.data_dir.join("containerd"))
     };
     let containerd = Containerd::start(&containerd_config).await?;
-    let runtime = Runtime::connect(containerd.socket(), DEFAULT_NAMESPACE)
+    let mut runtime = Runtime::connect(containerd.socket(), DEFAULT_NAMESPACE)
         .await?
         .with_registry_config(config.registries.clone());
+    // Containers log through `weir log-driver` (CRI format, a time on every line) when the
+    // agent runs as the weir binary.
+    if let Ok(exe) = std::env::current_exe()
+        && exe.file_name().is_some_and(|n| n == "weir")
+    {
+        runtime = runtime.with_logger(exe);
+    }
     // Air-gapped nodes: every image archive in <data-dir>/images/ (failures are logged).
     let images = crate::runtime::images_dir(&config.data_dir);
     // On a blocking thread: the import's futures are not provably `Send` for every lifetime
@@ -232,9 +264,7 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
 
     let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady("the agent is starting".into()));
     let mut node_config = NodeConfig::new(node_name.clone(), config.data_dir.clone());
-    if let Some(ip) = config.node_ip {
-        node_config.addresses = vec![ip];
-    }
+    node_config.addresses = addresses.clone();
     node_config.runtime_version = "containerd://".into();
     node_config.agent_port = config.port;
     let host_ips: Vec<String> = node_config.addresses.iter().map(ToString::to_string).collect();
@@ -312,9 +342,22 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
             },
         ),
     });
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, config.port))
+        .await
+        .or(tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, config.port)).await)
+        .with_context(|| {
+            format!(
+                "binding the agent's port {} (logs, exec, port-forward): is another agent or a kubelet running? pick \
+                 another with --port",
+                config.port
+            )
+        })?;
+    let stream = crate::stream::StreamServer::new(ctx.runtime.clone(), ctx.directory.clone(), &serving)?;
+    let streaming = tokio::spawn(Arc::new(stream).serve(listener));
     let _ = ready_tx.send(Readiness::Ready);
     info!(node = %node_name, "agent ready");
     manager::run(ctx, stop).await;
+    streaming.abort();
     registered.stop();
     containerd.shutdown().await?;
     info!("agent stopped; pods keep running");

@@ -9,5 +9,5 @@ pub mod network;
 pub mod node;
 pub mod pods;
 pub mod runtime;
-pub mod volumes;
 pub mod stream;
+pub mod volumes;

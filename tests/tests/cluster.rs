@@ -418,3 +418,258 @@ spec:
     );
     Ok(())
 }
+
+/// A free TCP port on the host's loopback (for kubectl port-forward).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root only: runs real clusters; `cargo xtask test` runs it"]
+async fn volumes_probes_logs_exec_cp_port_forward_and_claims() -> Result<()> {
+    let lab = Lab::start(1, &["--no-service-proxy"]).await?;
+    let storage = lab.dir().join("storage");
+    lab.apply(&format!(
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings}}
+data: {{greeting: hello}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds}}
+stringData: {{password: s3cret}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: toolbox}}
+spec:
+  selector: {{app: toolbox}}
+  ports: [{{port: 80}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: toolbox, labels: {{app: toolbox}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: box
+    image: weir.local/busybox:latest
+    command: [sh, -c, 'echo toolbox started; exec sleep 3600']
+    readinessProbe: {{exec: {{command: [test, -f, /tmp/ready]}}, periodSeconds: 1}}
+    volumeMounts:
+    - {{name: cfg, mountPath: /cfg}}
+    - {{name: sec, mountPath: /sec}}
+    - {{name: scratch, mountPath: /scratch}}
+  volumes:
+  - {{name: cfg, configMap: {{name: settings}}}}
+  - {{name: sec, secret: {{secretName: creds}}}}
+  - {{name: scratch, emptyDir: {{}}}}
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {{name: lab}}
+provisioner: weir.dev/local-path
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Delete
+parameters: {{path: "{storage}"}}
+"#,
+        storage = storage.display()
+    ))?;
+
+    // Readiness gates the endpoints: Running, not Ready, no ready endpoint until the probe passes.
+    until(&lab, "toolbox Running", START, || {
+        let p = pod(&lab, "toolbox")?;
+        Ok((p["status"]["phase"] == "Running").then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let p = pod(&lab, "toolbox")?;
+    ensure!(p["status"]["containerStatuses"][0]["ready"] == false, "{}", p["status"]);
+    let ready_endpoints = || -> Result<usize> {
+        let out = lab.kubectl_ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=toolbox",
+            "-o",
+            "json",
+        ])?;
+        let list: Value = serde_json::from_str(&out)?;
+        Ok(list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["conditions"]["ready"] == true)
+            .count())
+    };
+    ensure!(ready_endpoints()? == 0, "an unready pod is a ready endpoint");
+    lab.kubectl_ok(&["exec", "toolbox", "--", "touch", "/tmp/ready"])?;
+    until(
+        &lab,
+        "toolbox Ready and a ready endpoint",
+        Duration::from_secs(20),
+        || {
+            let p = pod(&lab, "toolbox")?;
+            Ok((p["status"]["containerStatuses"][0]["ready"] == true && ready_endpoints()? == 1).then_some(()))
+        },
+    )
+    .await?;
+
+    // Volumes: ConfigMap and Secret files, and a ConfigMap change reaching the mounted file.
+    ensure!(lab.kubectl_ok(&["exec", "toolbox", "--", "cat", "/cfg/greeting"])? == "hello");
+    ensure!(lab.kubectl_ok(&["exec", "toolbox", "--", "cat", "/sec/password"])? == "s3cret");
+    lab.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "settings",
+        "-p",
+        r#"{"data":{"greeting":"updated"}}"#,
+    ])?;
+    let changed = Instant::now();
+    until(
+        &lab,
+        "the ConfigMap change in the mounted file",
+        Duration::from_secs(30),
+        || Ok((lab.kubectl_ok(&["exec", "toolbox", "--", "cat", "/cfg/greeting"])? == "updated").then_some(())),
+    )
+    .await?;
+    eprintln!("ConfigMap update visible in the pod after {:?}", changed.elapsed());
+
+    // Logs, exec with stdin and an exit code, cp both ways.
+    ensure!(lab.kubectl_ok(&["logs", "toolbox"])?.contains("toolbox started"));
+    let out = lab.kubectl_stdin(
+        &["exec", "-i", "toolbox", "--", "sh", "-c", "cat > /scratch/in; exit 7"],
+        Some("piped"),
+    );
+    ensure!(out.status.code() == Some(7), "exec exit code: {}", describe(&out));
+    ensure!(lab.kubectl_ok(&["exec", "toolbox", "--", "cat", "/scratch/in"])? == "piped");
+    let local = lab.dir().join("cp-source.txt");
+    std::fs::write(&local, "copied through tar\n")?;
+    lab.kubectl_ok(&["cp", &local.display().to_string(), "toolbox:/scratch/copied.txt"])?;
+    let back = lab.dir().join("cp-back.txt");
+    lab.kubectl_ok(&["cp", "toolbox:/scratch/copied.txt", &back.display().to_string()])?;
+    ensure!(std::fs::read_to_string(&back)? == "copied through tar\n");
+
+    // Port-forward from the host's loopback to the pod's port (busybox httpd in the pod).
+    lab.kubectl_ok(&[
+        "exec",
+        "toolbox",
+        "--",
+        "sh",
+        "-c",
+        "echo forwarded > /scratch/index.html && httpd -p 8081 -h /scratch",
+    ])?;
+    let port = free_port()?;
+    let mut forward = std::process::Command::new(weir_tests::required_binary(
+        "WEIR_KUBECTL",
+        weir_tests::workspace_dir().join("target/tools/kubectl"),
+        "kubectl",
+    )?)
+    .env("KUBECONFIG", lab.kubeconfig())
+    .args(["port-forward", "pod/toolbox", &format!("{port}:8081")])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()?;
+    let fetched = until(
+        &lab,
+        "a page through kubectl port-forward",
+        Duration::from_secs(20),
+        || {
+            use std::io::{Read as _, Write as _};
+            let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return Ok(None);
+            };
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+            let mut answer = String::new();
+            let _ = conn.read_to_string(&mut answer);
+            Ok(answer.contains("forwarded").then_some(answer))
+        },
+    )
+    .await;
+    let _ = forward.kill();
+    let _ = forward.wait();
+    fetched?;
+
+    // A failing liveness probe restarts the container, with kubelet's event.
+    lab.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: unhealthy}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: weir.local/busybox:latest
+    command: [sh, -c, 'touch /tmp/alive; sleep 4; rm /tmp/alive; exec sleep 3600']
+    livenessProbe: {exec: {command: [test, -f, /tmp/alive]}, periodSeconds: 1, failureThreshold: 2}
+"#,
+    )?;
+    until(
+        &lab,
+        "unhealthy restarted by its liveness probe",
+        Duration::from_secs(60),
+        || {
+            let p = pod(&lab, "unhealthy")?;
+            Ok((p["status"]["containerStatuses"][0]["restartCount"].as_i64() >= Some(1)).then_some(()))
+        },
+    )
+    .await?;
+    let described = lab.kubectl_ok(&["describe", "pod", "unhealthy"])?;
+    ensure!(described.contains("Liveness probe failed"), "{described}");
+
+    // A StatefulSet's data in its claim survives the pod's deletion.
+    lab.apply(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 1
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: db
+        image: weir.local/busybox:latest
+        command: [sh, -c, 'hostname >> /data/boots; exec sleep 3600']
+        volumeMounts: [{name: data, mountPath: /data}]
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec: {storageClassName: lab, accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+"#,
+    )?;
+    let first_uid = until(&lab, "db-0 Running with its claim", START, || {
+        let p = pod(&lab, "db-0")?;
+        Ok(running_with_ip(&p).and_then(|_| p["metadata"]["uid"].as_str().map(str::to_owned)))
+    })
+    .await?;
+    lab.kubectl_ok(&["delete", "pod", "db-0"])?;
+    until(&lab, "a new db-0 Running", START, || {
+        let Ok(p) = pod(&lab, "db-0") else { return Ok(None) };
+        Ok((running_with_ip(&p).is_some() && p["metadata"]["uid"] != first_uid.as_str()).then_some(()))
+    })
+    .await?;
+    let boots = lab.kubectl_ok(&["exec", "db-0", "--", "cat", "/data/boots"])?;
+    ensure!(
+        boots.lines().count() == 2 && boots.lines().all(|l| l == "db-0"),
+        "/data/boots: {boots:?}"
+    );
+    ensure!(
+        std::fs::read_dir(&storage)?.count() == 1,
+        "the claim's directory is not under the class's path"
+    );
+    Ok(())
+}

@@ -245,7 +245,16 @@ fn privileged_tests(ws: &Workspace, tally: &mut Tally) -> Result<bool> {
     ));
     let clusters_ok = tally.run(
         ws.cargo()
-            .args(["test", "-p", "weir-tests", "--test", "cluster", "--test", "streaming", "--"])
+            .args([
+                "test",
+                "-p",
+                "weir-tests",
+                "--test",
+                "cluster",
+                "--test",
+                "streaming",
+                "--",
+            ])
             .args(["--ignored", "--test-threads=1"])
             .env("WEIR_IMAGES", &images_dir)
             .env("WEIR_BIN", &weir_binary)

@@ -26,13 +26,14 @@ use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
 use super::config::{self, ATTEMPT_LABEL, PodSetting};
-use super::directory::{ContainerEntry, Directory, PodEntry};
+use super::directory::Directory;
 use super::env::{self, EnvSources, NodeFacts};
 use super::probes::{ExecFuture, ExecProbe, ProbeSet, ProbeStatus};
 use super::status::{self, ContainerObservation, ContainerState, PodObservation, Termination};
 use crate::network::files::DnsSettings;
 use crate::network::{self, PodNetwork};
 use crate::runtime::{self, BindMount, CONTAINER_NAME_LABEL, ExitStatus, NetworkNamespace, Runtime, TaskStatus};
+use crate::stream::{ContainerRuntimeInfo, PodRuntimeInfo};
 use crate::volumes::{PodVolumes, VolumeOptions, VolumeSource};
 
 /// How long to wait before trying a failed sandbox or container config again.
@@ -627,6 +628,7 @@ impl Worker {
         let id = id.to_owned();
         // Deleting flushes the log; the run's record lives on in the status.
         self.delete_container(&id).await;
+        self.publish();
         let policy = restart_policy(&self.pod).to_owned();
         let tracked = self.containers.get_mut(&name).expect("present");
         let ContainerState::Terminated(t) = &tracked.run.as_ref().expect("present").state else {
@@ -1288,32 +1290,31 @@ impl Worker {
             .spec_containers()
             .into_iter()
             .map(|(c, _)| {
-                let t = self.containers.get(&c.name);
-                ContainerEntry {
+                let run = self.containers.get(&c.name).and_then(|t| t.run.as_ref());
+                ContainerRuntimeInfo {
                     name: c.name.clone(),
-                    container_id: t
-                        .and_then(|t| t.run.as_ref())
-                        .filter(|r| matches!(r.state, ContainerState::Running { .. }))
-                        .map(|r| r.id.clone()),
-                    log_path: t
-                        .and_then(|t| t.run.as_ref())
-                        .map(|r| config::log_path(&self.dir, &c.name, r.attempt)),
-                    previous_log_path: t.and_then(|t| t.previous_log.clone()),
+                    container_id: run.map(|r| r.id.clone()),
+                    running: run.is_some_and(|r| matches!(r.state, ContainerState::Running { .. })),
+                    log_path: run.map(|r| config::log_path(&self.dir, &c.name, r.attempt)),
+                    previous_log_path: self.containers.get(&c.name).and_then(|t| t.previous_log.clone()),
                 }
             })
             .collect();
-        self.ctx.directory.insert(PodEntry {
-            namespace: self.pod.namespace().unwrap_or_else(|| "default".into()),
-            name: self.pod.name_any(),
+        let info = PodRuntimeInfo {
             uid: self.uid.clone(),
-            netns: self.sandbox.as_ref().and_then(|s| s.netns.clone()),
+            netns_path: self.sandbox.as_ref().and_then(|s| s.netns.clone()),
             containers,
             default_container: self
                 .pod
                 .annotations()
                 .get("kubectl.kubernetes.io/default-container")
                 .cloned(),
-        });
+        };
+        self.ctx.directory.insert(
+            &self.pod.namespace().unwrap_or_else(|| "default".into()),
+            &self.pod.name_any(),
+            info,
+        );
     }
 
     /// A finished pod's network goes (its IP may serve another pod); its logs stay.

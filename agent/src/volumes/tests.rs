@@ -392,8 +392,7 @@ async fn optional_objects_and_keys_may_be_missing_required_ones_may_not() {
     for (volume, expected) in cases {
         let err = PodVolumes::prepare(&source, &pod(json!([volume])), tmp.path())
             .await
-            .err()
-            .expect("an error");
+            .expect_err("an error");
         let text = err.to_string();
         assert!(
             text.starts_with("MountVolume.SetUp failed for volume \"v\" : "),
@@ -429,8 +428,7 @@ async fn claims_must_be_bound_and_volumes_of_other_types_are_named() {
         async move {
             PodVolumes::prepare(source, &pod(json!([volume])), &dir)
                 .await
-                .err()
-                .expect("an error")
+                .expect_err("an error")
                 .to_string()
         }
     };
