@@ -622,6 +622,64 @@ spec:
     let described = lab.kubectl_ok(&["describe", "pod", "unhealthy"])?;
     ensure!(described.contains("Liveness probe failed"), "{described}");
 
+    // Lifecycle hooks and graceful termination, seen through a hostPath volume: postStart
+    // runs after the start, preStop before SIGTERM, which the process gets and handles.
+    let hooks = lab.dir().join("hooks");
+    lab.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: hooked}}
+spec:
+  terminationGracePeriodSeconds: 20
+  containers:
+  - name: app
+    image: weir.local/busybox:latest
+    command: [sh, -c, 'trap "echo term >> /hooks/order; exit 0" TERM; while true; do sleep 0.2; done']
+    lifecycle:
+      postStart: {{exec: {{command: [sh, -c, 'echo post-start >> /hooks/order']}}}}
+      preStop: {{exec: {{command: [sh, -c, 'echo pre-stop >> /hooks/order']}}}}
+    volumeMounts: [{{name: hooks, mountPath: /hooks}}]
+  volumes:
+  - {{name: hooks, hostPath: {{path: "{hooks}", type: DirectoryOrCreate}}}}
+"#,
+        hooks = hooks.display()
+    ))?;
+    until(&lab, "hooked Running after its postStart hook", START, || {
+        let p = pod(&lab, "hooked")?;
+        let order = std::fs::read_to_string(hooks.join("order")).unwrap_or_default();
+        Ok((p["status"]["phase"] == "Running" && order == "post-start\n").then_some(()))
+    })
+    .await?;
+    let deleting = Instant::now();
+    lab.kubectl_ok(&["delete", "pod", "hooked", "--wait=false"])?;
+    let terminating = pod(&lab, "hooked")?;
+    ensure!(
+        terminating["metadata"]["deletionTimestamp"].is_string()
+            && terminating["metadata"]["deletionGracePeriodSeconds"] == 20,
+        "the pod is not Terminating: {}",
+        terminating["metadata"]
+    );
+    until(&lab, "hooked gone", Duration::from_secs(30), || {
+        Ok(lab
+            .kubectl(&["get", "pod", "hooked"])
+            .status
+            .success()
+            .then_some(())
+            .xor(Some(())))
+    })
+    .await?;
+    let order = std::fs::read_to_string(hooks.join("order"))?;
+    ensure!(
+        order == "post-start\npre-stop\nterm\n",
+        "hooks and signal in this order: {order:?}"
+    );
+    ensure!(
+        deleting.elapsed() < Duration::from_secs(15),
+        "a process that exits on SIGTERM took {:?} to stop",
+        deleting.elapsed()
+    );
+
     // A StatefulSet's data in its claim survives the pod's deletion.
     lab.apply(
         r#"

@@ -221,6 +221,54 @@ fn action_of(probe: &Probe, container: &Container, pod_ip: Option<IpAddr>) -> Re
     Err("the probe has no handler: set exec, httpGet or tcpSocket".into())
 }
 
+/// Runs a lifecycle hook (`postStart`, `preStop`) once, as kubelet's handler runner: exec,
+/// httpGet and tcpSocket through the probe machinery, `sleep` by waiting. Err: why it failed
+/// (kubelet's FailedPostStartHook / FailedPreStopHook text).
+pub async fn run_hook(
+    handler: &k8s_openapi::api::core::v1::LifecycleHandler,
+    container: &Container,
+    container_id: &str,
+    pod_ip: Option<IpAddr>,
+    exec: Arc<dyn ExecProbe>,
+    timeout: Duration,
+) -> Result<(), String> {
+    if let Some(sleep) = &handler.sleep {
+        let seconds = u64::try_from(sleep.seconds).map_err(|_| format!("sleep of {} seconds", sleep.seconds))?;
+        tokio::time::sleep(Duration::from_secs(seconds).min(timeout)).await;
+        return Ok(());
+    }
+    let probe = Probe {
+        exec: handler.exec.clone(),
+        http_get: handler.http_get.clone(),
+        tcp_socket: handler.tcp_socket.clone(),
+        ..Probe::default()
+    };
+    let action = action_of(&probe, container, pod_ip)
+        .map_err(|e| e.replace("the probe has no handler", "the hook has no handler"))?;
+    let http = match action {
+        Action::Http { .. } => Some(http_client()?),
+        _ => None,
+    };
+    let prober = Prober {
+        kind: ProbeKind::Liveness,
+        action,
+        timing: ProbeTiming {
+            initial_delay: Duration::ZERO,
+            period: timeout,
+            timeout,
+            success_threshold: 1,
+            failure_threshold: 1,
+        },
+        container_id: container_id.to_owned(),
+        exec,
+        http,
+    };
+    match prober.run().await {
+        Ok(ProbeResult::Success(_)) => Ok(()),
+        Ok(ProbeResult::Failure(message)) | Err(message) => Err(message),
+    }
+}
+
 /// A prepared probe: what to run and how often.
 struct Prober {
     kind: ProbeKind,

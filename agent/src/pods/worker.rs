@@ -36,6 +36,9 @@ use crate::runtime::{self, BindMount, CONTAINER_NAME_LABEL, ExitStatus, NetworkN
 use crate::stream::{ContainerRuntimeInfo, PodRuntimeInfo};
 use crate::volumes::{PodVolumes, VolumeOptions, VolumeSource};
 
+/// The longest a postStart hook may run (kubelet has none; this keeps a hung hook from
+/// holding the pod's worker for good).
+const POST_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long to wait before trying a failed sandbox or container config again.
 const RETRY: Duration = Duration::from_secs(2);
 /// How often a running pod's volumes are refreshed from their sources.
@@ -466,6 +469,35 @@ impl Worker {
         Ok(())
     }
 
+    /// The pod's termination grace period.
+    fn grace(&self) -> Duration {
+        let seconds = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+            .unwrap_or(30)
+            .max(0);
+        Duration::from_secs(seconds as u64)
+    }
+
+    /// Runs a lifecycle hook of container `c` (running as `id`).
+    async fn run_hook(
+        &self,
+        hook: &k8s_openapi::api::core::v1::LifecycleHandler,
+        c: &Container,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let pod_ip = self
+            .sandbox
+            .as_ref()
+            .and_then(|s| s.ip)
+            .or_else(|| self.ctx.host_ips.first().and_then(|ip| ip.parse().ok()));
+        let exec: Arc<dyn ExecProbe> = Arc::new(ContainerExec(self.ctx.runtime.clone()));
+        super::probes::run_hook(hook, c, id, pod_ip, exec, timeout).await
+    }
+
     /// Starts the probes of container `c`, running as `id`; their results come back as
     /// [`Message::Probed`] and [`Message::Unhealthy`].
     fn start_probes(&mut self, c: &Container, id: &str) {
@@ -528,13 +560,7 @@ impl Worker {
     /// a failed liveness (or startup) probe stops the container, which the restart policy
     /// then restarts.
     fn probed(&mut self, id: &str, status: ProbeStatus) {
-        let grace = self
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.termination_grace_period_seconds)
-            .unwrap_or(30)
-            .max(0) as u64;
+        let grace = self.grace();
         let Some((name, tracked)) = self
             .containers
             .iter_mut()
@@ -556,7 +582,7 @@ impl Worker {
             let runtime = self.ctx.runtime.clone();
             let id = id.to_owned();
             tokio::spawn(async move {
-                if let Err(e) = runtime.stop_container(&id, Duration::from_secs(grace)).await {
+                if let Err(e) = runtime.stop_container(&id, grace).await {
                     warn!(container = %id, error = %e, "stopping a container that failed its probe");
                 }
             });
@@ -934,10 +960,23 @@ impl Worker {
                 info!(pod = %self.name(), container = %c.name, attempt, "container started");
                 self.start_probes(c, &id);
                 self.event(false, "Started", format!("Started container {}", c.name));
-                self.watch_exit(id);
+                self.watch_exit(id.clone());
                 self.publish();
                 // Report Running at once (the status SLO is about this moment).
                 self.write_status().await;
+                if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref())
+                    && let Err(e) = self.run_hook(hook, c, &id, POST_START_TIMEOUT).await
+                {
+                    // kubelet kills a container whose postStart hook failed; the restart
+                    // policy decides what comes next.
+                    warn!(pod = %self.name(), container = %c.name, error = %e, "postStart hook failed");
+                    self.event(true, "FailedPostStartHook", format!("PostStartHook failed: {e}"));
+                    let runtime = self.ctx.runtime.clone();
+                    let grace = self.grace();
+                    tokio::spawn(async move {
+                        let _ = runtime.stop_container(&id, grace).await;
+                    });
+                }
             }
             Err((reason, message)) => {
                 warn!(pod = %self.name(), container = %c.name, %reason, %message, "container not started");
@@ -1343,16 +1382,43 @@ impl Worker {
     /// then the sandbox and the pod's files go, and the API object (if it is still there,
     /// marked for deletion) is removed.
     async fn terminate(&mut self) {
-        let spec = self.pod.spec.clone().unwrap_or_default();
-        let grace = self
-            .pod
-            .metadata
-            .deletion_grace_period_seconds
-            .or(spec.termination_grace_period_seconds)
-            .unwrap_or(30)
-            .max(0) as u64;
-        let grace = Duration::from_secs(grace);
+        let grace = self.grace();
         info!(pod = %self.name(), ?grace, "stopping the pod");
+        // preStop hooks first, all at once, within the grace period; the containers then get
+        // what is left of it (at least 2 s, as kubelet gives).
+        let started = Instant::now();
+        let this = &*self;
+        let mut hooks = Vec::new();
+        for (c, _) in this.spec_containers() {
+            let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.clone()) else {
+                continue;
+            };
+            let Some(id) = this
+                .containers
+                .get(&c.name)
+                .and_then(|t| t.run.as_ref())
+                .filter(|r| matches!(r.state, ContainerState::Running { .. }))
+                .map(|r| r.id.clone())
+            else {
+                continue;
+            };
+            hooks.push(async move {
+                let result = this.run_hook(&hook, &c, &id, grace).await;
+                (c.name, result)
+            });
+        }
+        let hooked = !hooks.is_empty();
+        for (name, result) in futures::future::join_all(hooks).await {
+            if let Err(e) = result {
+                warn!(pod = %self.name(), container = %name, error = %e, "preStop hook failed");
+                self.event(true, "FailedPreStopHook", format!("PreStopHook failed: {e}"));
+            }
+        }
+        let grace = if hooked {
+            grace.saturating_sub(started.elapsed()).max(Duration::from_secs(2))
+        } else {
+            grace
+        };
         // App containers first, then sidecars and init containers, as kubelet orders it.
         for init in [false, true] {
             let mut stops = Vec::new();
