@@ -418,7 +418,11 @@ async fn logs_exec_cp_and_port_forward_through_the_streaming_server() {
         }
         let (code, all) = get_text(addr, &admin, "/containerLogs/default/web/main").await;
         assert_eq!(code, 200);
-        assert_eq!(lines(&all), ["one", "two", "three", "oops", "four"], "stdout and stderr: {all:?}");
+        assert_eq!(
+            lines(&all),
+            ["one", "two", "three", "oops", "four"],
+            "stdout and stderr: {all:?}"
+        );
         let raw = std::fs::read_to_string(&current.log_path).unwrap();
         assert!(
             raw.contains(" stdout F one\n") && raw.contains(" stderr F oops\n"),

@@ -5,6 +5,9 @@
 //! Kubernetes' Node authorizer and NodeRestriction admission: read everything; write only
 //! their own Node (and its status) and Lease, pod status, pod deletion, and Events.
 //!
+//! Logs, exec and port-forward (`pods/log`, `exec`, `portforward`, `attach`, `proxy`) are
+//! for cluster admins only.
+//!
 //! Not yet as strict as Kubernetes: reads are not limited to the objects of the node's own
 //! pods (the Node authorizer's graph), and pod status and deletion are allowed for pods of
 //! any node.
@@ -264,6 +267,19 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn only_admins_reach_into_containers() {
+        let n1 = node("n1");
+        for sub in ["log", "exec", "portforward", "attach"] {
+            let path = format!("/api/v1/namespaces/default/pods/web/{sub}");
+            assert!(!ok(&n1, Method::GET, &path), "{sub}");
+            assert!(!ok(&n1, Method::POST, &path), "{sub}");
+            assert!(ok(&Identity::admin(), Method::GET, &path), "{sub}");
+        }
+        assert!(ok(&n1, Method::GET, "/api/v1/namespaces/default/pods/web"));
+        assert!(ok(&n1, Method::GET, "/api/v1/namespaces/default/pods/web/status"));
     }
 
     #[test]
