@@ -1,5 +1,6 @@
 //! The container runtime: the agent's own containerd ([`Containerd`]: started, supervised,
-//! restarted, stopped) and a client for it ([`Runtime`]: images, containers, tasks).
+//! restarted, stopped) and a client for it ([`Runtime`]: images, containers, tasks, and
+//! processes exec'd into running containers).
 //! It knows nothing of pods or the Kubernetes API; the pod lifecycle calls it.
 //!
 //! What runs where:
@@ -8,7 +9,8 @@
 //!   existing containerd given by its socket.
 //! - One `containerd-shim-runc-v2` per container, started by containerd, running the
 //!   container with runc. Shims outlive containerd restarts and agent restarts; they write
-//!   each container's stdout and stderr to the log file the agent chose.
+//!   each container's stdout and stderr to the log file the agent chose (raw, or as CRI log
+//!   lines through `weir log-driver`: [`Runtime::with_logger`]).
 //! - Images in the content store, unpacked into the overlayfs snapshotter; each container
 //!   gets a writable snapshot of its image's top layer, named by the container id.
 //!
