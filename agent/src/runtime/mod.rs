@@ -181,7 +181,8 @@ impl Runtime {
     /// Containers started from now on log through the binary logging driver `weir_binary`
     /// (the `weir` executable; the shim runs `weir log-driver <log path>`), which writes the
     /// CRI log format with a time on every line (`kubectl logs --timestamps`, `--since`).
-    /// Without it the shim writes the raw output.
+    /// Without it the shim writes the raw output. The path must be absolute (the shim runs it
+    /// from its own directory): the agent passes `std::env::current_exe()`.
     pub fn with_logger(mut self, weir_binary: impl Into<std::path::PathBuf>) -> Runtime {
         self.logger = Some(std::sync::Arc::new(weir_binary.into()));
         self
