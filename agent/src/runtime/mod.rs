@@ -189,8 +189,17 @@ impl Runtime {
     }
 
     /// The stdio URI of a container logging to `log_path`.
-    pub(crate) fn log_uri(&self, log_path: &std::path::Path) -> String {
-        match &self.logger {
+    pub(crate) fn log_uri(&self, log_path: &std::path::Path) -> Result<String, Error> {
+        if let Some(binary) = &self.logger
+            && !binary.is_absolute()
+        {
+            return Err(Error::InvalidSpec(format!(
+                "the logging driver {} must be an absolute path (the shim runs it from its own directory): pass \
+                 std::env::current_exe() to Runtime::with_logger",
+                binary.display()
+            )));
+        }
+        Ok(match &self.logger {
             // containerd passes each query parameter as two arguments (key, value); one
             // parameter keeps their order fixed (Go maps have none).
             Some(binary) => format!(
@@ -203,7 +212,7 @@ impl Runtime {
             // The runc shim opens file:// URIs itself (O_APPEND) and copies the process's
             // pipes into the file, so logging goes on while containerd is down.
             None => format!("file://{}", log_path.display()),
-        }
+        })
     }
 
     /// The containerd namespace this runtime works in.
@@ -231,5 +240,35 @@ impl Runtime {
             request.metadata_mut().insert("containerd-lease", value);
         }
         request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> Runtime {
+        Runtime {
+            channel: containerd_client::tonic::transport::Endpoint::from_static("http://[::1]:1").connect_lazy(),
+            namespace: "t".into(),
+            namespace_header: MetadataValue::from_static("t"),
+            logger: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn log_uris_name_the_file_or_the_driver() {
+        let log = std::path::Path::new("/var/log/pods/ns_web_1/main/0.log");
+        assert_eq!(
+            runtime().log_uri(log).unwrap(),
+            "file:///var/log/pods/ns_web_1/main/0.log"
+        );
+        let with_driver = runtime().with_logger("/usr/bin/weir");
+        assert_eq!(
+            with_driver.log_uri(std::path::Path::new("/logs/a b&c.log")).unwrap(),
+            "binary:///usr/bin/weir?log-driver=%2Flogs%2Fa+b%26c.log"
+        );
+        let relative = runtime().with_logger("weir").log_uri(log).unwrap_err();
+        assert!(relative.to_string().contains("absolute path"), "{relative}");
     }
 }
