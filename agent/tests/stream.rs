@@ -567,6 +567,44 @@ async fn logs_exec_cp_and_port_forward_through_the_streaming_server() {
             .await;
         assert!(slow.unwrap_err().to_string().contains("did not finish"), "timed out");
 
+        // A client that leaves mid-exec has its process killed.
+        let mut ws = websocket(
+            addr,
+            &admin,
+            "/exec/default/web/main?command=sleep&command=299&stdout=true",
+            "v5.channel.k8s.io",
+        )
+        .await;
+        let ps = || async {
+            let (_, out) = runtime
+                .exec_sync(&current.id, &["ps".into()], Duration::from_secs(10))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let started = Instant::now();
+        while !ps().await.contains("sleep 299") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the exec'd sleep never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ws.close(None).await.unwrap();
+        drop(ws);
+        let started = Instant::now();
+        loop {
+            let listing = ps().await;
+            if !listing.contains("sleep 299") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "still running after the client left: {listing}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
         // Port-forward to the web server on the pod's loopback, and to a closed port.
         let (data, error) = port_forward(addr, &admin, 8080, b"GET / HTTP/1.0\r\n\r\n").await;
         let response = String::from_utf8_lossy(&data);

@@ -177,6 +177,9 @@ async fn kubectl_logs_exec_cp_and_port_forward_reach_the_pod_through_the_api_ser
         );
 
         // kubectl exec: output and exit code; stdin to its end.
+        let timed = Instant::now();
+        kubectl_ok(&server, &["exec", "web", "--", "true"]);
+        eprintln!("kubectl exec web -- true: {:?}", timed.elapsed());
         let out = kubectl(&server, &["exec", "web", "--", "sh", "-c", "echo hi; echo err >&2; exit 3"]);
         assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
@@ -190,7 +193,9 @@ async fn kubectl_logs_exec_cp_and_port_forward_reach_the_pod_through_the_api_ser
         let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
         std::fs::write(dir.path().join("up.bin"), &payload).unwrap();
         let local = dir.path().join("up.bin").display().to_string();
+        let timed = Instant::now();
         kubectl_ok(&server, &["cp", &local, "web:/tmp/up.bin"]);
+        eprintln!("kubectl cp of 300 kB into the pod: {:?}", timed.elapsed());
         let sum = kubectl_ok(&server, &["exec", "web", "--", "wc", "-c", "/tmp/up.bin"]);
         assert!(sum.starts_with("300000"), "{sum}");
         let back = dir.path().join("down.bin").display().to_string();

@@ -203,7 +203,7 @@ impl Runtime {
             .into_inner()
             .mounts;
         // Both streams to one URI: a file the shim appends to, or the logging driver.
-        let log_uri = self.log_uri(&log_path);
+        let log_uri = self.log_uri(&log_path)?;
         let mut tasks = TasksClient::new(self.channel());
         tasks
             .create(self.request(CreateTaskRequest {

@@ -1,5 +1,6 @@
 //! The container runtime: the agent's own containerd ([`Containerd`]: started, supervised,
-//! restarted, stopped) and a client for it ([`Runtime`]: images, containers, tasks).
+//! restarted, stopped) and a client for it ([`Runtime`]: images, containers, tasks, and
+//! processes exec'd into running containers).
 //! It knows nothing of pods or the Kubernetes API; the pod lifecycle calls it.
 //!
 //! What runs where:
@@ -8,7 +9,8 @@
 //!   existing containerd given by its socket.
 //! - One `containerd-shim-runc-v2` per container, started by containerd, running the
 //!   container with runc. Shims outlive containerd restarts and agent restarts; they write
-//!   each container's stdout and stderr to the log file the agent chose.
+//!   each container's stdout and stderr to the log file the agent chose (raw, or as CRI log
+//!   lines through `weir log-driver`: [`Runtime::with_logger`]).
 //! - Images in the content store, unpacked into the overlayfs snapshotter; each container
 //!   gets a writable snapshot of its image's top layer, named by the container id.
 //!
@@ -288,15 +290,25 @@ impl Runtime {
     /// Containers started from now on log through the binary logging driver `weir_binary`
     /// (the `weir` executable; the shim runs `weir log-driver <log path>`), which writes the
     /// CRI log format with a time on every line (`kubectl logs --timestamps`, `--since`).
-    /// Without it the shim writes the raw output.
+    /// Without it the shim writes the raw output. The path must be absolute (the shim runs it
+    /// from its own directory): the agent passes `std::env::current_exe()`.
     pub fn with_logger(mut self, weir_binary: impl Into<std::path::PathBuf>) -> Runtime {
         self.logger = Some(std::sync::Arc::new(weir_binary.into()));
         self
     }
 
     /// The stdio URI of a container logging to `log_path`.
-    pub(crate) fn log_uri(&self, log_path: &std::path::Path) -> String {
-        match &self.logger {
+    pub(crate) fn log_uri(&self, log_path: &std::path::Path) -> Result<String, Error> {
+        if let Some(binary) = &self.logger
+            && !binary.is_absolute()
+        {
+            return Err(Error::InvalidSpec(format!(
+                "the logging driver {} must be an absolute path (the shim runs it from its own directory): pass \
+                 std::env::current_exe() to Runtime::with_logger",
+                binary.display()
+            )));
+        }
+        Ok(match &self.logger {
             // containerd passes each query parameter as two arguments (key, value); one
             // parameter keeps their order fixed (Go maps have none).
             Some(binary) => format!(
@@ -309,7 +321,7 @@ impl Runtime {
             // The runc shim opens file:// URIs itself (O_APPEND) and copies the process's
             // pipes into the file, so logging goes on while containerd is down.
             None => format!("file://{}", log_path.display()),
-        }
+        })
     }
 
     /// The containerd namespace this runtime works in.
@@ -337,5 +349,35 @@ impl Runtime {
             request.metadata_mut().insert("containerd-lease", value);
         }
         request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> Runtime {
+        Runtime {
+            channel: containerd_client::tonic::transport::Endpoint::from_static("http://[::1]:1").connect_lazy(),
+            namespace: "t".into(),
+            namespace_header: MetadataValue::from_static("t"),
+            logger: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn log_uris_name_the_file_or_the_driver() {
+        let log = std::path::Path::new("/var/log/pods/ns_web_1/main/0.log");
+        assert_eq!(
+            runtime().log_uri(log).unwrap(),
+            "file:///var/log/pods/ns_web_1/main/0.log"
+        );
+        let with_driver = runtime().with_logger("/usr/bin/weir");
+        assert_eq!(
+            with_driver.log_uri(std::path::Path::new("/logs/a b&c.log")).unwrap(),
+            "binary:///usr/bin/weir?log-driver=%2Flogs%2Fa+b%26c.log"
+        );
+        let relative = runtime().with_logger("weir").log_uri(log).unwrap_err();
+        assert!(relative.to_string().contains("absolute path"), "{relative}");
     }
 }

@@ -13,7 +13,8 @@
 //! `kubectl cp` is an exec of `tar`: into the pod `tar xmf -` reads the archive from stdin and
 //! needs the close of channel 0 to see its end; out of the pod `tar cf -` writes it to stdout.
 //! The status frame is sent only after stdout and stderr reached end-of-file, so no output
-//! is lost.
+//! is lost. A client that goes away (closes or drops the socket) before the process ends has
+//! it killed.
 
 use futures::{SinkExt as _, StreamExt as _};
 use http::{Request, Response, StatusCode};
@@ -187,7 +188,7 @@ async fn session(socket: websocket::Socket, runtime: Runtime, container_id: Stri
     // Client → process: stdin, resize, close.
     let control = process.control();
     let mut stdin = process.stdin.take();
-    let reader = tokio::spawn(async move {
+    let mut reader = tokio::spawn(async move {
         while let Some(message) = source.next().await {
             let data = match message {
                 Ok(Message::Binary(data)) => data,
@@ -263,11 +264,27 @@ async fn session(socket: websocket::Socket, runtime: Runtime, container_id: Stri
     };
     let stdout = process.stdout.take();
     let stderr = process.stderr.take();
-    let (_, _, exit) = tokio::join!(
-        copy(stdout, STDOUT, options.stdout),
-        copy(stderr, STDERR, options.stderr),
-        process.wait()
-    );
+    // Until the process has exited and its output is drained, or the client goes away: then
+    // the process is killed (nobody is left to read it or to feed it).
+    let finished = {
+        let run = async {
+            tokio::join!(
+                copy(stdout, STDOUT, options.stdout),
+                copy(stderr, STDERR, options.stderr),
+                process.wait()
+            )
+        };
+        tokio::select! {
+            (_, _, exit) = run => Some(exit),
+            _ = &mut reader => None,
+        }
+    };
+    let Some(exit) = finished else {
+        debug!(container = %container_id, exec = process.id(), "exec: the client went away; killing the process");
+        writer.abort();
+        process.cleanup().await;
+        return;
+    };
     debug!(container = %container_id, exec = process.id(), ?exit, "exec finished");
     let status = match exit {
         Ok(code) => exit_status(&options.command, code),

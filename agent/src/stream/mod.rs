@@ -8,7 +8,7 @@
 //!   certificate: 401; any other subject (nodes, users): 403.
 //! - `GET /containerLogs/{namespace}/{pod}/{container}`: see [`logs`].
 //! - `GET|POST /exec/{namespace}/{pod}/{container}?command=...`: WebSocket, subprotocol
-//!   `v5.channel.k8s.io` (or v4): see [`exec`](self::exec).
+//!   `v5.channel.k8s.io` (or v4): see the `exec` module.
 //! - `GET|POST /portForward/{namespace}/{pod}`: WebSocket, subprotocol
 //!   `SPDY/3.1+portforward.k8s.io` (SPDY tunnelled in WebSocket, as kubectl 1.31+ speaks it):
 //!   see [`portforward`].
@@ -21,7 +21,7 @@ mod exec;
 pub mod logs;
 pub mod portforward;
 pub mod spdy;
-pub mod websocket;
+mod websocket;
 
 use std::convert::Infallible;
 use std::path::PathBuf;

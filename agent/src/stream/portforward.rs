@@ -5,7 +5,7 @@
 //! with the headers `streamType` (`error` or `data`), `port` and `requestID`.
 //!
 //! The server answers every SYN_STREAM with a SYN_REPLY (the client waits for it), and once a
-//! request has both streams connects to 127.0.0.1:port (else [::1]:port) inside the pod's
+//! request has both streams connects to 127.0.0.1:port (else `[::1]:port`) inside the pod's
 //! network namespace: the socket is made on a short-lived thread that joined the namespace
 //! with setns(CLONE_NEWNET), then used from tokio (a socket stays in the namespace it was made
 //! in). Bytes are copied both ways on the data stream; a FIN from the client half-closes the

@@ -8,6 +8,9 @@
 //! (bearer tokens from `tokens`) may read only the discovery documents: there is no RBAC
 //! yet, and denying is the safe default (Kubernetes' default service account has no more).
 //!
+//! Logs, exec and port-forward (`pods/log`, `exec`, `portforward`, `attach`, `proxy`) are
+//! for cluster admins only.
+//!
 //! Not yet as strict as Kubernetes: reads are not limited to the objects of the node's own
 //! pods (the Node authorizer's graph), and pod status and deletion are allowed for pods of
 //! any node.
@@ -350,6 +353,19 @@ mod tests {
             "/api/v1/namespaces/ns/serviceaccounts/builder/token"
         ));
         assert!(!ok(&n1, Method::POST, "/api/v1/namespaces/ns/serviceaccounts"));
+    }
+
+    #[test]
+    fn only_admins_reach_into_containers() {
+        let n1 = node("n1");
+        for sub in ["log", "exec", "portforward", "attach"] {
+            let path = format!("/api/v1/namespaces/default/pods/web/{sub}");
+            assert!(!ok(&n1, Method::GET, &path), "{sub}");
+            assert!(!ok(&n1, Method::POST, &path), "{sub}");
+            assert!(ok(&Identity::admin(), Method::GET, &path), "{sub}");
+        }
+        assert!(ok(&n1, Method::GET, "/api/v1/namespaces/default/pods/web"));
+        assert!(ok(&n1, Method::GET, "/api/v1/namespaces/default/pods/web/status"));
     }
 
     #[test]
