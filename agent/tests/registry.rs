@@ -24,7 +24,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use containerd::{Fixture, images, unique};
+use containerd::{Fixture, Netns, images, unique};
 use futures::FutureExt as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -761,58 +761,6 @@ async fn pulls_with_bearer_token_auth() {
     .await;
     server.abort();
     fixture.finish(outcome).await;
-}
-
-/// A network namespace with a veth to the host: host side `.1`, namespace side `.2` (/30),
-/// in 10.252.0.0/16 (runtime.rs uses 10.251/16). Deleted on drop.
-struct Netns {
-    name: String,
-    host_if: String,
-    ns_ip: Ipv4Addr,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let name = unique("weir-reg");
-        let n: u32 = name.rsplit('-').next().unwrap().parse().unwrap();
-        let pid = std::process::id();
-        let host_if = format!("wrg{}h{n}", pid % 100_000);
-        let peer_if = format!("wrg{}p{n}", pid % 100_000);
-        let (third, fourth) = ((pid % 250) as u8, ((n % 60) * 4) as u8);
-        let host_ip = Ipv4Addr::new(10, 252, third, fourth + 1);
-        let ns_ip = Ipv4Addr::new(10, 252, third, fourth + 2);
-        let netns = Netns {
-            name: name.clone(),
-            host_if: host_if.clone(),
-            ns_ip,
-        };
-        ip(&["netns", "add", &name]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
-        ip(&["link", "set", &peer_if, "netns", &name]);
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
-        ip(&["link", "set", &host_if, "up"]);
-        ip(&["-n", &name, "addr", "add", &format!("{ns_ip}/30"), "dev", &peer_if]);
-        ip(&["-n", &name, "link", "set", &peer_if, "up"]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        netns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A CA and a server certificate for `ip` signed by it: (CA PEM, certificate PEM, key PEM).

@@ -43,6 +43,20 @@ async fn until<T>(lab: &Lab, what: &str, timeout: Duration, mut check: impl FnMu
     }
 }
 
+/// (pod name, container id of its first container) of the pods matching `selector`.
+fn container_ids(lab: &Lab, selector: &str) -> Result<Vec<(String, String)>> {
+    Ok(pods(lab, selector)?
+        .iter()
+        .map(|p| {
+            let name = p["metadata"]["name"].as_str().unwrap_or("").to_owned();
+            let id = p["status"]["containerStatuses"][0]["containerID"]
+                .as_str()
+                .unwrap_or("");
+            (name, id.to_owned())
+        })
+        .collect())
+}
+
 fn running_with_ip(p: &Value) -> Option<String> {
     (p["status"]["phase"] == "Running" && p["status"]["containerStatuses"][0]["ready"] == true)
         .then(|| p["status"]["podIP"].as_str().map(str::to_owned))
@@ -241,18 +255,7 @@ spec:
     .await?;
 
     // Killing the agent leaves the pods running; the restarted agent adopts them.
-    let before: Vec<(String, String)> = pods(&lab, "app=echo")?
-        .iter()
-        .map(|p| {
-            (
-                p["metadata"]["name"].as_str().unwrap_or("").to_owned(),
-                p["status"]["containerStatuses"][0]["containerID"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned(),
-            )
-        })
-        .collect();
+    let before = container_ids(&lab, "app=echo")?;
     lab.kill9(0);
     for (name, ip) in &ips {
         let answer = fetch(&lab, 0, &format!("http://{ip}:8080/"))
@@ -262,18 +265,7 @@ spec:
     lab.restart(0)?;
     lab.wait_ready(Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after: Vec<(String, String)> = pods(&lab, "app=echo")?
-        .iter()
-        .map(|p| {
-            (
-                p["metadata"]["name"].as_str().unwrap_or("").to_owned(),
-                p["status"]["containerStatuses"][0]["containerID"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned(),
-            )
-        })
-        .collect();
+    let after = container_ids(&lab, "app=echo")?;
     ensure!(
         before.iter().all(|b| after.contains(b)),
         "containers changed across the agent restart: {before:?} -> {after:?}"

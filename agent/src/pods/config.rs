@@ -40,18 +40,7 @@ pub fn log_path(pod_dir: &Path, container: &str, attempt: u32) -> PathBuf {
 /// (the limit when only a limit is given, as the API server's defaulting would make it),
 /// quota from the CPU limit, memory.max from the memory limit.
 pub fn resources(container: &Container) -> Resources {
-    let r = container.resources.as_ref();
-    let get = |which: &str, name: &str| {
-        r.and_then(|r| {
-            if which == "limits" {
-                r.limits.as_ref()
-            } else {
-                r.requests.as_ref()
-            }
-        })
-        .and_then(|m| m.get(name))
-        .and_then(quantity::milli)
-    };
+    let get = |which: &str, name: &str| quantity::resource_milli(container.resources.as_ref(), which, name);
     let cpu_request = get("requests", "cpu").or_else(|| get("limits", "cpu"));
     let cpu_limit = get("limits", "cpu");
     let memory_limit = get("limits", "memory");

@@ -184,31 +184,16 @@ pub fn resource_value(
     resource: &str,
     divisor: Option<&str>,
 ) -> Result<String, String> {
-    let get = |which: &str, name: &str| {
-        resources
-            .and_then(|r| {
-                if which == "limits" {
-                    r.limits.as_ref()
-                } else {
-                    r.requests.as_ref()
-                }
-            })
-            .and_then(|m| m.get(name))
-            .and_then(quantity::milli)
-    };
-    let (milli, is_cpu) = match resource {
-        "limits.cpu" => (get("limits", "cpu").unwrap_or(facts.allocatable_millicores), true),
-        "requests.cpu" => (get("requests", "cpu").unwrap_or(0), true),
-        "limits.memory" => (
-            get("limits", "memory").unwrap_or(facts.allocatable_memory * 1000),
-            false,
-        ),
-        "requests.memory" => (get("requests", "memory").unwrap_or(0), false),
-        "limits.ephemeral-storage" => (
-            get("limits", "ephemeral-storage").unwrap_or(facts.allocatable_ephemeral_storage * 1000),
-            false,
-        ),
-        "requests.ephemeral-storage" => (get("requests", "ephemeral-storage").unwrap_or(0), false),
+    let get = |which: &str, name: &str| quantity::resource_milli(resources, which, name);
+    let milli = match resource {
+        "limits.cpu" => get("limits", "cpu").unwrap_or(facts.allocatable_millicores),
+        "requests.cpu" => get("requests", "cpu").unwrap_or(0),
+        "limits.memory" => get("limits", "memory").unwrap_or(facts.allocatable_memory * 1000),
+        "requests.memory" => get("requests", "memory").unwrap_or(0),
+        "limits.ephemeral-storage" => {
+            get("limits", "ephemeral-storage").unwrap_or(facts.allocatable_ephemeral_storage * 1000)
+        }
+        "requests.ephemeral-storage" => get("requests", "ephemeral-storage").unwrap_or(0),
         other => {
             return Err(format!(
                 "resourceFieldRef {other:?} is not a resource a container can read"
@@ -217,7 +202,7 @@ pub fn resource_value(
     };
     let divisor = match divisor {
         Some(d) => quantity::milli_value(d).ok_or_else(|| format!("divisor {d:?} is not a quantity"))?,
-        None if is_cpu => 1000,
+        // The default divisor is 1 (core, byte).
         None => 1000,
     };
     if divisor <= 0 {

@@ -44,6 +44,24 @@ pub fn value(q: &str) -> Option<i128> {
     milli_value(q).map(|m| (m + 999).div_euclid(1000))
 }
 
+/// The milli-value of `resources.<which>.<name>` (`which`: `limits` or `requests`), if set.
+pub fn resource_milli(
+    resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
+    which: &str,
+    name: &str,
+) -> Option<i128> {
+    resources
+        .and_then(|r| {
+            if which == "limits" {
+                r.limits.as_ref()
+            } else {
+                r.requests.as_ref()
+            }
+        })
+        .and_then(|m| m.get(name))
+        .and_then(milli)
+}
+
 /// [`milli_value`] of a k8s-openapi quantity.
 pub fn milli(q: &Quantity) -> Option<i128> {
     milli_value(&q.0)

@@ -161,6 +161,26 @@ struct Tracked {
     probe_status: Option<ProbeStatus>,
 }
 
+impl Tracked {
+    /// Container `c` before its first run.
+    fn new(c: &Container, init: bool) -> Tracked {
+        Tracked {
+            init,
+            sidecar: init && c.restart_policy.as_deref() == Some("Always"),
+            image: c.image.clone().unwrap_or_default(),
+            image_id: String::new(),
+            run: None,
+            waiting: None,
+            restart_count: 0,
+            last_termination: None,
+            not_before: None,
+            previous_log: None,
+            probes: None,
+            probe_status: None,
+        }
+    }
+}
+
 struct Worker {
     ctx: Arc<Context>,
     pod: Arc<Pod>,
@@ -358,20 +378,7 @@ impl Worker {
             .map(|s| (s.name.clone(), s.clone()))
             .collect();
         for (c, init) in self.spec_containers() {
-            let mut tracked = Tracked {
-                init,
-                sidecar: init && c.restart_policy.as_deref() == Some("Always"),
-                image: c.image.clone().unwrap_or_default(),
-                image_id: String::new(),
-                run: None,
-                waiting: None,
-                restart_count: 0,
-                last_termination: None,
-                not_before: None,
-                previous_log: None,
-                probes: None,
-                probe_status: None,
-            };
+            let mut tracked = Tracked::new(&c, init);
             if let Some(s) = statuses.get(&c.name) {
                 tracked.restart_count = s.restart_count;
                 tracked.image_id = s.image_id.clone();
@@ -906,20 +913,10 @@ impl Worker {
 
     /// Starts a new run of `c` unless it must wait.
     async fn maybe_start(&mut self, c: &Container, init: bool) {
-        let tracked = self.containers.entry(c.name.clone()).or_insert_with(|| Tracked {
-            init,
-            sidecar: init && c.restart_policy.as_deref() == Some("Always"),
-            image: c.image.clone().unwrap_or_default(),
-            image_id: String::new(),
-            run: None,
-            waiting: None,
-            restart_count: 0,
-            last_termination: None,
-            not_before: None,
-            previous_log: None,
-            probes: None,
-            probe_status: None,
-        });
+        let tracked = self
+            .containers
+            .entry(c.name.clone())
+            .or_insert_with(|| Tracked::new(c, init));
         if let Some(run) = &tracked.run
             && let ContainerState::Terminated(_) = run.state
             && tracked.waiting.is_none()

@@ -361,6 +361,8 @@ mod tests {
             channel: containerd_client::tonic::transport::Endpoint::from_static("http://[::1]:1").connect_lazy(),
             namespace: "t".into(),
             namespace_header: MetadataValue::from_static("t"),
+            registries: Default::default(),
+            pulls: Default::default(),
             logger: None,
         }
     }

@@ -1,6 +1,6 @@
 //! A containerd for one privileged test, a network namespace for its pod, and their cleanup:
-//! the fixture of `runtime.rs`, shared with `stream.rs` (included with `#[path]`, so the
-//! other test files do not carry it). See `runtime.rs` for the rules they follow.
+//! the fixture of the privileged tests (`runtime.rs`, `registry.rs`, `stream.rs` include it
+//! with `#[path]`). See `runtime.rs` for the rules they follow.
 
 #![allow(dead_code)]
 
@@ -232,7 +232,7 @@ fn remove_cgroups(parent: &str) {
 }
 
 /// Detaches every mount under `dir` (snapshots of containers a failed test left).
-fn unmount_under(dir: &Path) {
+pub fn unmount_under(dir: &Path) {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };

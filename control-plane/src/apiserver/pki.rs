@@ -207,19 +207,10 @@ impl Pki {
     /// A client certificate and key for the node `name`: CN `system:node:<name>`, O
     /// `system:nodes`, as kubelets' client certificates are, signed by the cluster CA.
     pub fn issue_node_credentials(&self, name: &str) -> Result<(String, String)> {
-        let ca_key = KeyPair::from_pem(&self.ca_key_pem).context("parsing pki/ca.key")?;
-        let issuer = Issuer::from_ca_cert_pem(&self.ca_pem, ca_key).context("parsing pki/ca.crt")?;
-        let key_pair = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        validity(&mut params);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("system:node:{name}"));
-        params.distinguished_name.push(DnType::OrganizationName, "system:nodes");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key_pair, &issuer)?;
-        Ok((cert.pem(), key_pair.serialize_pem()))
+        self.issue_node_certificate(name, |params| {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            Ok(())
+        })
     }
 
     /// A serving certificate and key for the node `name`'s streaming server (kubelet's port):
@@ -229,6 +220,24 @@ impl Pki {
         &self,
         name: &str,
         addresses: &[std::net::IpAddr],
+    ) -> Result<(String, String)> {
+        self.issue_node_certificate(name, |params| {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params.subject_alt_names = std::iter::once(SanType::DnsName(
+                name.try_into().with_context(|| format!("{name:?} as a DNS name"))?,
+            ))
+            .chain(addresses.iter().map(|ip| SanType::IpAddress(*ip)))
+            .collect();
+            Ok(())
+        })
+    }
+
+    /// A certificate of node `name` (CN `system:node:<name>`, O `system:nodes`) signed by the
+    /// cluster CA, with what `configure` adds; its PEM and its key's.
+    fn issue_node_certificate(
+        &self,
+        name: &str,
+        configure: impl FnOnce(&mut CertificateParams) -> Result<()>,
     ) -> Result<(String, String)> {
         let ca_key = KeyPair::from_pem(&self.ca_key_pem).context("parsing pki/ca.key")?;
         let issuer = Issuer::from_ca_cert_pem(&self.ca_pem, ca_key).context("parsing pki/ca.crt")?;
@@ -240,12 +249,7 @@ impl Pki {
             .distinguished_name
             .push(DnType::CommonName, format!("system:node:{name}"));
         params.distinguished_name.push(DnType::OrganizationName, "system:nodes");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.subject_alt_names = std::iter::once(SanType::DnsName(
-            name.try_into().with_context(|| format!("{name:?} as a DNS name"))?,
-        ))
-        .chain(addresses.iter().map(|ip| SanType::IpAddress(*ip)))
-        .collect();
+        configure(&mut params)?;
         let cert = params.signed_by(&key_pair, &issuer)?;
         Ok((cert.pem(), key_pair.serialize_pem()))
     }
