@@ -723,3 +723,198 @@ spec:
     );
     Ok(())
 }
+
+/// Lays an OCI image archive (`cargo xtask images`) out in docker-registry's filesystem
+/// storage (`docker/registry/v2/...`) as `repo:tag`: every blob, the layer and manifest
+/// links, the tag. The registry then serves it like a pushed image (nothing here pushes).
+fn registry_storage_from_oci(archive: &std::path::Path, root: &std::path::Path, repo: &str, tag: &str) -> Result<()> {
+    let mut blobs = std::collections::HashMap::new();
+    let mut index = Vec::new();
+    let mut tar = tar::Archive::new(std::fs::File::open(archive)?);
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.display().to_string();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data)?;
+        if let Some(hex) = path.strip_prefix("blobs/sha256/").filter(|h| !h.is_empty()) {
+            blobs.insert(hex.to_owned(), data);
+        } else if path == "index.json" {
+            index = data;
+        }
+    }
+    let index: Value = serde_json::from_slice(&index)?;
+    let manifest = index["manifests"][0]["digest"]
+        .as_str()
+        .and_then(|d| d.strip_prefix("sha256:"))
+        .context("the archive's index names no manifest")?
+        .to_owned();
+    let v2 = root.join("docker/registry/v2");
+    let link = |path: std::path::PathBuf, hex: &str| -> Result<()> {
+        std::fs::create_dir_all(&path)?;
+        std::fs::write(path.join("link"), format!("sha256:{hex}"))?;
+        Ok(())
+    };
+    for (hex, data) in &blobs {
+        let dir = v2.join("blobs/sha256").join(&hex[..2]).join(hex);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("data"), data)?;
+        if *hex != manifest {
+            link(v2.join("repositories").join(repo).join("_layers/sha256").join(hex), hex)?;
+        }
+    }
+    let manifests = v2.join("repositories").join(repo).join("_manifests");
+    link(manifests.join("revisions/sha256").join(&manifest), &manifest)?;
+    link(manifests.join("tags").join(tag).join("current"), &manifest)?;
+    link(
+        manifests.join("tags").join(tag).join("index/sha256").join(&manifest),
+        &manifest,
+    )?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root only: runs real clusters; `cargo xtask test` runs it"]
+async fn registry_pulls_need_the_pull_secret_init_containers_run_first_and_exec_gets_a_terminal() -> Result<()> {
+    let lab = Lab::start(1, &["--no-service-proxy"]).await?;
+    let images = std::env::var_os("WEIR_IMAGES").context("WEIR_IMAGES (the images of `cargo xtask images`)")?;
+    // Debian's docker-registry on the node's loopback (plain HTTP, as for any loopback
+    // registry), with htpasswd auth and the busybox image in its storage.
+    let registry = lab.dir().join("registry");
+    std::fs::create_dir_all(&registry)?;
+    registry_storage_from_oci(
+        &std::path::Path::new(&images).join("busybox.tar"),
+        &registry.join("storage"),
+        "test/busybox",
+        "v1",
+    )?;
+    let hash = bcrypt::hash_with_result("s3cret-pull", 4)?.format_for_version(bcrypt::Version::TwoY);
+    std::fs::write(registry.join("htpasswd"), format!("puller:{hash}\n"))?;
+    std::fs::write(
+        registry.join("config.yml"),
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nauth:\n  htpasswd:\n    realm: weir-lab\n    \
+             path: {}\nhttp:\n  addr: 127.0.0.1:5000\n",
+            registry.join("storage").display(),
+            registry.join("htpasswd").display()
+        ),
+    )?;
+    let log = std::fs::File::create(registry.join("registry.log"))?;
+    // The registry's command line names the lab's directory: the lab's teardown ends it too.
+    let mut server = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.nodes[0].netns))
+        .args(["/usr/bin/docker-registry", "serve"])
+        .arg(registry.join("config.yml"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting /usr/bin/docker-registry (cargo xtask setup installs it)")?;
+    let outcome = async {
+        let image = "127.0.0.1:5000/test/busybox:v1";
+        let pod_with = |name: &str, secret: bool| {
+            format!(
+                r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  restartPolicy: Never
+  {secrets}
+  initContainers:
+  - name: prepare
+    image: "{image}"
+    command: [sh, -c, 'echo from-init > /work/init']
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  containers:
+  - name: main
+    image: "{image}"
+    command: [sh, -c, 'test "$(cat /work/init)" = from-init']
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  volumes: [{{name: work, emptyDir: {{}}}}]
+"#,
+                secrets = if secret {
+                    "imagePullSecrets: [{name: lab-registry}]"
+                } else {
+                    ""
+                }
+            )
+        };
+        // Without credentials: ErrImagePull, then ImagePullBackOff, naming the registry.
+        lab.apply(&pod_with("no-secret", false))?;
+        let waiting = until(&lab, "no-secret refused by the registry", START, || {
+            let p = pod(&lab, "no-secret")?;
+            let w = &p["status"]["initContainerStatuses"][0]["state"]["waiting"];
+            let reason = w["reason"].as_str().unwrap_or("");
+            Ok((reason == "ErrImagePull" || reason == "ImagePullBackOff").then(|| w.clone()))
+        })
+        .await?;
+        ensure!(
+            waiting["message"].as_str().unwrap_or("").contains("127.0.0.1:5000"),
+            "the pull error does not name the registry: {waiting}"
+        );
+        // With a docker-registry Secret: pulled, the init container first, then the app.
+        lab.kubectl_ok(&[
+            "create",
+            "secret",
+            "docker-registry",
+            "lab-registry",
+            "--docker-server=127.0.0.1:5000",
+            "--docker-username=puller",
+            "--docker-password=s3cret-pull",
+        ])?;
+        lab.apply(&pod_with("with-secret", true))?;
+        let phase = until(&lab, "with-secret finished", START, || {
+            let p = pod(&lab, "with-secret")?;
+            let phase = p["status"]["phase"].as_str().unwrap_or("").to_owned();
+            Ok((phase == "Succeeded" || phase == "Failed").then_some((phase, p)))
+        })
+        .await?;
+        ensure!(phase.0 == "Succeeded", "with-secret: {}", phase.1["status"]);
+        ensure!(
+            phase.1["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed",
+            "{}",
+            phase.1["status"]
+        );
+
+        // `kubectl exec -it` with a terminal (script(1) gives kubectl a pty): the process
+        // sees a tty.
+        lab.kubectl_ok(&[
+            "run",
+            "shell",
+            "--image=weir.local/busybox:latest",
+            "--",
+            "sleep",
+            "3600",
+        ])?;
+        until(&lab, "shell Running", START, || {
+            Ok(running_with_ip(&pod(&lab, "shell")?).map(|_| ()))
+        })
+        .await?;
+        let kubectl = weir_tests::required_binary(
+            "WEIR_KUBECTL",
+            weir_tests::workspace_dir().join("target/tools/kubectl"),
+            "kubectl",
+        )?;
+        let mut cmd = std::process::Command::new("script");
+        cmd.env("KUBECONFIG", lab.kubeconfig()).args([
+            "-qec",
+            &format!(
+                "{} exec -it shell -- sh -c 'tty && echo cols=$(stty size)'",
+                kubectl.display()
+            ),
+            "/dev/null",
+        ]);
+        let out = weir_tests::run_bounded(cmd, None, Duration::from_secs(30));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success() && text.contains("/dev/pts/") && text.contains("cols="),
+            "exec -it: {}",
+            describe(&out)
+        );
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    outcome
+}
