@@ -67,9 +67,10 @@ pub struct AgentConfig {
     /// Do not load the eBPF service datapath (Services are then not reachable from this node).
     #[arg(long)]
     pub no_service_proxy: bool,
-    /// The cgroup v2 directory whose processes get socket-level service translation.
-    #[arg(long, default_value = "/sys/fs/cgroup/unified")]
-    pub service_cgroup: PathBuf,
+    /// The cgroup v2 directory whose processes get socket-level service translation
+    /// (default: the v2 root, /sys/fs/cgroup/unified on hybrid hosts, else /sys/fs/cgroup).
+    #[arg(long)]
+    pub service_cgroup: Option<PathBuf>,
     /// Where the datapath pins its maps and links (a bpffs directory).
     #[arg(long, default_value = crate::datapath::DEFAULT_PIN_ROOT)]
     pub bpf_pin_root: PathBuf,
@@ -108,7 +109,7 @@ impl AgentConfig {
             gateway_interface: "weir0".into(),
             cgroup_parent: "/weir".into(),
             no_service_proxy: false,
-            service_cgroup: PathBuf::from("/sys/fs/cgroup/unified"),
+            service_cgroup: None,
             bpf_pin_root: PathBuf::from(crate::datapath::DEFAULT_PIN_ROOT),
             port: 10250,
             pod_cidr_timeout: Duration::from_secs(60),
@@ -294,10 +295,11 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
 
     if !config.no_service_proxy {
         // A cgroup below the v2 root (e.g. the pods' parent) may not exist before the first pod.
-        std::fs::create_dir_all(&config.service_cgroup)
-            .with_context(|| format!("creating the service cgroup {}", config.service_cgroup.display()))?;
+        let service_cgroup = config.service_cgroup.clone().unwrap_or_else(cgroup_v2_root);
+        std::fs::create_dir_all(&service_cgroup)
+            .with_context(|| format!("creating the service cgroup {}", service_cgroup.display()))?;
         let datapath_config = crate::datapath::Config {
-            cgroup_path: config.service_cgroup.clone(),
+            cgroup_path: service_cgroup,
             pin_root: config.bpf_pin_root.clone(),
             capacity: crate::datapath::Capacity::default(),
         };
@@ -362,6 +364,17 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<()>
     containerd.shutdown().await?;
     info!("agent stopped; pods keep running");
     Ok(())
+}
+
+/// The cgroup v2 hierarchy's root: /sys/fs/cgroup/unified on hybrid (v1 + v2) hosts,
+/// /sys/fs/cgroup on unified ones.
+fn cgroup_v2_root() -> PathBuf {
+    let hybrid = PathBuf::from("/sys/fs/cgroup/unified");
+    if hybrid.join("cgroup.procs").exists() {
+        hybrid
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
 }
 
 fn nix_is_root() -> bool {

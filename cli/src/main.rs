@@ -80,9 +80,10 @@ struct UpConfig {
     /// The cgroup pods' containers go under.
     #[arg(long, default_value = "/weir")]
     cgroup_parent: String,
-    /// The cgroup v2 directory whose processes get socket-level service translation.
-    #[arg(long, default_value = "/sys/fs/cgroup/unified")]
-    service_cgroup: PathBuf,
+    /// The cgroup v2 directory whose processes get socket-level service translation
+    /// (default: the v2 root, /sys/fs/cgroup/unified on hybrid hosts, else /sys/fs/cgroup).
+    #[arg(long)]
+    service_cgroup: Option<PathBuf>,
     /// Where the service datapath pins its maps and links (a bpffs directory).
     #[arg(long, default_value = weir_agent::datapath::DEFAULT_PIN_ROOT)]
     bpf_pin_root: PathBuf,

@@ -24,6 +24,15 @@ static LABS: AtomicU32 = AtomicU32::new(0);
 /// The API server's port inside the first node's namespace.
 pub const API_PORT: u16 = 6443;
 
+/// The cgroup v2 hierarchy's root (hybrid hosts mount it at /sys/fs/cgroup/unified).
+fn cgroup_v2_root() -> &'static str {
+    if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        "/sys/fs/cgroup/unified"
+    } else {
+        "/sys/fs/cgroup"
+    }
+}
+
 /// Whether the lab can run here: root (namespaces, containerd, cgroups).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -177,7 +186,7 @@ impl Lab {
             "--cgroup-parent".into(),
             parent.clone(),
             "--service-cgroup".into(),
-            format!("/sys/fs/cgroup/unified{parent}"),
+            format!("{}{parent}", cgroup_v2_root()),
             "--bpf-pin-root".into(),
             format!("/sys/fs/bpf/weir-{}-{}", self.id, node.name),
         ]
