@@ -353,17 +353,18 @@ impl Worker {
     }
 
     /// When the loop must run again without a message.
+    /// A deadline already past does not count: sync acted on it (or could not yet, and then
+    /// waking at once again would only spin).
     fn next_wake(&self) -> Instant {
-        let mut wake = Instant::now() + VOLUME_REFRESH;
-        for t in self.containers.values() {
-            if let Some(at) = t.not_before {
-                wake = wake.min(at.max(Instant::now()));
-            }
-        }
-        if let Some(at) = self.sandbox_retry {
-            wake = wake.min(at);
-        }
-        wake
+        let now = Instant::now();
+        let deadlines = self
+            .containers
+            .values()
+            .filter_map(|t| t.not_before)
+            .chain(self.sandbox_retry);
+        deadlines
+            .filter(|at| *at > now)
+            .fold(now + VOLUME_REFRESH, Instant::min)
     }
 
     /// Rebuilds what the worker knows from containerd and from the pod's status.
