@@ -273,6 +273,33 @@ pub fn format_number(v: f64, decimals: usize) -> String {
     }
 }
 
+/// A benchmark's command line as `--flag value` pairs, in order; `-h`/`--help` prints `usage`
+/// and exits.
+pub fn flag_pairs(usage: &str) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value\n{usage}"))?;
+        pairs.push((flag, value));
+    }
+    Ok(pairs)
+}
+
+/// `value` of `flag` as a positive number.
+pub fn positive(flag: &str, value: &str) -> Result<usize> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| anyhow::anyhow!("{flag} needs a positive number, got {value:?}"))
+}
+
 /// The body of a benchmark binary's `main`: a bad command line exits 2, a failed run 1,
 /// Ctrl-C 130. On Ctrl-C the run's future is dropped, so its guards stop the servers it
 /// started (by PID) and remove their data dirs before the exit.

@@ -63,20 +63,8 @@ fn parse_args() -> Result<Args> {
         connections: 1,
         runs: 3,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let value = it.next().ok_or_else(|| anyhow!("{flag} needs a value\n{USAGE}"))?;
-        let number = || -> Result<usize> {
-            value
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| anyhow!("{flag} needs a positive number, got {value:?}"))
-        };
+    for (flag, value) in weir_tests::bench::flag_pairs(USAGE)? {
+        let number = || weir_tests::bench::positive(&flag, &value);
         match flag.as_str() {
             "--weir" => args.weir = PathBuf::from(&value),
             "--out" => args.out = PathBuf::from(&value),

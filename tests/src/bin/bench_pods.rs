@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
@@ -44,20 +44,8 @@ fn parse_args() -> Result<Args> {
         runs: 3,
         rate: 10,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let value = it.next().ok_or_else(|| anyhow!("{flag} needs a value\n{USAGE}"))?;
-        let number = || -> Result<usize> {
-            value
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| anyhow!("{flag} needs a positive number, got {value:?}"))
-        };
+    for (flag, value) in weir_tests::bench::flag_pairs(USAGE)? {
+        let number = || weir_tests::bench::positive(&flag, &value);
         match flag.as_str() {
             "--out" => args.out = PathBuf::from(&value),
             "--pods" => args.pods = number()?,
