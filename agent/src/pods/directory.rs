@@ -37,16 +37,6 @@ impl Directory {
     pub fn remove(&self, uid: &str) {
         self.pods.write().unwrap_or_else(|e| e.into_inner()).remove(uid);
     }
-
-    /// How many pods the node runs.
-    pub fn len(&self) -> usize {
-        self.pods.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether the node runs no pod.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl PodDirectory for Directory {

@@ -199,7 +199,6 @@ struct Worker {
     start_time: Option<Timestamp>,
     failed: Option<(String, String)>,
     gone: bool,
-    adopted: bool,
     /// The sandbox of a finished pod was released.
     released: bool,
 }
@@ -256,7 +255,6 @@ impl Worker {
             start_time: None,
             failed: None,
             gone: false,
-            adopted: false,
             released: false,
         }
     }
@@ -454,10 +452,7 @@ impl Worker {
             && let Ok(Some(existing)) = network.existing(&self.uid).await
         {
             match self.finish_sandbox(Some(existing.ip), Some(existing.netns)).await {
-                Ok(sandbox) => {
-                    self.sandbox = Some(sandbox);
-                    self.adopted = true;
-                }
+                Ok(sandbox) => self.sandbox = Some(sandbox),
                 Err(e) => warn!(pod = %self.name(), error = %e, "re-reading the sandbox of an adopted pod"),
             }
         }
@@ -475,6 +470,14 @@ impl Worker {
         }
         self.publish();
         Ok(())
+    }
+
+    /// The address probes and hooks reach the pod at: its own, or the node's for hostNetwork.
+    fn pod_ip(&self) -> Option<IpAddr> {
+        self.sandbox
+            .as_ref()
+            .and_then(|s| s.ip)
+            .or_else(|| self.ctx.host_ips.first().and_then(|ip| ip.parse().ok()))
     }
 
     /// The pod's termination grace period.
@@ -497,11 +500,7 @@ impl Worker {
         id: &str,
         timeout: Duration,
     ) -> Result<(), String> {
-        let pod_ip = self
-            .sandbox
-            .as_ref()
-            .and_then(|s| s.ip)
-            .or_else(|| self.ctx.host_ips.first().and_then(|ip| ip.parse().ok()));
+        let pod_ip = self.pod_ip();
         let exec: Arc<dyn ExecProbe> = Arc::new(ContainerExec(self.ctx.runtime.clone()));
         super::probes::run_hook(hook, c, id, pod_ip, exec, timeout).await
     }
@@ -512,11 +511,7 @@ impl Worker {
         if c.startup_probe.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none() {
             return;
         }
-        let pod_ip = self
-            .sandbox
-            .as_ref()
-            .and_then(|s| s.ip)
-            .or_else(|| self.ctx.host_ips.first().and_then(|ip| ip.parse().ok()));
+        let pod_ip = self.pod_ip();
         let exec: Arc<dyn ExecProbe> = Arc::new(ContainerExec(self.ctx.runtime.clone()));
         let set = match ProbeSet::start(c, id, pod_ip, exec) {
             Ok(set) => set,
